@@ -1,0 +1,217 @@
+"""The split-detector contract: preprocess -> head -> (noise) -> tail -> decode.
+
+``head`` runs inside the trusted zone; its output (the *activation*) is the only thing that,
+after the noise layer, crosses the wire; ``tail`` and ``decode`` run outside.
+
+Geometry: every frame is letterboxed into a fixed input geometry (the model's input size for a
+stream or a noise profile): scaled to fit while keeping its aspect ratio, placed top-left, and
+padded with the model's mean colour (zero after normalisation). A fixed geometry gives a fixed
+activation shape, which a per-element noise profile needs; :class:`Letterbox` maps boxes back
+to frame pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from veil.detections import Detections
+from veil.errors import ConfigError
+
+Frame = npt.NDArray[np.uint8]  # H x W x 3, BGR, as OpenCV and PyAV (format="bgr24") give them
+
+
+@dataclass(frozen=True)
+class InputGeometry:
+    """The model input size, in pixels. Both sides must be multiples of the model's stride."""
+
+    width: int
+    height: int
+
+    @classmethod
+    def parse(cls, text: str) -> InputGeometry:
+        """``"1024x1024"`` -> InputGeometry(1024, 1024)."""
+        try:
+            w, h = (int(v) for v in text.lower().split("x"))
+        except ValueError as exc:
+            raise ConfigError(f"input geometry {text!r} is not WIDTHxHEIGHT") from exc
+        if w <= 0 or h <= 0:
+            raise ConfigError(f"input geometry {text!r} must be positive")
+        return cls(w, h)
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How one frame was placed into the input: ``input = frame * scale`` at the top-left."""
+
+    scale: float
+    frame_width: int
+    frame_height: int
+
+    def to_frame(self, xyxy: Tensor) -> Tensor:
+        """Input-pixel boxes to frame-pixel boxes, clipped to the frame."""
+        out = xyxy / self.scale
+        out[:, 0::2] = out[:, 0::2].clamp(0, self.frame_width)
+        out[:, 1::2] = out[:, 1::2].clamp(0, self.frame_height)
+        return out
+
+
+def letterbox_scale(frame_width: int, frame_height: int, geometry: InputGeometry) -> float:
+    return min(geometry.width / frame_width, geometry.height / frame_height)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class SplitDetector(nn.Module, ABC):
+    """A single-shot face detector cut in two at one activation tensor.
+
+    Subclasses set ``name``, ``weights_id`` (sha256 of the weights they loaded), ``stride``
+    (total stride of the activation), ``mean_bgr`` and ``std_bgr`` (input normalisation), and
+    implement :meth:`head`, :meth:`tail` and :meth:`decode_raw`.
+    """
+
+    name: str
+    weights_id: str
+    stride: int
+    activation_channels: int
+    mean_bgr: tuple[float, float, float]
+    std_bgr: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    default_geometry: InputGeometry
+
+    @abstractmethod
+    def head(self, x: Tensor) -> Tensor:
+        """Normalised input ``[N, 3, H, W]`` -> activation ``[N, C, H/s, W/s]``."""
+
+    @abstractmethod
+    def tail(self, activation: Tensor) -> tuple[Tensor, ...]:
+        """Activation -> raw outputs (``loc [N, P, 4]``, ``conf [N, P, 2]`` logits, ...)."""
+
+    @abstractmethod
+    def priors(self, input_height: int, input_width: int, device: torch.device) -> Tensor:
+        """Anchor boxes ``[P, 4]`` (cx, cy, w, h), normalised to the input size."""
+
+    @abstractmethod
+    def decode_raw(
+        self, raw: Sequence[Tensor], input_height: int, input_width: int
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Raw outputs -> (boxes ``[N, P, 4]`` xyxy in input pixels, face scores ``[N, P]``,
+        landmarks ``[N, P, 5, 2]`` in input pixels or None)."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return self.tail(self.head(x))
+
+    def activation_shape(self, geometry: InputGeometry) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the activation for an input of this geometry."""
+        with torch.no_grad():
+            probe = torch.zeros(1, 3, geometry.height, geometry.width, device=self.device)
+            return tuple(self.head(probe).shape[1:])  # type: ignore[return-value]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def check_geometry(self, geometry: InputGeometry) -> None:
+        if geometry.width % self.stride or geometry.height % self.stride:
+            raise ConfigError(
+                f"{self.name}: input geometry {geometry} must be a multiple of its stride "
+                f"{self.stride} on both sides"
+            )
+
+    def preprocess(
+        self, frames: Sequence[Frame | Tensor], geometry: InputGeometry
+    ) -> tuple[Tensor, list[Letterbox]]:
+        """Letterbox BGR uint8 frames into ``geometry`` and normalise, on the model's device.
+
+        Frames may differ in size. Resizing runs on the device (bilinear, as cv2.INTER_LINEAR
+        up to rounding), so on a GPU worker only uint8 pixels cross the PCIe bus.
+        """
+        self.check_geometry(geometry)
+        device = self.device
+        mean = torch.tensor(self.mean_bgr, device=device).view(3, 1, 1)
+        std = torch.tensor(self.std_bgr, device=device).view(3, 1, 1)
+        batch = torch.zeros(len(frames), 3, geometry.height, geometry.width, device=device)
+        boxes: list[Letterbox] = []
+        for i, frame in enumerate(frames):
+            pixels = frame if isinstance(frame, Tensor) else torch.from_numpy(np.asarray(frame))
+            if pixels.dim() != 3 or pixels.shape[2] != 3 or pixels.dtype != torch.uint8:
+                raise ValueError(
+                    f"frame {i}: expected an HxWx3 uint8 BGR image, got shape "
+                    f"{tuple(pixels.shape)} dtype {pixels.dtype}"
+                )
+            h, w = int(pixels.shape[0]), int(pixels.shape[1])
+            scale = letterbox_scale(w, h, geometry)
+            new_w = min(geometry.width, max(1, round(w * scale)))
+            new_h = min(geometry.height, max(1, round(h * scale)))
+            img = pixels.to(device, non_blocking=True).permute(2, 0, 1).float()
+            if (new_h, new_w) != (h, w):
+                img = F.interpolate(
+                    img[None], size=(new_h, new_w), mode="bilinear", align_corners=False
+                )[0]
+            batch[i, :, :new_h, :new_w] = (img - mean) / std
+            boxes.append(Letterbox(scale, w, h))
+        return batch, boxes
+
+    def decode(
+        self,
+        raw: Sequence[Tensor],
+        letterboxes: Sequence[Letterbox],
+        input_height: int,
+        input_width: int,
+        score_threshold: float = 0.05,
+        nms_iou: float = 0.3,
+        top_k: int = 5000,
+        keep_top_k: int = 750,
+    ) -> list[Detections]:
+        """Raw tail outputs -> one :class:`Detections` per frame, in frame pixels."""
+        from veil.detectors.boxes import nms
+
+        boxes, scores, landmarks = self.decode_raw(raw, input_height, input_width)
+        out: list[Detections] = []
+        for i, lb in enumerate(letterboxes):
+            s = scores[i]
+            idx = torch.nonzero(s > score_threshold).flatten()
+            idx = idx[torch.argsort(s[idx], descending=True, stable=True)][:top_k]
+            b, sc = boxes[i][idx], s[idx]
+            keep = nms(b, sc, nms_iou)[:keep_top_k]
+            lm = None
+            if landmarks is not None:
+                lm_t = landmarks[i][idx][keep] / lb.scale
+                lm = lm_t.detach().cpu().numpy()
+            out.append(
+                Detections(
+                    lb.to_frame(b[keep].clone()).detach().cpu().numpy(),
+                    sc[keep].detach().cpu().numpy(),
+                    lm,
+                )
+            )
+        return out
+
+    @torch.no_grad()
+    def detect(
+        self,
+        frames: Sequence[Frame],
+        geometry: InputGeometry | None = None,
+        score_threshold: float = 0.05,
+    ) -> list[Detections]:
+        """The unsplit, noise-free path: frames in, detections out (the reference)."""
+        geometry = geometry or self.default_geometry
+        x, boxes = self.preprocess(frames, geometry)
+        return self.decode(self.forward(x), boxes, x.shape[2], x.shape[3], score_threshold)
