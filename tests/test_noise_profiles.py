@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.tiny_detector import TinyDetector
+from veil.calibrate import CalibrationConfig, calibrate, prepare, train_profile
+from veil.detectors.base import InputGeometry
+from veil.errors import ConfigError, ProfileError
+from veil.noise import NoiseLayer, entropy_generator
+from veil.profiles import ProfileBank, ProfileMeta, profile_from_layer
+
+
+def frames(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (40 + 3 * i, 60, 3), dtype=np.uint8) for i in range(n)]
+
+
+def test_sigma_follows_the_squashing_formula_and_bounds() -> None:
+    layer = NoiseLayer((2, 3, 4), s_min=0.1, s_max=2.0)
+    with torch.no_grad():
+        layer.rho.copy_(torch.linspace(-30, 30, 24).view(2, 3, 4))
+    sigma = layer.sigma()
+    expected = 0.1 + 1.9 * (1 + torch.tanh(layer.rho)) / 2
+    torch.testing.assert_close(sigma, expected)
+    assert float(sigma.min()) == pytest.approx(0.1, abs=1e-6)
+    assert float(sigma.max()) == pytest.approx(2.0, abs=1e-6)
+
+
+def test_initial_sigma_is_honoured() -> None:
+    layer = NoiseLayer((1, 2, 2), 0.0, 10.0, initial_sigma=0.5)
+    torch.testing.assert_close(layer.sigma(), torch.full((1, 2, 2), 0.5), atol=1e-5, rtol=0)
+
+
+def test_noise_is_fresh_per_call_and_has_the_learned_moments() -> None:
+    layer = NoiseLayer((4, 8, 8), 0.0, 4.0, initial_sigma=1.5)
+    with torch.no_grad():
+        layer.mu.fill_(0.25)
+    a = torch.zeros(512, 4, 8, 8)
+    gen = torch.Generator().manual_seed(1)
+    out1, out2 = layer(a, gen), layer(a, gen)
+    assert not torch.equal(out1, out2)
+    assert float(out1.mean()) == pytest.approx(0.25, abs=0.02)
+    assert float(out1.std()) == pytest.approx(1.5, rel=0.02)
+
+
+def test_entropy_generators_never_repeat_each_other() -> None:
+    draws = {float(torch.randn(1, generator=entropy_generator())) for _ in range(20)}
+    assert len(draws) == 20
+
+
+def test_wrong_activation_shape_is_named() -> None:
+    with pytest.raises(ValueError, match=r"\(N, 2, 3, 4\)"):
+        NoiseLayer((2, 3, 4), 0, 1)(torch.zeros(1, 2, 3, 5))
+
+
+def _meta(alpha: float = 0.5, **kw: object) -> ProfileMeta:
+    base = dict(model="tiny", weights_id="0" * 64, geometry="64x48",
+                activation_shape=(8, 6, 8), alpha=alpha, s_min=0.0, s_max=3.0)
+    base.update(kw)
+    return ProfileMeta(**base)  # type: ignore[arg-type]
+
+
+def test_profile_round_trip_and_checks(tmp_path: Path) -> None:
+    layer = NoiseLayer((8, 6, 8), 0.0, 3.0)
+    with torch.no_grad():
+        layer.mu.normal_()
+    bank = ProfileBank(tmp_path)
+    saved = profile_from_layer(layer, _meta(0.8))
+    bank.save(saved)
+    loaded = bank.get(0.8, "tiny", "0" * 64, InputGeometry(64, 48))
+    assert loaded.profile_id == saved.profile_id and len(loaded.profile_id) == 16
+    torch.testing.assert_close(loaded.layer().sigma(), layer.sigma())
+    with pytest.raises(ProfileError, match=r"available alphas: \[0.8\]"):
+        bank.get(0.4, "tiny", "0" * 64, InputGeometry(64, 48))
+    with pytest.raises(ProfileError, match="weights"):
+        bank.get(0.8, "tiny", "f" * 64, InputGeometry(64, 48))
+    with pytest.raises(ProfileError, match="available alphas: none"):
+        bank.get(0.8, "tiny", "0" * 64, InputGeometry(128, 96))
+    with pytest.raises(ProfileError, match="alpha must be"):
+        bank.get(1.5, "tiny", "0" * 64, InputGeometry(64, 48))
+
+
+def test_corrupt_profile_is_a_clear_error(tmp_path: Path) -> None:
+    bank = ProfileBank(tmp_path)
+    path = bank.save(profile_from_layer(NoiseLayer((8, 6, 8), 0.0, 3.0), _meta()))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ProfileError, match="corrupt"):
+        bank.profiles()
+
+
+def test_calibration_learns_more_noise_for_higher_alpha_and_is_deterministic(
+    tmp_path: Path,
+) -> None:
+    det = TinyDetector()
+    config = CalibrationConfig(alphas=(0.1, 0.9), epochs=3, batch_size=4, lr=0.1, seed=7)
+    images = frames(12)
+    logs: list[str] = []
+    first = calibrate(det, images, tmp_path / "a", config, progress=False, log=logs.append)
+    low, high = (p.layer().sigma().mean().item() for p in first)
+    assert high > low
+    # The same seed gives bit-identical profiles in a fresh bank.
+    second = calibrate(det, images, tmp_path / "b", config, progress=False, log=logs.append)
+    assert [p.profile_id for p in first] == [p.profile_id for p in second]
+    # Running again on a finished bank skips every alpha.
+    calibrate(det, images, tmp_path / "a", config, progress=False, log=logs.append)
+    assert sum("skipped" in line for line in logs) == 2
+    meta = first[0].meta
+    assert meta.training["epochs_run"] == 3 and len(meta.training["loss_curve"]) == 3
+
+
+def test_an_interrupted_alpha_resumes_to_the_same_result(tmp_path: Path) -> None:
+    det = TinyDetector()
+    data = prepare(det, frames(8), det.default_geometry, progress=False)
+    meta = _meta(0.5, s_max=2.0, training={"initial_sigma": 0.3})
+    full = CalibrationConfig(alphas=(0.5,), epochs=2, batch_size=4, seed=3)
+    half = CalibrationConfig(alphas=(0.5,), epochs=1, batch_size=4, seed=3)
+    ck = tmp_path / "partial.pt"
+    straight = train_profile(det, data, 0.5, full, meta, None, progress=False)
+    train_profile(det, data, 0.5, half, meta, ck, progress=False)  # "crash" after epoch 1
+    resumed = train_profile(det, data, 0.5, full, meta, ck, progress=False)
+    assert resumed.profile_id == straight.profile_id
+
+
+def test_bad_calibration_settings_are_refused() -> None:
+    with pytest.raises(ProfileError):
+        CalibrationConfig(alphas=(1.2,))
+    with pytest.raises(ConfigError):
+        CalibrationConfig(epochs=0)
+    with pytest.raises(ConfigError, match="needs labels"):
+        calibrate(TinyDetector(), frames(2), Path("/nonexistent"), CalibrationConfig(task="multibox"))

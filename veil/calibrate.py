@@ -1,0 +1,374 @@
+"""Calibration: learn one noise profile per alpha with the detector frozen.
+
+loss = (1 - alpha) * task + alpha * (-log mean sigma)
+
+``task`` is either agreement with the clean model's own outputs on the user's footage
+(``distill``, the default: operators calibrate on their own cameras and have no labels) or the
+detector's multibox loss against ground-truth boxes (``multibox``).
+
+Speed: the detector is frozen, so the head's activations of the calibration images never
+change. They are computed once and reused for every alpha and epoch; each step only runs the
+tail forward and backward. Resumable: finished alphas are skipped, and an interrupted alpha
+continues from its last finished epoch. Deterministic under a seed: the shuffling and the noise
+of epoch ``e`` for alpha ``a`` come from a generator seeded by (seed, a, e) alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from veil.detectors.base import Frame, InputGeometry, SplitDetector
+from veil.errors import ConfigError, DatasetError
+from veil.noise import NoiseLayer
+from veil.profiles import NoiseProfile, ProfileBank, ProfileMeta, check_alpha, profile_from_layer
+
+DEFAULT_ALPHAS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95)
+BoxArray = np.ndarray[Any, np.dtype[np.float32]]
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+
+TaskLoss = Literal["distill", "multibox"]
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    geometry: InputGeometry | None = None  # default: the detector's default geometry
+    task: TaskLoss = "distill"
+    epochs: int = 6
+    batch_size: int = 8
+    lr: float = 0.05
+    seed: int = 0
+    # Noise bounds in units of the clean activations' standard deviation over the images.
+    sigma_min_ratio: float = 0.0
+    sigma_max_ratio: float = 10.0
+    initial_sigma_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not self.alphas:
+            raise ConfigError("calibration needs at least one alpha")
+        for a in self.alphas:
+            check_alpha(a)
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("epochs and batch_size must be >= 1 and lr > 0")
+        if not 0 <= self.sigma_min_ratio < self.sigma_max_ratio:
+            raise ConfigError("need 0 <= sigma_min_ratio < sigma_max_ratio")
+        if self.task not in ("distill", "multibox"):
+            raise ConfigError(f"task loss must be 'distill' or 'multibox', got {self.task!r}")
+
+
+@dataclass
+class CalibrationSet:
+    """The calibration images, reduced to what training needs."""
+
+    activations: Tensor  # [N, C, H, W] clean head outputs
+    teacher: list[Tensor]  # clean raw tail outputs, for distillation
+    targets: list[Tensor] | None  # per image [K, 4] xyxy boxes normalised to the input
+    input_height: int
+    input_width: int
+    description: dict[str, Any] = field(default_factory=dict)
+
+
+def list_images(folder: Path, limit: int | None = None) -> list[Path]:
+    if not folder.is_dir():
+        raise DatasetError(f"calibration images: {folder} is not a folder")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise DatasetError(f"calibration images: no .jpg/.png images under {folder}")
+    return paths[:limit] if limit else paths
+
+
+def video_frames(path: Path, every: int = 5, limit: int | None = None) -> list[Frame]:
+    """Every ``every``-th frame of a video file, BGR; for calibrating on a camera's footage."""
+    import av
+
+    frames: list[Frame] = []
+    try:
+        with av.open(str(path)) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                if i % every == 0:
+                    frames.append(np.asarray(frame.to_ndarray(format="bgr24"), dtype=np.uint8))
+                    if limit and len(frames) >= limit:
+                        break
+    except (av.error.FFmpegError, OSError) as exc:
+        raise DatasetError(f"calibration video {path}: cannot decode ({exc})") from exc
+    if not frames:
+        raise DatasetError(f"calibration video {path}: no frames decoded")
+    return frames
+
+
+def read_image(path: Path) -> Frame:
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise DatasetError(f"cannot read image {path}")
+    return np.asarray(img, dtype=np.uint8)
+
+
+@torch.no_grad()
+def prepare(
+    detector: SplitDetector,
+    images: Sequence[Path | Frame],
+    geometry: InputGeometry,
+    boxes: Sequence[BoxArray] | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> CalibrationSet:
+    """Run the frozen head (and the clean tail) once over the calibration images.
+
+    ``boxes``: per image, ground-truth ``[K, 4]`` xyxy in image pixels (for ``multibox``).
+    """
+    detector.check_geometry(geometry)
+    acts: list[Tensor] = []
+    teacher_parts: list[list[Tensor]] = []
+    targets: list[Tensor] = []
+    digest = hashlib.sha256()
+    bar = tqdm(total=len(images), desc="clean activations", disable=not progress, unit="img")
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        frames = [read_image(p) if isinstance(p, Path) else p for p in chunk]
+        for f in frames:
+            digest.update(f[::16, ::16].tobytes())
+        x, letterboxes = detector.preprocess(frames, geometry)
+        a = detector.head(x)
+        acts.append(a.cpu())
+        teacher_parts.append([t.cpu() for t in detector.tail(a)])
+        if boxes is not None:
+            for j, lb in enumerate(letterboxes):
+                b = torch.as_tensor(boxes[start + j], dtype=torch.float32).reshape(-1, 4)
+                b = (
+                    b
+                    * lb.scale
+                    / torch.tensor(
+                        [geometry.width, geometry.height, geometry.width, geometry.height]
+                    )
+                )
+                targets.append(b)
+        bar.update(len(chunk))
+    bar.close()
+    teacher = [torch.cat([p[i] for p in teacher_parts]) for i in range(len(teacher_parts[0]))]
+    return CalibrationSet(
+        activations=torch.cat(acts),
+        teacher=teacher,
+        targets=targets if boxes is not None else None,
+        input_height=geometry.height,
+        input_width=geometry.width,
+        description={
+            "images": len(images),
+            "geometry": str(geometry),
+            "digest": digest.hexdigest()[:16],
+        },
+    )
+
+
+def distillation_loss(student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+    """Agreement of the noisy tail with the clean one, where the clean model sees faces.
+
+    Face scores: soft-target cross-entropy against the clean face probability on every prior.
+    Boxes (and landmarks): smooth-L1 to the clean regression, weighted by the clean face
+    probability, so that background priors do not dominate. Normalised by the expected number
+    of faces, as the multibox loss normalises by matched priors.
+    """
+    loc_s, conf_s = student[0], student[1]
+    loc_t, conf_t = teacher[0], teacher[1]
+    p = F.softmax(conf_t, dim=-1)[..., 1]
+    log_q = F.log_softmax(conf_s, dim=-1)
+    norm = p.sum() + 1.0
+    conf_loss = -(p * log_q[..., 1] + (1 - p) * log_q[..., 0]).sum() / norm
+    loc_loss = (F.smooth_l1_loss(loc_s, loc_t, reduction="none").sum(-1) * p).sum() / norm
+    loss = conf_loss + loc_loss
+    if len(student) > 2 and len(teacher) > 2:
+        lm = F.smooth_l1_loss(student[2], teacher[2], reduction="none").sum(-1) * p
+        loss = loss + 0.1 * lm.sum() / norm
+    return loss
+
+
+def _generator(seed: int, alpha: float, epoch: int) -> torch.Generator:
+    gen = torch.Generator()
+    gen.manual_seed(hash((seed, round(alpha * 100), epoch)) & ((1 << 62) - 1))
+    return gen
+
+
+def train_profile(
+    detector: SplitDetector,
+    data: CalibrationSet,
+    alpha: float,
+    config: CalibrationConfig,
+    meta: ProfileMeta,
+    checkpoint: Path | None = None,
+    progress: bool = True,
+) -> NoiseProfile:
+    """Learn the noise for one alpha; resumes from ``checkpoint`` when it exists."""
+    priors: Tensor | None = None
+    if config.task == "multibox":
+        if data.targets is None:
+            raise ConfigError("task loss 'multibox' needs ground-truth boxes")
+        priors = detector.priors(data.input_height, data.input_width, torch.device("cpu"))
+
+    c, h, w = data.activations.shape[1:]
+    shape = (int(c), int(h), int(w))
+    layer = NoiseLayer(shape, meta.s_min, meta.s_max, initial_sigma=meta.training["initial_sigma"])
+    optimizer = torch.optim.Adam(layer.parameters(), lr=config.lr)
+    history: list[dict[str, float]] = []
+    first_epoch = 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        layer.load_state_dict(state["layer"])
+        optimizer.load_state_dict(state["optimizer"])
+        history = state["history"]
+        first_epoch = state["epoch"] + 1
+
+    detector.eval().requires_grad_(False)
+    n = data.activations.shape[0]
+    steps = -(-n // config.batch_size)
+    bar = tqdm(
+        total=config.epochs * steps,
+        initial=first_epoch * steps,
+        desc=f"alpha {alpha:.2f}",
+        disable=not progress,
+        unit="step",
+    )
+    for epoch in range(first_epoch, config.epochs):
+        gen = _generator(config.seed, alpha, epoch)
+        order = torch.randperm(n, generator=gen)
+        sums = {"loss": 0.0, "task": 0.0, "strength": 0.0}
+        for s in range(steps):
+            idx = order[s * config.batch_size : (s + 1) * config.batch_size]
+            noisy = layer(data.activations[idx], generator=gen)
+            raw = detector.tail(noisy)
+            if config.task == "distill":
+                task = distillation_loss(raw, [t[idx] for t in data.teacher])
+            else:
+                from veil.detectors.multibox import multibox_loss
+
+                assert data.targets is not None and priors is not None
+                task = multibox_loss(raw[0], raw[1], priors, [data.targets[int(i)] for i in idx])
+            strength = layer.strength_loss()
+            loss = (1 - alpha) * task + alpha * strength
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            sums["loss"] += float(loss)
+            sums["task"] += float(task)
+            sums["strength"] += float(strength)
+            bar.update(1)
+            bar.set_postfix(task=f"{float(task):.3f}", sigma=f"{float(layer.sigma().mean()):.3f}")
+        history.append(
+            {k: v / steps for k, v in sums.items()} | {"mean_sigma": float(layer.sigma().mean())}
+        )
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            tmp = checkpoint.with_suffix(".tmp")
+            torch.save(
+                {
+                    "layer": layer.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "history": history,
+                    "epoch": epoch,
+                },
+                tmp,
+            )
+            tmp.replace(checkpoint)
+    bar.close()
+    training = dict(meta.training) | {"epochs_run": len(history), "loss_curve": history}
+    return profile_from_layer(layer, ProfileMeta(**{**meta.__dict__, "training": training}))
+
+
+def calibrate(
+    detector: SplitDetector,
+    images: Sequence[Path | Frame],
+    out_dir: Path,
+    config: CalibrationConfig | None = None,
+    boxes: Sequence[BoxArray] | None = None,
+    source: str = "",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[NoiseProfile]:
+    """Produce (or complete) a profile bank in ``out_dir`` for every alpha of ``config``."""
+    config = config or CalibrationConfig()
+    geometry = config.geometry or detector.default_geometry
+    if config.task == "multibox" and boxes is None:
+        raise ConfigError("task loss 'multibox' needs labels; use the default 'distill' without")
+    if not images:
+        raise DatasetError("calibration needs at least one image")
+    torch.manual_seed(config.seed)
+    started = time.perf_counter()
+    bank = ProfileBank(out_dir)
+    data = prepare(detector, images, geometry, boxes, config.batch_size, progress)
+    act_std = float(data.activations.std())
+    s_min = config.sigma_min_ratio * act_std
+    s_max = config.sigma_max_ratio * act_std
+    run_id = hashlib.sha256(
+        json.dumps(
+            {"data": data.description, "config": repr(config), "weights": detector.weights_id},
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:16]
+    profiles: list[NoiseProfile] = []
+    for alpha in config.alphas:
+        alpha = check_alpha(alpha)
+        existing = [
+            p
+            for p in bank.profiles()
+            if p.alpha == alpha and p.meta.training.get("run_id") == run_id
+        ]
+        if existing:
+            log(f"alpha {alpha:.2f}: already calibrated ({existing[0].profile_id}), skipped")
+            profiles.append(existing[0])
+            continue
+        t0 = time.perf_counter()
+        meta = ProfileMeta(
+            model=detector.name,
+            weights_id=detector.weights_id,
+            geometry=str(geometry),
+            activation_shape=tuple(data.activations.shape[1:]),  # type: ignore[arg-type]
+            alpha=alpha,
+            s_min=s_min,
+            s_max=s_max,
+            task_loss=config.task,
+            trained_on={"source": source} | data.description,
+            training={
+                "run_id": run_id,
+                "seed": config.seed,
+                "epochs": config.epochs,
+                "batch_size": config.batch_size,
+                "lr": config.lr,
+                "activation_std": act_std,
+                "initial_sigma": config.initial_sigma_ratio * act_std,
+            },
+        )
+        checkpoint = out_dir / ".partial" / f"{run_id}-a{alpha:.2f}.pt"
+        profile = train_profile(detector, data, alpha, config, meta, checkpoint, progress)
+        seconds = time.perf_counter() - t0
+        profile = NoiseProfile(
+            ProfileMeta(
+                **{
+                    **profile.meta.__dict__,
+                    "training": profile.meta.training | {"seconds": round(seconds, 1)},
+                }
+            ),
+            profile.mu,
+            profile.rho,
+        )
+        bank.save(profile)
+        checkpoint.unlink(missing_ok=True)
+        last = profile.meta.training["loss_curve"][-1]
+        log(
+            f"alpha {alpha:.2f}: profile {profile.profile_id} in {seconds:.1f} s "
+            f"(task loss {last['task']:.4f}, mean sigma {last['mean_sigma']:.3f} "
+            f"= {last['mean_sigma'] / act_std:.2f} activation std)"
+        )
+        profiles.append(profile)
+    log(f"calibration finished in {time.perf_counter() - started:.1f} s; bank: {out_dir}")
+    return profiles
