@@ -259,13 +259,13 @@ def train_profile(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
-            sums["loss"] += float(loss)
-            sums["task"] += float(task)
-            sums["strength"] += float(strength)
+            sums["loss"] += float(loss.detach())
+            sums["task"] += float(task.detach())
+            sums["strength"] += float(strength.detach())
             bar.update(1)
-            bar.set_postfix(task=f"{float(task):.3f}", sigma=f"{float(layer.sigma().mean()):.3f}")
+            bar.set_postfix(task=f"{float(task.detach()):.3f}", sigma=f"{float(layer.sigma().detach().mean()):.3f}")
         history.append(
-            {k: v / steps for k, v in sums.items()} | {"mean_sigma": float(layer.sigma().mean())}
+            {k: v / steps for k, v in sums.items()} | {"mean_sigma": float(layer.sigma().detach().mean())}
         )
         if checkpoint is not None:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command of the README and of CI: set up, install the RTSP test server, run pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+./scripts/install-test-deps.sh || echo "warning: RTSP test server not installed; its test will say so"
+export VEIL_DATA="${VEIL_DATA:-$(cd .. && pwd)/shared/data}"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

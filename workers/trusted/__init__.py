@@ -1,0 +1,1 @@
+"""Runs INSIDE the trusted zone: sees raw pixels, emits only noisy activations."""

@@ -1,0 +1,201 @@
+"""Head + noise for batches of frames from many streams: the only code that turns pixels
+into what may leave the trusted zone.
+
+Each frame gets its own stream's noise profile inside a mixed batch: the profiles' ``mu`` and
+``sigma`` are stacked once on the device and indexed per frame. On a GPU the batch is split
+over several CUDA streams ("lanes"); each lane copies its frames from pinned host memory with
+non-blocking copies, so that one lane's copies overlap another's compute. On the CPU the same
+code runs with lanes that are plain contexts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import Tensor
+
+from stream.frames import Frame
+from veil.detectors.base import InputGeometry, Letterbox, SplitDetector
+from veil.errors import ProfileError
+from veil.noise import entropy_generator
+from veil.profiles import NoiseProfile, ProfileBank, check_alpha
+
+CLEAN_PROFILE_ID = "none"
+
+
+@dataclass(frozen=True)
+class ObfuscatedFrame:
+    """One frame's noisy activation and what the outside needs to decode its boxes."""
+
+    stream_id: str
+    sequence: int
+    pts: float | None
+    capture_time: float
+    activation: npt.NDArray[np.float32]  # (C, H, W), noise already added
+    letterbox: Letterbox
+    profile_id: str
+    alpha: float
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ProfileError(f"device {requested!r} requested but CUDA is not available here")
+    return device
+
+
+class ProfileTable:
+    """The profiles a worker may apply, stacked on the device for per-frame indexing.
+
+    Row 0 is the clean profile (alpha 0, no noise), kept for benchmarks and debugging only:
+    ``veil`` refuses alpha 0 for streams unless explicitly allowed.
+    """
+
+    def __init__(
+        self,
+        detector: SplitDetector,
+        geometry: InputGeometry,
+        profiles: Sequence[NoiseProfile],
+        device: torch.device,
+    ) -> None:
+        shape = detector.activation_shape(geometry)
+        for p in profiles:
+            p.check_fits(detector.name, detector.weights_id, geometry)
+        self.profiles = sorted(profiles, key=lambda p: p.alpha)
+        self.by_alpha = {p.alpha: i + 1 for i, p in enumerate(self.profiles)}
+        zeros = torch.zeros(shape)
+        self.mu = torch.stack([zeros, *(p.mu for p in self.profiles)]).to(device)
+        self.sigma = torch.stack([zeros, *(p.sigma() for p in self.profiles)]).to(device)
+
+    @classmethod
+    def from_bank(
+        cls,
+        detector: SplitDetector,
+        geometry: InputGeometry,
+        bank: ProfileBank,
+        device: torch.device,
+    ) -> ProfileTable:
+        profiles = [
+            p
+            for p in bank.profiles()
+            if p.meta.model == detector.name and p.meta.geometry == str(geometry)
+        ]
+        return cls(detector, geometry, profiles, device)
+
+    @property
+    def alphas(self) -> list[float]:
+        return [p.alpha for p in self.profiles]
+
+    def row(self, alpha: float) -> int:
+        alpha = check_alpha(alpha)
+        if alpha == 0.0:
+            return 0
+        if alpha not in self.by_alpha:
+            raise ProfileError(
+                f"no calibrated profile for alpha {alpha}; available alphas: "
+                f"{self.alphas or 'none'} (run `veil calibrate` to add one)"
+            )
+        return self.by_alpha[alpha]
+
+    def profile_id(self, row: int) -> str:
+        return CLEAN_PROFILE_ID if row == 0 else self.profiles[row - 1].profile_id
+
+    def alpha(self, row: int) -> float:
+        return 0.0 if row == 0 else self.profiles[row - 1].alpha
+
+
+class Obfuscator:
+    """Synchronous batch step (run it in a worker thread): frames -> noisy activations."""
+
+    def __init__(
+        self,
+        detector: SplitDetector,
+        geometry: InputGeometry,
+        table: ProfileTable,
+        device: torch.device,
+        lanes: int = 2,
+    ) -> None:
+        detector.check_geometry(geometry)
+        self.detector = detector.to(device).eval().requires_grad_(False)
+        self.geometry = geometry
+        self.table = table
+        self.device = device
+        self.generator = entropy_generator(device)  # never a fixed seed in serving
+        self.cuda = device.type == "cuda"
+        self.streams = (
+            [torch.cuda.Stream(device) for _ in range(lanes)]  # type: ignore[no-untyped-call]
+            if self.cuda
+            else []
+        )
+        self.lanes = max(1, lanes)
+        self.last_timing: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def _lane(self, i: int) -> Iterator[None]:
+        if self.cuda:
+            with torch.cuda.stream(self.streams[i % len(self.streams)]):
+                yield
+        else:
+            yield
+
+    def _pixels(self, frame: Frame) -> Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(frame.pixels))
+        return t.pin_memory() if self.cuda else t
+
+    @torch.no_grad()
+    def head_and_noise(
+        self, pixels: Sequence[Tensor], rows: Tensor, noise: bool = True
+    ) -> tuple[Tensor, list[Letterbox]]:
+        """Device-side step on one lane: letterbox, head, per-frame noise."""
+        x, letterboxes = self.detector.preprocess(list(pixels), self.geometry)
+        a = self.detector.head(x)
+        if noise:
+            rows = rows.to(self.device, non_blocking=True)
+            eps = torch.randn(a.shape, generator=self.generator, device=a.device, dtype=a.dtype)
+            a = a + self.table.mu[rows] + self.table.sigma[rows] * eps
+        return a, letterboxes
+
+    def run(self, frames: Sequence[Frame], alphas: Sequence[float]) -> list[ObfuscatedFrame]:
+        """Obfuscate a mixed batch; ``alphas[i]`` is frame i's stream alpha."""
+        if len(frames) != len(alphas):
+            raise ValueError("one alpha per frame is needed")
+        if not frames:
+            return []
+        started = time.perf_counter()
+        rows = [self.table.row(a) for a in alphas]
+        n_lanes = min(self.lanes, len(frames)) if self.cuda else 1
+        chunks = np.array_split(np.arange(len(frames)), n_lanes)
+        outputs: list[tuple[Tensor, list[Letterbox], npt.NDArray[np.int64]]] = []
+        for lane, idx in enumerate(chunks):
+            with self._lane(lane):
+                pixels = [self._pixels(frames[int(i)]) for i in idx]
+                act, lbs = self.head_and_noise(pixels, torch.tensor([rows[int(i)] for i in idx]))
+                host = act.to("cpu", non_blocking=self.cuda)
+                outputs.append((host, lbs, idx))
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        results: list[ObfuscatedFrame | None] = [None] * len(frames)
+        for host, lbs, idx in outputs:
+            arr = host.float().numpy()
+            for j, i in enumerate(idx):
+                f, row = frames[int(i)], rows[int(i)]
+                results[int(i)] = ObfuscatedFrame(
+                    stream_id=f.stream_id,
+                    sequence=f.sequence,
+                    pts=f.pts,
+                    capture_time=f.capture_time,
+                    activation=arr[j],
+                    letterbox=lbs[j],
+                    profile_id=self.table.profile_id(row),
+                    alpha=self.table.alpha(row),
+                )
+        self.last_timing = {"batch": len(frames), "seconds": time.perf_counter() - started}
+        return [r for r in results if r is not None]

@@ -1,0 +1,244 @@
+"""The outside worker: activations from Kafka -> Triton tail -> detections to Kafka.
+
+It never sees pixels: only noisy activations and where each frame sits in the model input.
+Delivery is at least once: offsets are committed only after the batch's detections are
+acknowledged by the broker; a redelivered activation is recognised by (stream, sequence) and
+skipped. A message that is malformed, foreign, or for another model goes to the dead-letter
+topic with its reason, and the worker keeps going. A Triton outage is retried with backoff
+without committing, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+from aiokafka import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from stream.kafka import (
+    DEFAULT_TOPICS,
+    SequenceDeduper,
+    TopicNames,
+    close_consumer,
+    committable,
+    make_consumer,
+    make_producer,
+    publish_dead_letter,
+)
+from stream.wire import ActivationMessage, DetectionMessage, decode, encode_detection
+from veil import observability as obs
+from veil.detectors.base import SplitDetector
+from veil.errors import ServiceError, WireFormatError
+from workers.untrusted.tail_client import FloatArray, TritonTail
+from workers.untrusted.triton_repo import TailManifest
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class DetectStats:
+    consumed: int = 0
+    published: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    commits: int = 0
+    commit_failures: int = 0
+    triton_retries: int = 0
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        log.info("detect.partitions_revoked", partitions=sorted(str(tp) for tp in revoked))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        log.info("detect.partitions_assigned", partitions=sorted(str(tp) for tp in assigned))
+
+
+class DetectWorker:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        tail: TritonTail,
+        decoder: SplitDetector,
+        manifest: TailManifest,
+        *,
+        idempotent: bool,
+        group_id: str = "veil-detect",
+        topics: TopicNames = DEFAULT_TOPICS,
+        max_batch: int = 8,
+        poll_timeout_ms: int = 50,
+        score_threshold: float = 0.5,
+    ) -> None:
+        self.bootstrap = bootstrap_servers
+        self.tail = tail
+        self.decoder = decoder
+        self.manifest = manifest
+        self.idempotent = idempotent
+        self.group_id = group_id
+        self.topics = topics
+        self.max_batch = max_batch
+        self.poll_timeout_ms = poll_timeout_ms
+        self.score_threshold = score_threshold
+        self.stats = DetectStats()
+        self.deduper = SequenceDeduper()
+        self._consumer: Any = None
+        self._producer: Any = None
+        self._stopping = asyncio.Event()
+        self.ready = False
+
+    async def start(self) -> None:
+        self._producer = await make_producer(self.bootstrap, idempotent=self.idempotent)
+        self._consumer = await make_consumer(
+            self.bootstrap, self.group_id, [self.topics.activations], client_id="veil-detect"
+        )
+        self._consumer.unsubscribe()
+        self._consumer.subscribe([self.topics.activations], listener=_Rebalance())
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        self._stopping.set()
+        if self._consumer is not None:
+            await close_consumer(self._consumer)
+            self._consumer = None
+        if self._producer is not None:
+            await self._producer.flush()
+            await self._producer.stop()
+            self._producer = None
+
+    async def __aenter__(self) -> DetectWorker:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self, idle_timeout_s: float | None = None) -> DetectStats:
+        """Consume until asked to stop (or, if given, after ``idle_timeout_s`` with no input)."""
+        last_input = time.monotonic()
+        while not self._stopping.is_set():
+            batches = await self._consumer.getmany(
+                timeout_ms=self.poll_timeout_ms, max_records=self.max_batch
+            )
+            records = [r for tp in sorted(batches, key=lambda t: t.partition) for r in batches[tp]]
+            if not records:
+                if idle_timeout_s is not None and time.monotonic() - last_input > idle_timeout_s:
+                    break
+                continue
+            last_input = time.monotonic()
+            await self.handle(records)
+        return self.stats
+
+    async def handle(self, records: Sequence[Any]) -> None:
+        """One polled batch: decode, infer, publish, then commit."""
+        self.stats.consumed += len(records)
+        messages: list[ActivationMessage] = []
+        for record in records:
+            try:
+                msg = decode(record.key, record.value, record.headers)
+                self._check_model(msg)
+            except WireFormatError as exc:
+                await publish_dead_letter(self._producer, record, str(exc), topics=self.topics)
+                self.stats.dead_letters += 1
+                obs.DEAD_LETTERS.inc()
+                continue
+            if not self.deduper.accept(msg.stream_id, msg.sequence):
+                self.stats.duplicates += 1
+                obs.DUPLICATES.inc()
+                continue
+            messages.append(msg)
+        if messages:
+            await self._detect_and_publish(messages)
+        await self._commit(records)
+
+    def _check_model(self, msg: ActivationMessage) -> None:
+        m = self.manifest
+        if msg.model != m.detector or msg.weights_id != m.weights_id:
+            raise WireFormatError(
+                f"activation from model {msg.model} weights {msg.weights_id[:12]}, but this "
+                f"tail serves {m.detector} weights {m.weights_id[:12]}"
+            )
+        if msg.shape != m.activation_shape:
+            raise WireFormatError(
+                f"activation shape {msg.shape} does not fit the tail's {m.activation_shape}"
+            )
+        if msg.placement.geometry() != m.geometry:
+            raise WireFormatError(
+                f"activation made at input {msg.placement.geometry()}, tail expects {m.geometry}"
+            )
+
+    async def _infer(self, batch: FloatArray) -> tuple[FloatArray, ...]:
+        delay = 0.2
+        while True:
+            started = time.perf_counter()
+            try:
+                raw = await self.tail.infer(batch)
+                obs.TRITON_SECONDS.observe(time.perf_counter() - started)
+                return raw
+            except ServiceError as exc:
+                if not exc.retriable or self._stopping.is_set():
+                    raise
+                self.stats.triton_retries += 1
+                log.warning("detect.triton_retry", error=str(exc), delay_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _detect_and_publish(self, messages: list[ActivationMessage]) -> None:
+        batch = np.stack([m.payload for m in messages]).astype(np.float32, copy=False)
+        raw = await self._infer(batch)
+        g = self.manifest.geometry
+        detections = self.decoder.decode(
+            [torch.from_numpy(np.ascontiguousarray(r)) for r in raw],
+            [m.placement.letterbox() for m in messages],
+            g.height,
+            g.width,
+            score_threshold=self.score_threshold,
+        )
+        pending = []
+        now = time.time()
+        for msg, dets in zip(messages, detections, strict=True):
+            out = DetectionMessage(
+                stream_id=msg.stream_id,
+                sequence=msg.sequence,
+                pts=msg.pts,
+                capture_time=msg.capture_time,
+                detections=dets,
+                model=msg.model,
+                weights_id=msg.weights_id,
+                profile_id=msg.profile_id,
+                alpha=msg.alpha,
+                produced_time=now,
+            )
+            key, value, headers = encode_detection(out)
+            pending.append(
+                await self._producer.send(
+                    self.topics.detections, value=value, key=key, headers=headers
+                )
+            )
+            obs.END_TO_END_SECONDS.observe(max(0.0, now - msg.capture_time))
+        await asyncio.gather(*pending)
+        self.stats.published += len(messages)
+        obs.DETECTIONS_PUBLISHED.inc(len(messages))
+
+    async def _commit(self, records: Sequence[Any]) -> None:
+        try:
+            await self._consumer.commit(committable(records))
+            self.stats.commits += 1
+        except (CommitFailedError, KafkaError) as exc:
+            # A rebalance took the partition: the next owner re-reads from the last commit and
+            # the (stream, sequence) dedupe downstream recognises the repeats. Not fatal.
+            self.stats.commit_failures += 1
+            log.warning("detect.commit_failed", error=repr(exc))
