@@ -1,0 +1,407 @@
+"""The Kafka layer on aiokafka: topic names, topic creation, producers, consumers, dead letters.
+
+Delivery is at-least-once: producers wait for ``acks=all``; consumers never auto-commit, they
+commit offsets after a record is handled, and drop redeliveries with :class:`SequenceDeduper`
+(keyed by stream and sequence). Against Apache Kafka producers are also idempotent; the
+embedded tansu broker refuses idempotent producers, so there ``idempotent=False`` and the
+deduper is what removes duplicates from producer retries.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError
+
+from stream.wire import HEADER_ERROR, decode_control
+from veil.errors import ConfigError, ServiceError, WireFormatError
+
+log = structlog.get_logger(__name__)
+
+# Kafka's defaults: the broker's message.max.bytes is 1 MiB (+12) and so is the producer's
+# max.request.size; a float16 FaceBoxes activation at 1920x1080 (~523 kB) fits.
+DEFAULT_MAX_REQUEST_SIZE: Final = 1024 * 1024
+# A consumer must be able to fetch the largest record a producer may send, with headroom.
+DEFAULT_MAX_PARTITION_FETCH_BYTES: Final = 4 * 1024 * 1024
+_ERROR_REASON_MAX_CHARS: Final = 2000
+_TOPIC_EXISTS: Final = 36  # Kafka error code TOPIC_ALREADY_EXISTS
+
+HEADER_SOURCE_TOPIC: Final = "veil-source-topic"
+HEADER_SOURCE_PARTITION: Final = "veil-source-partition"
+HEADER_SOURCE_OFFSET: Final = "veil-source-offset"
+
+
+@dataclass(frozen=True)
+class TopicNames:
+    """Every topic veil uses, in one place. A prefix keeps deployments (or tests) apart."""
+
+    prefix: str = "veil"
+
+    def __post_init__(self) -> None:
+        if not self.prefix or any(c not in _TOPIC_CHARS for c in self.prefix):
+            raise ConfigError(
+                f"topic prefix {self.prefix!r} must be non-empty ASCII letters, digits, '.', "
+                "'_' or '-'"
+            )
+
+    @property
+    def activations(self) -> str:
+        return f"{self.prefix}.activations"
+
+    @property
+    def detections(self) -> str:
+        return f"{self.prefix}.detections"
+
+    @property
+    def control(self) -> str:
+        """Compacted: the latest ``alpha`` per stream id."""
+        return f"{self.prefix}.control"
+
+    @property
+    def dead_letter(self) -> str:
+        return f"{self.prefix}.deadletter"
+
+    def all(self) -> tuple[str, str, str, str]:
+        return (self.activations, self.detections, self.control, self.dead_letter)
+
+
+_TOPIC_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+DEFAULT_TOPICS: Final = TopicNames()
+
+
+@dataclass(frozen=True)
+class TopicsStatus:
+    """What :func:`ensure_topics` did, and whether the broker reports compaction on control."""
+
+    created: tuple[str, ...]
+    existing: tuple[str, ...]
+    control_cleanup_policy: str | None
+
+    @property
+    def control_compacted(self) -> bool:
+        return self.control_cleanup_policy == "compact"
+
+
+async def ensure_topics(
+    bootstrap_servers: str,
+    *,
+    partitions: int = 3,
+    topics: TopicNames = DEFAULT_TOPICS,
+    replication_factor: int = 1,
+    request_timeout_ms: int = 15_000,
+) -> TopicsStatus:
+    """Create veil's topics where missing: activations and detections with ``partitions``
+    partitions (the unit of consumer parallelism), control with one compacted partition,
+    dead letters with one. Existing topics are left as they are.
+    """
+    if partitions < 1 or replication_factor < 1:
+        raise ConfigError(
+            f"partitions ({partitions}) and replication_factor ({replication_factor}) must be >= 1"
+        )
+    wanted = [
+        NewTopic(topics.activations, partitions, replication_factor),
+        NewTopic(topics.detections, partitions, replication_factor),
+        NewTopic(
+            topics.control, 1, replication_factor, topic_configs={"cleanup.policy": "compact"}
+        ),
+        NewTopic(topics.dead_letter, 1, replication_factor),
+    ]
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap_servers, request_timeout_ms=request_timeout_ms
+    )
+    try:
+        await admin.start()
+        response = await admin.create_topics(wanted)
+        created, existing = [], []
+        for name, code, message in response.topic_errors:
+            if code == 0:
+                created.append(name)
+            elif code == _TOPIC_EXISTS:
+                existing.append(name)
+            else:
+                raise ServiceError(
+                    f"broker {bootstrap_servers} refused to create topic {name}: error {code} "
+                    f"({message})"
+                )
+        policy = await _cleanup_policy(admin, topics.control)
+    except KafkaError as exc:
+        raise ServiceError(f"cannot create topics on {bootstrap_servers}: {exc!r}") from exc
+    finally:
+        await admin.close()
+    if policy != "compact":
+        log.warning("control topic is not compacted", topic=topics.control, cleanup_policy=policy)
+    return TopicsStatus(tuple(created), tuple(existing), policy)
+
+
+async def _cleanup_policy(admin: Any, topic: str) -> str | None:
+    # Ask for all configs: tansu drops the connection on a DescribeConfigs that names keys.
+    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    for response in responses:
+        for resource in response.resources:
+            error_code, _message, _kind, _name, entries = resource[:5]
+            if error_code != 0:
+                return None
+            for entry in entries:
+                if entry[0] == "cleanup.policy":
+                    return str(entry[1])
+    return None
+
+
+async def make_producer(
+    bootstrap_servers: str,
+    *,
+    idempotent: bool,
+    max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
+    client_id: str = "veil-producer",
+    linger_ms: int = 5,
+    request_timeout_ms: int = 30_000,
+) -> Any:
+    """A started AIOKafkaProducer with ``acks=all``.
+
+    ``idempotent=True`` is for Apache Kafka (no duplicates from retries); tansu refuses it
+    (InitProducerId fails), so the embedded broker runs with ``idempotent=False``.
+    ``max_request_size`` must stay within the topic's ``max.message.bytes``.
+    """
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=idempotent,
+        max_request_size=max_request_size,
+        linger_ms=linger_ms,
+        request_timeout_ms=request_timeout_ms,
+    )
+    try:
+        await producer.start()
+    except KafkaError as exc:
+        await producer.stop()
+        hint = (
+            " (the broker refused an idempotent producer: tansu does not support "
+            "InitProducerId; use idempotent=False there)"
+            if idempotent
+            else ""
+        )
+        raise ServiceError(
+            f"cannot start a Kafka producer on {bootstrap_servers}: {exc!r}{hint}"
+        ) from exc
+    return producer
+
+
+async def make_consumer(
+    bootstrap_servers: str,
+    group_id: str | None,
+    topics: Sequence[str],
+    *,
+    client_id: str = "veil-consumer",
+    auto_offset_reset: str = "earliest",
+    max_partition_fetch_bytes: int = DEFAULT_MAX_PARTITION_FETCH_BYTES,
+    session_timeout_ms: int = 10_000,
+    heartbeat_interval_ms: int = 3_000,
+) -> Any:
+    """A started AIOKafkaConsumer subscribed to ``topics``, auto-commit off.
+
+    Commit with ``await consumer.commit({tp: offset + 1})`` after handling a record; stop it
+    with :func:`close_consumer`. ``group_id=None`` reads without a group (nothing to commit).
+    """
+    if not topics:
+        raise ConfigError("make_consumer needs at least one topic")
+    consumer = AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=bootstrap_servers,
+        group_id=group_id,
+        client_id=client_id,
+        enable_auto_commit=False,
+        auto_offset_reset=auto_offset_reset,
+        max_partition_fetch_bytes=max_partition_fetch_bytes,
+        session_timeout_ms=session_timeout_ms,
+        heartbeat_interval_ms=heartbeat_interval_ms,
+    )
+    try:
+        await consumer.start()
+    except KafkaError as exc:
+        await consumer.stop()
+        raise ServiceError(
+            f"cannot start a Kafka consumer (group {group_id}) on {bootstrap_servers}: {exc!r}"
+        ) from exc
+    return consumer
+
+
+async def close_consumer(consumer: Any) -> None:
+    """Stop a consumer so that its group hands its partitions on at once.
+
+    tansu numbers a group's first generation 0 where Kafka starts at 1, and aiokafka only
+    sends LeaveGroup for generation > 0; without the leave, the next member waits a whole
+    session timeout. LeaveGroup carries no generation, so raising the local one is harmless.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is not None and getattr(coordinator, "generation", None) == 0:
+        coordinator.generation = 1
+    await consumer.stop()
+
+
+async def publish_dead_letter(
+    producer: Any, record: Any, reason: str, *, topics: TopicNames = DEFAULT_TOPICS
+) -> Any:
+    """Send a record that could not be handled to the dead-letter topic, unchanged.
+
+    Key, value and headers are the original bytes; ``veil-error`` says why, and
+    ``veil-source-{topic,partition,offset}`` say where it came from so it can be replayed.
+    Returns the RecordMetadata of the dead letter.
+    """
+    original = [(str(k), bytes(v) if v is not None else b"") for k, v in (record.headers or ())]
+    headers = [
+        *original,
+        (HEADER_ERROR, reason[:_ERROR_REASON_MAX_CHARS].encode("utf-8", errors="replace")),
+        (HEADER_SOURCE_TOPIC, str(record.topic).encode()),
+        (HEADER_SOURCE_PARTITION, str(record.partition).encode()),
+        (HEADER_SOURCE_OFFSET, str(record.offset).encode()),
+    ]
+    log.warning(
+        "dead letter",
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        reason=reason,
+    )
+    try:
+        return await producer.send_and_wait(
+            topics.dead_letter, value=record.value, key=record.key, headers=headers
+        )
+    except KafkaError as exc:
+        raise ServiceError(
+            f"cannot publish a dead letter for {record.topic}[{record.partition}]@"
+            f"{record.offset}: {exc!r}"
+        ) from exc
+
+
+async def read_control_table(
+    bootstrap_servers: str,
+    *,
+    topics: TopicNames = DEFAULT_TOPICS,
+    timeout_s: float = 10.0,
+) -> dict[str, float]:
+    """The current ``stream_id -> alpha`` overrides: the control topic read to its end.
+
+    Folds to the latest record per key, so the result is the same whether or not the broker
+    has compacted the topic yet (tansu never does); tombstones remove a stream. Malformed
+    control records are logged and skipped: one bad record must not freeze every stream.
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        client_id="veil-control-reader",
+    )
+    table: dict[str, float] = {}
+    try:
+        await consumer.start()
+        partitions = consumer.partitions_for_topic(topics.control) or set()
+        assigned = [TopicPartition(topics.control, p) for p in sorted(partitions)]
+        if not assigned:
+            raise ServiceError(f"control topic {topics.control} does not exist")
+        consumer.assign(assigned)
+        await consumer.seek_to_beginning(*assigned)
+        end = await consumer.end_offsets(assigned)
+        deadline = time.monotonic() + timeout_s
+        while [tp for tp in assigned if await consumer.position(tp) < end[tp]]:
+            if time.monotonic() > deadline:
+                raise ServiceError(
+                    f"control topic {topics.control} not read to its end within {timeout_s} s"
+                )
+            batches = await consumer.getmany(*assigned, timeout_ms=200)
+            for records in batches.values():
+                for record in records:
+                    _fold_control(table, record)
+    except KafkaError as exc:
+        raise ServiceError(f"cannot read {topics.control} on {bootstrap_servers}: {exc!r}") from exc
+    finally:
+        await consumer.stop()
+    return table
+
+
+def _fold_control(table: dict[str, float], record: Any) -> None:
+    try:
+        message = decode_control(record.key, record.value, record.headers)
+    except WireFormatError as exc:
+        log.warning("skipping malformed control record", offset=record.offset, reason=str(exc))
+        return
+    if message.alpha is None:
+        table.pop(message.stream_id, None)
+    else:
+        table[message.stream_id] = float(message.alpha)
+
+
+@dataclass
+class _StreamWindow:
+    highest: int
+    recent: set[int] = field(default_factory=set)
+
+
+class SequenceDeduper:
+    """Drops redelivered (stream, sequence) pairs for at-least-once consumers.
+
+    Per stream it keeps the highest sequence seen and the set of sequences seen within
+    ``window`` below it (like an anti-replay window), so a late first arrival inside the window
+    is still accepted. A sequence older than the window is treated as a duplicate. The least
+    recently active streams are forgotten beyond ``max_streams``.
+    """
+
+    def __init__(self, window: int = 1024, max_streams: int = 10_000) -> None:
+        if window < 1 or max_streams < 1:
+            raise ConfigError(f"window ({window}) and max_streams ({max_streams}) must be >= 1")
+        self.window = window
+        self.max_streams = max_streams
+        self._streams: OrderedDict[str, _StreamWindow] = OrderedDict()
+
+    def accept(self, stream_id: str, sequence: int) -> bool:
+        """True (and remember it) if this is the first time ``(stream_id, sequence)`` is seen."""
+        state = self._streams.get(stream_id)
+        if state is None:
+            self._streams[stream_id] = _StreamWindow(sequence, {sequence})
+            if len(self._streams) > self.max_streams:
+                self._streams.popitem(last=False)
+            return True
+        self._streams.move_to_end(stream_id)
+        if sequence > state.highest:
+            state.highest = sequence
+            state.recent.add(sequence)
+            if len(state.recent) > 2 * self.window:  # prune in bulk, not on every message
+                floor = sequence - self.window
+                state.recent = {s for s in state.recent if s > floor}
+            return True
+        if sequence <= state.highest - self.window or sequence in state.recent:
+            return False
+        state.recent.add(sequence)
+        return True
+
+    def highest(self, stream_id: str) -> int | None:
+        state = self._streams.get(stream_id)
+        return None if state is None else state.highest
+
+
+async def drain(consumer: Any, *, until: int, timeout_s: float) -> list[Any]:
+    """Up to ``until`` records from a started consumer, or fewer when ``timeout_s`` runs out."""
+    records: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    while len(records) < until and time.monotonic() < deadline:
+        batches = await consumer.getmany(timeout_ms=200, max_records=until - len(records))
+        for tp in sorted(batches, key=lambda t: (t.topic, t.partition)):
+            records.extend(batches[tp])
+    return records
+
+
+def committable(records: Iterable[Any]) -> dict[Any, int]:
+    """The offsets to commit after handling ``records``: per partition, last offset + 1."""
+    offsets: dict[Any, int] = {}
+    for record in records:
+        tp = TopicPartition(record.topic, record.partition)
+        offsets[tp] = max(offsets.get(tp, 0), int(record.offset) + 1)
+    return offsets

@@ -1,0 +1,671 @@
+"""Wire format v1: what crosses Kafka between the trusted zone and the outside.
+
+Three messages, all keyed by stream id so that one stream stays on one partition, in order:
+
+* :class:`ActivationMessage` (``veil.activations``): the noisy head activation of one frame,
+  a binary value (magic, version, length-prefixed JSON header, raw tensor bytes).
+* :class:`DetectionMessage` (``veil.detections``): the tail's face boxes for that frame, JSON.
+* :class:`ControlMessage` (``veil.control``, compacted): the noise strength ``alpha`` per stream.
+
+The byte layout is specified in ``docs/wire-format.md``; change the two together.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Literal, get_args
+
+import numpy as np
+import numpy.typing as npt
+
+from veil.detections import Detections
+from veil.errors import ConfigError, WireFormatError
+
+if TYPE_CHECKING:
+    from veil.detectors.base import InputGeometry, Letterbox
+
+WIRE_VERSION: Final = 1
+MAGIC: Final = b"VEIL"
+# magic (4 bytes), format version (uint16), header length (uint32); big-endian (network order).
+PREFIX: Final = struct.Struct(">4sHI")
+# A header of a few hundred bytes is normal; a bigger one means a corrupt length prefix.
+MAX_HEADER_BYTES: Final = 64 * 1024
+
+Quantisation = Literal["float16", "int8"]
+QUANTISATIONS: Final[tuple[str, ...]] = get_args(Quantisation)
+
+# Kafka headers mirror the routing fields so that brokers, dead-letter tooling and consumers can
+# route or filter without parsing the value.
+HEADER_VERSION: Final = "veil-version"
+HEADER_KIND: Final = "veil-kind"
+HEADER_STREAM: Final = "veil-stream"
+HEADER_SEQUENCE: Final = "veil-sequence"
+HEADER_PROFILE: Final = "veil-profile"
+HEADER_ERROR: Final = "veil-error"
+
+KIND_ACTIVATION: Final = "activation"
+KIND_DETECTION: Final = "detection"
+KIND_CONTROL: Final = "control"
+
+CLEAN_PROFILE: Final = "none"
+
+Headers = list[tuple[str, bytes]]
+Float32Array = npt.NDArray[np.float32]
+
+_INT8_LEVELS: Final = 255  # int8 spans [-128, 127]: 255 steps
+
+
+def _require(condition: bool, reason: str) -> None:
+    if not condition:
+        raise WireFormatError(reason)
+
+
+def _finite(value: Any, name: str) -> float:
+    """``value`` as a finite float, or WireFormatError naming the field."""
+    _require(
+        isinstance(value, numbers.Real) and not isinstance(value, bool),
+        f"{name} must be a number, got {value!r}",
+    )
+    _require(math.isfinite(value), f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _text(value: Any, name: str) -> str:
+    _require(isinstance(value, str) and value != "", f"{name} must be a non-empty string")
+    return str(value)
+
+
+def _count(value: Any, name: str, minimum: int) -> int:
+    _require(
+        isinstance(value, numbers.Integral) and not isinstance(value, bool),
+        f"{name} must be an integer, got {value!r}",
+    )
+    count = int(value)
+    _require(count >= minimum, f"{name} must be >= {minimum}, got {count}")
+    return count
+
+
+def _check_alpha(value: Any, name: str = "alpha") -> float:
+    alpha = _finite(value, name)
+    _require(0.0 <= alpha <= 1.0, f"{name} must be in [0, 1], got {alpha}")
+    return alpha
+
+
+def _reject_constant(token: str) -> float:
+    # Python's json accepts NaN/Infinity, which are not JSON and never valid in a veil field.
+    raise WireFormatError(f"header JSON contains the non-finite number {token}")
+
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    try:
+        return json.dumps(obj, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+    except ValueError as exc:
+        raise WireFormatError(f"cannot encode a non-finite number: {exc}") from exc
+
+
+def _loads(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError as exc:
+        raise WireFormatError(f"{what} is not UTF-8: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise WireFormatError(f"{what} is not valid JSON: {exc}") from exc
+    _require(isinstance(obj, dict), f"{what} must be a JSON object, got {type(obj).__name__}")
+    return dict(obj)
+
+
+def _field(obj: dict[str, Any], name: str, what: str) -> Any:
+    if name not in obj:
+        raise WireFormatError(f"{what} lacks the field {name!r}")
+    return obj[name]
+
+
+def _check_mirrors(
+    key: bytes | None, headers: Sequence[tuple[str, bytes]], expected: dict[str, str], kind: str
+) -> None:
+    """Key and Kafka headers are optional copies of body fields; present, they must agree."""
+    stream = expected[HEADER_STREAM]
+    if key is not None:
+        _require(
+            key == stream.encode(),
+            f"{kind} message key {key!r} does not match its stream id {stream!r}",
+        )
+    for name, raw in headers:
+        if name in expected:
+            value = raw.decode("utf-8", errors="replace") if raw is not None else None
+            _require(
+                value == expected[name],
+                f"{kind} message header {name}={value!r} does not match the body "
+                f"({expected[name]!r})",
+            )
+
+
+def _normalise_frame_fields(msg: ActivationMessage | DetectionMessage) -> None:
+    """Check the fields both per-frame messages share and store them as plain Python values:
+    numpy scalars are accepted from callers but would not serialise to JSON."""
+    _require(msg.version == WIRE_VERSION, f"unsupported wire version {msg.version}")
+    object.__setattr__(msg, "stream_id", _text(msg.stream_id, "stream_id"))
+    object.__setattr__(msg, "sequence", _count(msg.sequence, "sequence", 0))
+    object.__setattr__(msg, "pts", None if msg.pts is None else _finite(msg.pts, "pts"))
+    object.__setattr__(msg, "capture_time", _finite(msg.capture_time, "capture_time"))
+    for name in ("model", "weights_id", "profile_id"):
+        object.__setattr__(msg, name, _text(getattr(msg, name), name))
+    object.__setattr__(msg, "alpha", _check_alpha(msg.alpha))
+
+
+# --------------------------------------------------------------------------- activations
+
+
+@dataclass(frozen=True)
+class FramePlacement:
+    """Where the frame sits in the model input: what the tail needs to map boxes to frame pixels.
+
+    The frame was scaled by ``scale`` and placed top-left in an ``input_width x input_height``
+    input (see :class:`veil.detectors.base.Letterbox`).
+    """
+
+    frame_width: int
+    frame_height: int
+    scale: float
+    input_width: int
+    input_height: int
+
+    def __post_init__(self) -> None:
+        for name in ("frame_width", "frame_height", "input_width", "input_height"):
+            object.__setattr__(self, name, _count(getattr(self, name), name, 1))
+        scale = _finite(self.scale, "scale")
+        _require(scale > 0, f"scale must be positive, got {scale}")
+        object.__setattr__(self, "scale", scale)
+
+    @classmethod
+    def from_letterbox(cls, letterbox: Letterbox, geometry: InputGeometry) -> FramePlacement:
+        return cls(
+            frame_width=letterbox.frame_width,
+            frame_height=letterbox.frame_height,
+            scale=float(letterbox.scale),
+            input_width=geometry.width,
+            input_height=geometry.height,
+        )
+
+    def letterbox(self) -> Letterbox:
+        # Imported here: veil.detectors.base pulls in torch, which decoding a message must not.
+        from veil.detectors.base import Letterbox
+
+        return Letterbox(self.scale, self.frame_width, self.frame_height)
+
+    def geometry(self) -> InputGeometry:
+        from veil.detectors.base import InputGeometry
+
+        return InputGeometry(self.input_width, self.input_height)
+
+
+@dataclass(frozen=True, eq=False)
+class ActivationMessage:
+    """One frame's (noisy) head activation, ``payload`` ``[C, H, W]``.
+
+    ``quantisation`` is how the payload travels: ``float16`` (default; relative error about
+    5e-4) or ``int8`` (per-channel affine, half the bytes, absolute error at most half a
+    channel step, see :func:`quantise_int8`). :func:`decode` always returns a float32 payload.
+    ``profile_id`` is the noise profile applied, or ``"none"`` for a clean activation.
+    """
+
+    stream_id: str
+    sequence: int
+    pts: float | None
+    capture_time: float
+    model: str
+    weights_id: str
+    profile_id: str
+    alpha: float
+    placement: FramePlacement
+    payload: npt.NDArray[np.floating[Any]]
+    quantisation: Quantisation = "float16"
+    version: int = WIRE_VERSION
+
+    def __post_init__(self) -> None:
+        _normalise_frame_fields(self)
+        _require(isinstance(self.placement, FramePlacement), "placement must be a FramePlacement")
+        _require(
+            self.quantisation in QUANTISATIONS,
+            f"quantisation must be one of {QUANTISATIONS}, got {self.quantisation!r}",
+        )
+        payload = self.payload
+        _require(isinstance(payload, np.ndarray), "payload must be a numpy array")
+        _require(
+            payload.ndim == 3 and min(payload.shape) > 0,
+            f"payload must be a non-empty [C, H, W] array, got shape {payload.shape}",
+        )
+        _require(
+            np.issubdtype(payload.dtype, np.floating),
+            f"payload must be floating point, got {payload.dtype}",
+        )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        c, h, w = self.payload.shape
+        return int(c), int(h), int(w)
+
+    @property
+    def wire_dtype(self) -> str:
+        return "float16" if self.quantisation == "float16" else "int8"
+
+
+def quantise_int8(
+    values: npt.NDArray[np.floating[Any]],
+) -> tuple[npt.NDArray[np.int8], Float32Array, npt.NDArray[np.int8]]:
+    """Per-channel affine int8: ``x ~= (q - zero_point[c]) * scale[c]``.
+
+    Each channel's range is widened to include 0 (as in ONNX/PyTorch quantisation) so that
+    zero is exact and the zero point fits in int8. Rounding error is at most ``scale[c] / 2``.
+    An all-zero channel gets scale 1 and is exact.
+    """
+    x = np.asarray(values, dtype=np.float32)
+    flat = x.reshape(x.shape[0], -1)
+    low = np.minimum(flat.min(axis=1), 0.0)
+    high = np.maximum(flat.max(axis=1), 0.0)
+    scale = ((high - low) / _INT8_LEVELS).astype(np.float32)
+    scale[scale == 0] = 1.0
+    zero_point = np.clip(np.round(-128.0 - low / scale), -128, 127)
+    q = np.round(flat / scale[:, None]) + zero_point[:, None]
+    quantised = np.clip(q, -128, 127).astype(np.int8).reshape(x.shape)
+    return quantised, scale, zero_point.astype(np.int8)
+
+
+def dequantise_int8(
+    quantised: npt.NDArray[np.int8], scale: Float32Array, zero_point: npt.NDArray[np.int8]
+) -> Float32Array:
+    q = quantised.astype(np.float32) - zero_point.astype(np.float32)[:, None, None]
+    values: Float32Array = (q * scale[:, None, None]).astype(np.float32)
+    return values
+
+
+def _payload_bytes(msg: ActivationMessage) -> bytes:
+    values = np.asarray(msg.payload)
+    if not np.isfinite(values).all():
+        raise WireFormatError(f"stream {msg.stream_id} seq {msg.sequence}: payload is not finite")
+    if msg.quantisation == "float16":
+        with np.errstate(over="ignore"):  # overflow to inf is detected just below
+            half = values.astype("<f2")
+        if not np.isfinite(half).all():
+            raise WireFormatError(
+                f"stream {msg.stream_id} seq {msg.sequence}: payload exceeds the float16 range "
+                "(|x| > 65504); send it as int8"
+            )
+        return half.tobytes(order="C")
+    quantised, scale, zero_point = quantise_int8(values)
+    return scale.astype("<f4").tobytes() + zero_point.tobytes() + quantised.tobytes(order="C")
+
+
+def _expected_payload_size(quantisation: str, shape: tuple[int, int, int]) -> int:
+    c, h, w = shape
+    if quantisation == "float16":
+        return 2 * c * h * w
+    return 4 * c + c + c * h * w  # scales (float32), zero points (int8), values (int8)
+
+
+def encode(msg: ActivationMessage) -> tuple[bytes, bytes, Headers]:
+    """ActivationMessage -> (key, value, headers) for ``veil.activations``."""
+    p = msg.placement
+    header = {
+        "stream_id": msg.stream_id,
+        "sequence": msg.sequence,
+        "pts": msg.pts,
+        "capture_time": msg.capture_time,
+        "model": msg.model,
+        "weights_id": msg.weights_id,
+        "profile_id": msg.profile_id,
+        "alpha": msg.alpha,
+        "shape": list(msg.shape),
+        "dtype": msg.wire_dtype,
+        "quantisation": msg.quantisation,
+        "frame_width": p.frame_width,
+        "frame_height": p.frame_height,
+        "scale": p.scale,
+        "input_width": p.input_width,
+        "input_height": p.input_height,
+    }
+    header_bytes = _dumps(header)
+    value = PREFIX.pack(MAGIC, WIRE_VERSION, len(header_bytes)) + header_bytes
+    value += _payload_bytes(msg)
+    headers: Headers = [
+        (HEADER_VERSION, str(WIRE_VERSION).encode()),
+        (HEADER_KIND, KIND_ACTIVATION.encode()),
+        (HEADER_STREAM, msg.stream_id.encode()),
+        (HEADER_SEQUENCE, str(msg.sequence).encode()),
+        (HEADER_PROFILE, msg.profile_id.encode()),
+    ]
+    return msg.stream_id.encode(), value, headers
+
+
+def decode(
+    key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] = ()
+) -> ActivationMessage:
+    """(key, value, headers) from ``veil.activations`` -> ActivationMessage (float32 payload).
+
+    Raises WireFormatError naming the reason: foreign message (magic), unsupported version,
+    truncated value or payload, bad header JSON, missing or invalid field, shape/dtype
+    mismatch, non-finite values, or key/headers that disagree with the body.
+    """
+    _require(value is not None, "activation message has no value (tombstone)")
+    assert value is not None  # for mypy; _require raised otherwise
+    _require(
+        len(value) >= PREFIX.size,
+        f"activation message truncated: {len(value)} bytes, shorter than the "
+        f"{PREFIX.size}-byte prefix",
+    )
+    magic, version, header_len = PREFIX.unpack_from(value)
+    _require(magic == MAGIC, f"not a veil activation message: magic {magic!r}, want {MAGIC!r}")
+    _require(
+        version == WIRE_VERSION,
+        f"unsupported activation wire version {version} (this build reads {WIRE_VERSION})",
+    )
+    _require(
+        header_len <= MAX_HEADER_BYTES,
+        f"activation header length {header_len} exceeds {MAX_HEADER_BYTES} bytes",
+    )
+    body_start = PREFIX.size + header_len
+    _require(
+        len(value) >= body_start,
+        f"activation message truncated inside its header: {len(value)} bytes, header ends at "
+        f"{body_start}",
+    )
+    h = _loads(value[PREFIX.size : body_start], "activation header")
+    what = "activation header"
+
+    shape_field = _field(h, "shape", what)
+    _require(
+        isinstance(shape_field, list)
+        and len(shape_field) == 3
+        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape_field),
+        f"activation shape must be three positive integers [C, H, W], got {shape_field!r}",
+    )
+    shape = (int(shape_field[0]), int(shape_field[1]), int(shape_field[2]))
+    quantisation = _field(h, "quantisation", what)
+    _require(
+        quantisation in QUANTISATIONS,
+        f"unknown quantisation {quantisation!r} (known: {', '.join(QUANTISATIONS)})",
+    )
+    dtype = _field(h, "dtype", what)
+    want_dtype = "float16" if quantisation == "float16" else "int8"
+    _require(
+        dtype == want_dtype,
+        f"dtype {dtype!r} does not match quantisation {quantisation!r} (want {want_dtype!r})",
+    )
+    payload_raw = memoryview(value)[body_start:]
+    want = _expected_payload_size(quantisation, shape)
+    if len(payload_raw) < want:
+        raise WireFormatError(
+            f"activation payload truncated: {len(payload_raw)} bytes, shape {list(shape)} "
+            f"as {quantisation} needs {want}"
+        )
+    _require(
+        len(payload_raw) == want,
+        f"activation payload has {len(payload_raw)} bytes but shape {list(shape)} as "
+        f"{quantisation} needs {want}: shape/dtype mismatch",
+    )
+    payload = _decode_payload(payload_raw, quantisation, shape)
+
+    stream_id = _text(_field(h, "stream_id", what), "stream_id")
+    sequence = _count(_field(h, "sequence", what), "sequence", 0)
+    profile_id = _text(_field(h, "profile_id", what), "profile_id")
+    _check_mirrors(
+        key,
+        headers,
+        {
+            HEADER_VERSION: str(WIRE_VERSION),
+            HEADER_KIND: KIND_ACTIVATION,
+            HEADER_STREAM: stream_id,
+            HEADER_SEQUENCE: str(sequence),
+            HEADER_PROFILE: profile_id,
+        },
+        "activation",
+    )
+    pts = _field(h, "pts", what)
+    return ActivationMessage(
+        stream_id=stream_id,
+        sequence=sequence,
+        pts=None if pts is None else _finite(pts, "pts"),
+        capture_time=_finite(_field(h, "capture_time", what), "capture_time"),
+        model=_text(_field(h, "model", what), "model"),
+        weights_id=_text(_field(h, "weights_id", what), "weights_id"),
+        profile_id=profile_id,
+        alpha=_check_alpha(_field(h, "alpha", what)),
+        placement=FramePlacement(
+            frame_width=_count(_field(h, "frame_width", what), "frame_width", 1),
+            frame_height=_count(_field(h, "frame_height", what), "frame_height", 1),
+            scale=_finite(_field(h, "scale", what), "scale"),
+            input_width=_count(_field(h, "input_width", what), "input_width", 1),
+            input_height=_count(_field(h, "input_height", what), "input_height", 1),
+        ),
+        payload=payload,
+        quantisation=quantisation,
+    )
+
+
+def _decode_payload(
+    raw: memoryview, quantisation: str, shape: tuple[int, int, int]
+) -> Float32Array:
+    c = shape[0]
+    if quantisation == "float16":
+        values = np.frombuffer(raw, dtype="<f2").reshape(shape).astype(np.float32)
+        _require(bool(np.isfinite(values).all()), "activation payload has non-finite values")
+        return values
+    scale = np.frombuffer(raw, dtype="<f4", count=c).astype(np.float32)
+    zero_point = np.frombuffer(raw, dtype=np.int8, count=c, offset=4 * c)
+    quantised = np.frombuffer(raw, dtype=np.int8, offset=5 * c).reshape(shape)
+    _require(
+        bool(np.isfinite(scale).all() and (scale > 0).all()),
+        "activation int8 scales must be finite and positive",
+    )
+    return dequantise_int8(quantised, scale, zero_point)
+
+
+# --------------------------------------------------------------------------- detections
+
+
+@dataclass(frozen=True, eq=False)
+class DetectionMessage:
+    """The tail's face detections for one frame, in that frame's pixels.
+
+    Boxes travel rounded to 0.01 px and scores to 1e-4 (``Detections.to_json``); landmarks are
+    not sent.
+    """
+
+    stream_id: str
+    sequence: int
+    pts: float | None
+    capture_time: float
+    detections: Detections
+    model: str
+    weights_id: str
+    profile_id: str
+    alpha: float
+    produced_time: float
+    version: int = WIRE_VERSION
+
+    def __post_init__(self) -> None:
+        _normalise_frame_fields(self)
+        object.__setattr__(self, "produced_time", _finite(self.produced_time, "produced_time"))
+        _require(isinstance(self.detections, Detections), "detections must be a Detections")
+        _require(
+            bool(np.isfinite(self.detections.xyxy).all())
+            and bool(np.isfinite(self.detections.confidence).all()),
+            "detections must be finite",
+        )
+
+
+def encode_detection(msg: DetectionMessage) -> tuple[bytes, bytes, Headers]:
+    """DetectionMessage -> (key, value, headers) for ``veil.detections``; value is JSON."""
+    body = {
+        "format": "veil.detection",
+        "version": WIRE_VERSION,
+        "stream_id": msg.stream_id,
+        "sequence": msg.sequence,
+        "pts": msg.pts,
+        "capture_time": msg.capture_time,
+        "model": msg.model,
+        "weights_id": msg.weights_id,
+        "profile_id": msg.profile_id,
+        "alpha": msg.alpha,
+        "produced_time": msg.produced_time,
+        **msg.detections.to_json(),
+    }
+    headers: Headers = [
+        (HEADER_VERSION, str(WIRE_VERSION).encode()),
+        (HEADER_KIND, KIND_DETECTION.encode()),
+        (HEADER_STREAM, msg.stream_id.encode()),
+        (HEADER_SEQUENCE, str(msg.sequence).encode()),
+        (HEADER_PROFILE, msg.profile_id.encode()),
+    ]
+    return msg.stream_id.encode(), _dumps(body), headers
+
+
+def decode_detection(
+    key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] = ()
+) -> DetectionMessage:
+    """(key, value, headers) from ``veil.detections`` -> DetectionMessage, or WireFormatError."""
+    _require(value is not None, "detection message has no value (tombstone)")
+    assert value is not None
+    what = "detection message"
+    body = _loads(value, what)
+    _require(
+        body.get("format") == "veil.detection",
+        f"not a veil detection message: format {body.get('format')!r}",
+    )
+    version = body.get("version")
+    _require(
+        version == WIRE_VERSION,
+        f"unsupported detection wire version {version!r} (this build reads {WIRE_VERSION})",
+    )
+    try:
+        detections = Detections.from_json(body)
+    except ValueError as exc:
+        raise WireFormatError(f"{what}: {exc}") from exc
+    stream_id = _text(_field(body, "stream_id", what), "stream_id")
+    sequence = _count(_field(body, "sequence", what), "sequence", 0)
+    profile_id = _text(_field(body, "profile_id", what), "profile_id")
+    _check_mirrors(
+        key,
+        headers,
+        {
+            HEADER_VERSION: str(WIRE_VERSION),
+            HEADER_KIND: KIND_DETECTION,
+            HEADER_STREAM: stream_id,
+            HEADER_SEQUENCE: str(sequence),
+            HEADER_PROFILE: profile_id,
+        },
+        "detection",
+    )
+    pts = _field(body, "pts", what)
+    return DetectionMessage(
+        stream_id=stream_id,
+        sequence=sequence,
+        pts=None if pts is None else _finite(pts, "pts"),
+        capture_time=_finite(_field(body, "capture_time", what), "capture_time"),
+        detections=detections,
+        model=_text(_field(body, "model", what), "model"),
+        weights_id=_text(_field(body, "weights_id", what), "weights_id"),
+        profile_id=profile_id,
+        alpha=_check_alpha(_field(body, "alpha", what)),
+        produced_time=_finite(_field(body, "produced_time", what), "produced_time"),
+    )
+
+
+# --------------------------------------------------------------------------- control
+
+
+@dataclass(frozen=True)
+class ControlMessage:
+    """Noise strength for one stream on the compacted control topic: ``stream_id -> alpha``.
+
+    ``alpha=None`` is a tombstone: the override is withdrawn and the stream falls back to its
+    worker's configured alpha (and compaction may drop the key).
+    """
+
+    stream_id: str
+    alpha: float | None
+    updated_time: float | None = None
+
+    def __post_init__(self) -> None:
+        # Operators set these by hand, so a bad value is a configuration mistake.
+        if not isinstance(self.stream_id, str) or not self.stream_id:
+            raise ConfigError("control message: stream_id must be a non-empty string")
+        if self.alpha is not None:
+            alpha = self.alpha
+            if (
+                isinstance(alpha, bool)
+                or not isinstance(alpha, (int, float))
+                or not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0)
+            ):
+                raise ConfigError(
+                    f"control message for stream {self.stream_id!r}: alpha must be a number "
+                    f"in [0, 1], got {alpha!r}"
+                )
+        if self.updated_time is not None and not (
+            isinstance(self.updated_time, (int, float)) and math.isfinite(self.updated_time)
+        ):
+            raise ConfigError(
+                f"control message for stream {self.stream_id!r}: updated_time must be finite"
+            )
+
+
+def encode_control(msg: ControlMessage) -> tuple[bytes, bytes | None, Headers]:
+    """ControlMessage -> (key, value, headers); a tombstone has value None."""
+    headers: Headers = [
+        (HEADER_VERSION, str(WIRE_VERSION).encode()),
+        (HEADER_KIND, KIND_CONTROL.encode()),
+        (HEADER_STREAM, msg.stream_id.encode()),
+    ]
+    if msg.alpha is None:
+        return msg.stream_id.encode(), None, headers
+    body = {
+        "format": "veil.control",
+        "version": WIRE_VERSION,
+        "alpha": float(msg.alpha),
+        "updated_time": msg.updated_time,
+    }
+    return msg.stream_id.encode(), _dumps(body), headers
+
+
+def decode_control(
+    key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] = ()
+) -> ControlMessage:
+    """(key, value, headers) from ``veil.control`` -> ControlMessage, or WireFormatError.
+
+    The stream id is the key (compaction works on keys), so a control record without one is
+    rejected.
+    """
+    _require(key is not None and key != b"", "control message has no key (the stream id)")
+    assert key is not None
+    try:
+        stream_id = key.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WireFormatError(f"control message key is not UTF-8: {exc}") from exc
+    _check_mirrors(
+        None,
+        headers,
+        {HEADER_VERSION: str(WIRE_VERSION), HEADER_KIND: KIND_CONTROL, HEADER_STREAM: stream_id},
+        "control",
+    )
+    if value is None:
+        return ControlMessage(stream_id, None)
+    body = _loads(value, "control message")
+    _require(
+        body.get("format") == "veil.control",
+        f"not a veil control message: format {body.get('format')!r}",
+    )
+    _require(
+        body.get("version") == WIRE_VERSION,
+        f"unsupported control wire version {body.get('version')!r} "
+        f"(this build reads {WIRE_VERSION})",
+    )
+    updated = body.get("updated_time")
+    try:
+        return ControlMessage(stream_id, _field(body, "alpha", "control message"), updated)
+    except ConfigError as exc:
+        raise WireFormatError(str(exc)) from exc
