@@ -205,16 +205,18 @@ async def make_consumer(
     max_partition_fetch_bytes: int = DEFAULT_MAX_PARTITION_FETCH_BYTES,
     session_timeout_ms: int = 10_000,
     heartbeat_interval_ms: int = 3_000,
+    listener: Any = None,
 ) -> Any:
     """A started AIOKafkaConsumer subscribed to ``topics``, auto-commit off.
 
     Commit with ``await consumer.commit({tp: offset + 1})`` after handling a record; stop it
     with :func:`close_consumer`. ``group_id=None`` reads without a group (nothing to commit).
+    ``listener`` is an optional aiokafka ``ConsumerRebalanceListener`` (e.g. to commit or
+    reset per-partition state when partitions move).
     """
     if not topics:
         raise ConfigError("make_consumer needs at least one topic")
     consumer = AIOKafkaConsumer(
-        *topics,
         bootstrap_servers=bootstrap_servers,
         group_id=group_id,
         client_id=client_id,
@@ -224,6 +226,7 @@ async def make_consumer(
         session_timeout_ms=session_timeout_ms,
         heartbeat_interval_ms=heartbeat_interval_ms,
     )
+    consumer.subscribe(list(topics), listener=listener)
     try:
         await consumer.start()
     except KafkaError as exc:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import MessageSizeTooLargeError
 
 from stream.broker import EmbeddedBroker, kafka_api_versions_ok
@@ -59,6 +60,17 @@ def _activation(stream: str, sequence: int, rng: np.random.Generator) -> Activat
         placement=FramePlacement(640, 360, 1.0, 640, 384),
         payload=rng.standard_normal((8, 12, 20)).astype(np.float32),
     )
+
+
+class _RecordingListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.assigned: list[set[TopicPartition]] = []
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.assigned.append(set(assigned))
 
 
 def _fresh_topics() -> TopicNames:
@@ -252,8 +264,9 @@ async def test_malformed_message_goes_to_dead_letter_and_consumer_keeps_going(
         ):
             await producer.send_and_wait(topics.activations, value, key=key, headers=headers)
 
+        listener = _RecordingListener()
         consumer = await make_consumer(
-            bootstrap, f"dl-{uuid.uuid4().hex[:8]}", [topics.activations]
+            bootstrap, f"dl-{uuid.uuid4().hex[:8]}", [topics.activations], listener=listener
         )
         handled: list[ActivationMessage] = []
         try:
@@ -271,6 +284,7 @@ async def test_malformed_message_goes_to_dead_letter_and_consumer_keeps_going(
     finally:
         await producer.stop()
     assert [m.sequence for m in handled] == [0, 1]
+    assert listener.assigned == [{TopicPartition(topics.activations, 0)}]
 
     reader = await make_consumer(bootstrap, None, [topics.dead_letter])
     try:
