@@ -1,0 +1,240 @@
+"""The FaceBoxes tail on a real Triton server (the nvidia-pytriton wheel's tritonserver).
+
+One server per module: starting it (and torch inside the Python backend) takes seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import pytest_asyncio
+import torch
+
+from veil.data import data_root
+from veil.detectors.base import Frame, InputGeometry
+from veil.detectors.faceboxes import FaceBoxes
+from veil.errors import ConfigError, ServiceError
+from workers.untrusted.tail_client import FloatArray, TritonTail
+from workers.untrusted.triton_repo import TailManifest, export_model_repository
+from workers.untrusted.triton_server import EmbeddedTriton
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.services, pytest.mark.data]
+
+GEOMETRY = InputGeometry(512, 512)
+MAX_BATCH = 4
+# Long enough that concurrent requests reliably meet in one dynamic batch on a loaded host.
+QUEUE_DELAY_US = 100_000
+FDDB_IMAGES = ("2002/08/11/big/img_591", "2002/08/26/big/img_265", "2002/07/19/big/img_423")
+
+
+@pytest.fixture(scope="module")
+def data() -> Path:
+    root = data_root(required=False)
+    if root is None or not (root / "faceboxes" / "FaceBoxesProd.pth").is_file():
+        pytest.skip("reference data (faceboxes/FaceBoxesProd.pth, fddb/) not found: set VEIL_DATA")
+    return root
+
+
+@pytest.fixture(scope="module")
+def detector(data: Path) -> FaceBoxes:
+    return FaceBoxes.from_checkpoint(data / "faceboxes" / "FaceBoxesProd.pth")
+
+
+@pytest.fixture(scope="module")
+def frames(data: Path) -> list[Frame]:
+    images = []
+    for name in FDDB_IMAGES:
+        image = cv2.imread(str(data / "fddb" / "originalPics" / f"{name}.jpg"))
+        assert image is not None, f"FDDB image {name} is missing from the reference data"
+        images.append(np.asarray(image, dtype=np.uint8))
+    return images
+
+
+@pytest.fixture(scope="module")
+def face_centres(data: Path) -> list[list[tuple[float, float]]]:
+    """Ground-truth ellipse centres of the FDDB images, from fold 1's ellipse list."""
+    lines = (data / "fddb" / "FDDB-folds" / "FDDB-fold-01-ellipseList.txt").read_text().split()
+    by_image: dict[str, list[tuple[float, float]]] = {}
+    i = 0
+    while i < len(lines):
+        name, count = lines[i], int(lines[i + 1])
+        fields = lines[i + 2 : i + 2 + 6 * count]
+        by_image[name] = [
+            (float(fields[6 * k + 3]), float(fields[6 * k + 4])) for k in range(count)
+        ]
+        i += 2 + 6 * count
+    return [by_image[name] for name in FDDB_IMAGES]
+
+
+@pytest.fixture(scope="module")
+def activations(detector: FaceBoxes, frames: list[Frame]) -> FloatArray:
+    """The real head activations of three FDDB images, as the trusted zone would send them."""
+    with torch.no_grad():
+        x, _ = detector.preprocess(frames, GEOMETRY)
+        return detector.head(x).numpy()
+
+
+@pytest.fixture(scope="module")
+def repository(detector: FaceBoxes, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_model_repository(
+        detector,
+        GEOMETRY,
+        tmp_path_factory.mktemp("triton-repo"),
+        max_batch_size=MAX_BATCH,
+        max_queue_delay_us=QUEUE_DELAY_US,
+    )
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def server(repository: Path) -> AsyncIterator[EmbeddedTriton]:
+    triton = EmbeddedTriton(repository)
+    await triton.start()
+    print(f"\ntritonserver ready in {triton.startup_seconds:.1f} s")
+    yield triton
+    await triton.stop()
+
+
+def reference_tail(detector: FaceBoxes, activations: FloatArray) -> list[FloatArray]:
+    with torch.no_grad():
+        return [out.numpy() for out in detector.tail(torch.from_numpy(activations))]
+
+
+async def test_triton_tail_equals_the_in_process_tail(
+    server: EmbeddedTriton,
+    repository: Path,
+    detector: FaceBoxes,
+    activations: FloatArray,
+) -> None:
+    expected = reference_tail(detector, activations)
+    async with TritonTail(server.grpc_url, "faceboxes_tail", TailManifest.read(repository)) as tail:
+        assert tail.signature.output_names == ("loc", "conf")
+        for batch in (1, 3):
+            started = time.monotonic()
+            got = await tail.infer(activations[:batch])
+            print(f"batch {batch}: {1000 * (time.monotonic() - started):.0f} ms round trip")
+            assert [g.shape for g in got] == [(batch, 5456, 4), (batch, 5456, 2)]
+            for g, e in zip(got, expected, strict=True):
+                np.testing.assert_allclose(g, e[:batch], rtol=0, atol=1e-4)
+
+
+async def test_triton_outputs_find_the_fddb_faces(
+    server: EmbeddedTriton,
+    repository: Path,
+    detector: FaceBoxes,
+    frames: list[Frame],
+    face_centres: list[list[tuple[float, float]]],
+) -> None:
+    with torch.no_grad():
+        x, letterboxes = detector.preprocess(frames, GEOMETRY)
+        activations = detector.head(x).numpy()
+    async with TritonTail(server.grpc_url, "faceboxes_tail", TailManifest.read(repository)) as tail:
+        raw = await tail.infer(activations)
+    detections = detector.decode(
+        [torch.from_numpy(r) for r in raw], letterboxes, GEOMETRY.height, GEOMETRY.width
+    )
+    for frame_detections, centres in zip(detections, face_centres, strict=True):
+        confident = frame_detections.xyxy[frame_detections.confidence > 0.5]
+        for cx, cy in centres:
+            inside = (
+                (confident[:, 0] <= cx)
+                & (cx <= confident[:, 2])
+                & (confident[:, 1] <= cy)
+                & (cy <= confident[:, 3])
+            )
+            assert inside.any(), f"no confident box around the face at ({cx:.0f}, {cy:.0f})"
+
+
+async def test_concurrent_requests_share_a_batch_and_get_their_own_rows(
+    server: EmbeddedTriton, detector: FaceBoxes, activations: FloatArray
+) -> None:
+    expected = reference_tail(detector, activations)
+    async with TritonTail(server.grpc_url, "faceboxes_tail") as tail:
+        before = await _statistics(tail)
+        rows = [2, 0, 1]
+        results = await asyncio.gather(*(tail.infer(activations[r : r + 1]) for r in rows))
+        after = await _statistics(tail)
+    for row, got in zip(rows, results, strict=True):
+        for g, e in zip(got, expected, strict=True):
+            np.testing.assert_allclose(g[0], e[row], rtol=0, atol=1e-4)
+    inferences = after.inference_count - before.inference_count
+    executions = after.execution_count - before.execution_count
+    assert inferences == 3
+    assert executions < 3, "the three concurrent requests never shared an execution"
+
+
+async def _statistics(tail: TritonTail) -> Any:
+    stats = await tail._client.get_inference_statistics("faceboxes_tail")
+    return stats.model_stats[0]
+
+
+async def test_batches_above_max_batch_size_are_sent_in_chunks(
+    server: EmbeddedTriton, detector: FaceBoxes, activations: FloatArray
+) -> None:
+    batch = np.concatenate([activations, activations[::-1]])  # 6 rows, max_batch_size 4
+    expected = reference_tail(detector, batch)
+    async with TritonTail(server.grpc_url, "faceboxes_tail") as tail:
+        got = await tail.infer(batch)
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=0, atol=1e-4)
+
+
+async def test_wrong_inputs_get_clear_errors(
+    server: EmbeddedTriton, activations: FloatArray
+) -> None:
+    async with TritonTail(server.grpc_url, "faceboxes_tail") as tail:
+        with pytest.raises(ConfigError, match=r"\(1, 128, 8, 8\) do not fit .* \[N, 128, 16, 16\]"):
+            await tail.infer(activations[:1, :, :8, :8])
+        with pytest.raises(ConfigError, match="must be a float32 array, not float64"):
+            await tail.infer(activations[:1].astype(np.float64))
+        # Past the client's own check, the server refuses the shape; that maps to ConfigError.
+        with pytest.raises(ConfigError, match="INVALID_ARGUMENT") as refused:
+            await tail._infer_chunk(np.ascontiguousarray(activations[:1, :, :8, :8]))
+        assert "[-1,128,16,16]" in str(refused.value)
+
+
+async def test_a_server_running_another_tail_is_refused(
+    server: EmbeddedTriton, repository: Path
+) -> None:
+    manifest = TailManifest.read(repository)
+    other_geometry = dataclasses.replace(
+        manifest, geometry=InputGeometry(1024, 1024), activation_shape=(128, 32, 32)
+    )
+    with pytest.raises(ConfigError, match=r"takes activations \[128, 16, 16\] but the manifest"):
+        await TritonTail(server.grpc_url, "faceboxes_tail", other_geometry).start()
+    other_weights = dataclasses.replace(manifest, weights_id="f" * 64)
+    with pytest.raises(ConfigError, match="serves weights c0cb2b1e40710c0a"):
+        await TritonTail(server.grpc_url, "faceboxes_tail", other_weights).start()
+
+
+async def test_the_libtorch_model_needs_the_ngc_image(
+    server: EmbeddedTriton, repository: Path
+) -> None:
+    with pytest.raises(ConfigError, match="needs Triton's 'pytorch' backend"):
+        EmbeddedTriton(repository, models=["faceboxes_tail_ts"])
+    with pytest.raises(ServiceError, match="'faceboxes_tail_ts' is not ready"):
+        await TritonTail(server.grpc_url, "faceboxes_tail_ts").start()
+
+
+async def test_server_stops_cleanly(server: EmbeddedTriton, activations: FloatArray) -> None:
+    """Runs last: stops the module's server."""
+    pid = server.pid
+    assert pid is not None and server.is_running()
+    async with TritonTail(server.grpc_url, "faceboxes_tail", timeout_s=5) as tail:
+        await server.stop()
+        with pytest.raises(ServiceError) as down:
+            await tail.infer(activations[:1])
+    assert down.value.retriable
+    assert server.returncode == 0
+    assert not server.is_running()
+    with pytest.raises(ProcessLookupError):  # no stub left in the server's process group
+        os.killpg(pid, 0)
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith(server.shm_region_prefix)]

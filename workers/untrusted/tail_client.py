@@ -1,0 +1,230 @@
+"""Async gRPC client for a tail served by Triton (see :mod:`workers.untrusted.triton_repo`).
+
+On :meth:`TritonTail.start` the client reads the model's metadata and configuration and, given
+the repository's :class:`TailManifest`, checks that the server runs that tail: same input
+shape, same outputs, same weights. :meth:`TritonTail.infer` returns the outputs in the order
+the tail returns them, whichever of the two exported models (``<name>_tail`` with ``loc``,
+``conf``; ``<name>_tail_ts`` with ``loc__0``, ``conf__1``) it talks to.
+
+Errors: a server that is down, overloaded or too slow raises :class:`ServiceError` (retriable);
+a request the server rejects as malformed raises :class:`ConfigError`; a failure inside the
+model raises a :class:`ServiceError` marked not retriable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc.aio import InferenceServerClient
+from tritonclient.utils import InferenceServerException
+
+from veil.errors import ConfigError, ServiceError, VeilError
+from workers.untrusted.triton_repo import WEIGHTS_ID_PARAMETER, TailManifest
+
+FloatArray = npt.NDArray[np.float32]
+
+_RETRIABLE_STATUSES = {
+    "StatusCode.UNAVAILABLE",
+    "StatusCode.DEADLINE_EXCEEDED",
+    "StatusCode.RESOURCE_EXHAUSTED",
+    "StatusCode.ABORTED",
+    "StatusCode.CANCELLED",
+}
+_REJECTED_STATUSES = {
+    "StatusCode.INVALID_ARGUMENT",
+    "StatusCode.NOT_FOUND",
+    "StatusCode.UNIMPLEMENTED",
+    "StatusCode.FAILED_PRECONDITION",
+    "StatusCode.OUT_OF_RANGE",
+}
+_INDEXED_NAME = re.compile(r"^(?P<base>.+)__(?P<index>\d+)$")
+
+
+@dataclass(frozen=True)
+class TailSignature:
+    """What the served model takes and returns, as read from the server."""
+
+    input_name: str
+    activation_shape: tuple[int, int, int]
+    output_names: tuple[str, ...]  # as the server names them, in the tail's order
+    max_batch_size: int
+    weights_id: str | None
+
+
+class TritonTail:
+    """Runs a tail on Triton: ``async with TritonTail(url, name, manifest) as tail: ...``."""
+
+    def __init__(
+        self,
+        url: str,
+        model_name: str,
+        manifest: TailManifest | None = None,
+        *,
+        timeout_s: float = 10.0,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ConfigError(f"timeout_s must be positive, got {timeout_s}")
+        self.url = url
+        self.model_name = model_name
+        self.manifest = manifest
+        self.timeout_s = timeout_s
+        self._client: Any = None
+        self._signature: TailSignature | None = None
+
+    @property
+    def signature(self) -> TailSignature:
+        if self._signature is None:
+            raise ServiceError(f"TritonTail({self.model_name}) is not started")
+        return self._signature
+
+    async def start(self) -> None:
+        """Connect and check that the server serves the expected tail."""
+        if self._client is not None:
+            return
+        self._client = InferenceServerClient(self.url)
+        try:
+            if not await self._call(self._client.is_model_ready, self.model_name):
+                raise ServiceError(f"model {self.model_name!r} is not ready on {self.url}")
+            metadata = await self._call(self._client.get_model_metadata, self.model_name)
+            config = await self._call(self._client.get_model_config, self.model_name)
+            self._signature = _signature(self.model_name, metadata, config.config, self.manifest)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+    async def __aenter__(self) -> TritonTail:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def infer(self, activations: FloatArray) -> tuple[FloatArray, ...]:
+        """``[N, C, H, W]`` float32 activations -> the tail's raw outputs, each ``[N, ...]``.
+
+        Batches larger than the model's ``max_batch_size`` are sent as concurrent chunks.
+        """
+        signature = self.signature
+        if not isinstance(activations, np.ndarray) or activations.dtype != np.float32:
+            kind = activations.dtype if isinstance(activations, np.ndarray) else type(activations)
+            raise ConfigError(f"{self.model_name}: activations must be a float32 array, not {kind}")
+        if activations.ndim != 4 or activations.shape[1:] != signature.activation_shape:
+            raise ConfigError(
+                f"{self.model_name}: activations of shape {activations.shape} do not fit the "
+                f"model's input [N, {', '.join(map(str, signature.activation_shape))}]"
+            )
+        if len(activations) == 0:
+            raise ConfigError(f"{self.model_name}: empty batch")
+        step = signature.max_batch_size
+        chunks = [activations[i : i + step] for i in range(0, len(activations), step)]
+        results = await asyncio.gather(*(self._infer_chunk(chunk) for chunk in chunks))
+        if len(results) == 1:
+            return results[0]
+        return tuple(np.concatenate(parts) for parts in zip(*results, strict=True))
+
+    async def _infer_chunk(self, chunk: FloatArray) -> tuple[FloatArray, ...]:
+        signature = self.signature
+        request = InferInput(signature.input_name, list(chunk.shape), "FP32")
+        request.set_data_from_numpy(np.ascontiguousarray(chunk))
+        outputs = [InferRequestedOutput(name) for name in signature.output_names]
+        result = await self._call(self._client.infer, self.model_name, [request], outputs=outputs)
+        arrays: list[FloatArray] = []
+        for name in signature.output_names:
+            array = result.as_numpy(name)
+            if array is None or len(array) != len(chunk):
+                raise ServiceError(
+                    f"{self.model_name}: output {name!r} came back "
+                    f"{'missing' if array is None else f'with {len(array)} rows'} for a batch "
+                    f"of {len(chunk)}"
+                )
+            # A copy: as_numpy views the read-only response buffer, which torch.from_numpy dislikes.
+            arrays.append(np.array(array))
+        return tuple(arrays)
+
+    async def _call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._client is None:
+            raise ServiceError(f"TritonTail({self.model_name}) is not started")
+        try:
+            return await method(*args, client_timeout=self.timeout_s, **kwargs)
+        except InferenceServerException as exc:
+            raise _translate(exc, self.model_name, self.url) from exc
+
+
+def _translate(exc: InferenceServerException, model: str, url: str) -> VeilError:
+    status = str(exc.status())
+    message = f"Triton at {url}, model {model!r}: {exc.message()} [{status}]"
+    if status in _REJECTED_STATUSES:
+        return ConfigError(message)
+    error = ServiceError(message)
+    if status not in _RETRIABLE_STATUSES:
+        error.retriable = False  # the model itself failed; the same request would fail again
+    return error
+
+
+def _signature(
+    model: str, metadata: Any, config: Any, manifest: TailManifest | None
+) -> TailSignature:
+    if len(metadata.inputs) != 1:
+        raise ConfigError(f"model {model!r} has {len(metadata.inputs)} inputs; a tail has one")
+    tensor = metadata.inputs[0]
+    dims = [int(d) for d in tensor.shape]
+    if tensor.datatype != "FP32" or config.max_batch_size < 1 or len(dims) != 4:
+        raise ConfigError(
+            f"model {model!r} takes {tensor.datatype} {dims} with max_batch_size "
+            f"{config.max_batch_size}; a tail takes batched FP32 [N, C, H, W]"
+        )
+    c, h, w = dims[1:]
+    served_names = [output.name for output in metadata.outputs]
+    by_base = {_base_name(name): name for name in served_names}
+    weights_parameter = config.parameters.get(WEIGHTS_ID_PARAMETER)
+    weights_id = weights_parameter.string_value if weights_parameter is not None else None
+    if manifest is None:
+        ordered = tuple(sorted(served_names, key=_output_index))
+    else:
+        if (c, h, w) != manifest.activation_shape:
+            raise ConfigError(
+                f"model {model!r} takes activations [{c}, {h}, {w}] but the manifest "
+                f"({manifest.detector} at {manifest.geometry}) expects "
+                f"{list(manifest.activation_shape)}: the server runs another geometry or model"
+            )
+        missing = [name for name in manifest.output_names if name not in by_base]
+        if missing:
+            raise ConfigError(
+                f"model {model!r} returns {served_names}, missing {missing} that the manifest "
+                f"of {manifest.detector} names"
+            )
+        if weights_id is not None and weights_id != manifest.weights_id:
+            raise ConfigError(
+                f"model {model!r} serves weights {weights_id[:16]}…, the manifest expects "
+                f"{manifest.weights_id[:16]}… ({manifest.detector})"
+            )
+        ordered = tuple(by_base[name] for name in manifest.output_names)
+    return TailSignature(tensor.name, (c, h, w), ordered, int(config.max_batch_size), weights_id)
+
+
+def _base_name(name: str) -> str:
+    match = _INDEXED_NAME.match(name)
+    return match["base"] if match else name
+
+
+def _output_index(name: str) -> int:
+    """Position of an output in the tail's result; unindexed names keep the server's order."""
+    match = _INDEXED_NAME.match(name)
+    return int(match["index"]) if match else 0

@@ -1,0 +1,453 @@
+"""Export a detector's tail as a Triton model repository.
+
+Two models serve the same TorchScript of the tail:
+
+* ``<name>_tail``: Python backend (the only backend in the ``nvidia-pytriton`` wheel that
+  :mod:`workers.untrusted.triton_server` runs); ``1/model.py`` runs ``1/tail.pt`` with torch.
+* ``<name>_tail_ts``: the ``pytorch_libtorch`` backend of the NGC Triton image. That backend
+  binds tensors by the ``<name>__<index>`` convention, so its tensors are ``activation__0``,
+  ``loc__0``, ``conf__1``, ... where the Python model has ``activation``, ``loc``, ``conf``.
+
+``veil-model.json`` at the repository root (:class:`TailManifest`) records which detector,
+weights and geometry the repository serves, so that a client can check that it talks to the
+tail it expects.
+
+The TorchScript is traced from a CPU copy of the detector and frozen: freezing inlines the
+parameters the tail uses and drops the head's, which therefore never leave the trusted zone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import json
+import os
+import re
+import shutil
+import sys
+import sysconfig
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from google.protobuf import text_format
+from torch import Tensor, nn
+from tritonclient.grpc import model_config_pb2
+
+from veil.detectors.base import InputGeometry, SplitDetector, file_sha256
+from veil.errors import ConfigError
+
+MANIFEST_FILE = "veil-model.json"
+MANIFEST_FORMAT = "veil-tail-repository/1"
+TORCHSCRIPT_FILE = "tail.pt"
+LIBTORCH_MODEL_FILE = "model.pt"  # the file name the pytorch_libtorch backend loads
+INPUT_NAME = "activation"
+DEFAULT_OUTPUT_NAMES = ("loc", "conf", "landmarks")
+# config.pbtxt parameters; the client reads the veil_* ones back to check the tail it talks to.
+SITE_PACKAGES_PARAMETER = "veil_site_packages"
+SITE_PACKAGES_ENV = "VEIL_TRITON_SITE_PACKAGES"
+WEIGHTS_ID_PARAMETER = "veil_weights_id"
+DETECTOR_PARAMETER = "veil_detector"
+GEOMETRY_PARAMETER = "veil_geometry"
+
+DeviceKind = Literal["cpu", "gpu"]
+
+_TRACE_BATCH = 2  # not 1, so that a batch dimension hard-coded by the trace shows up below
+_CHECK_BATCH = 3
+_TRACE_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class TailManifest:
+    """What a tail repository serves: the contents of its ``veil-model.json``."""
+
+    detector: str
+    weights_id: str
+    geometry: InputGeometry
+    activation_shape: tuple[int, int, int]
+    output_names: tuple[str, ...]
+    output_shapes: tuple[tuple[int, ...], ...]
+    max_batch_size: int
+    python_model: str
+    torchscript_model: str
+    torchscript_sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "detector": self.detector,
+            "weights_id": self.weights_id,
+            "geometry": str(self.geometry),
+            "activation_shape": list(self.activation_shape),
+            "output_names": list(self.output_names),
+            "output_shapes": [list(shape) for shape in self.output_shapes],
+            "max_batch_size": self.max_batch_size,
+            "models": {"python": self.python_model, "torchscript": self.torchscript_model},
+            "torchscript_sha256": self.torchscript_sha256,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TailManifest:
+        if data.get("format") != MANIFEST_FORMAT:
+            raise ConfigError(
+                f"{MANIFEST_FILE}: format {data.get('format')!r} is not {MANIFEST_FORMAT!r}"
+            )
+        try:
+            c, h, w = (int(v) for v in data["activation_shape"])
+            return cls(
+                detector=str(data["detector"]),
+                weights_id=str(data["weights_id"]),
+                geometry=InputGeometry.parse(str(data["geometry"])),
+                activation_shape=(c, h, w),
+                output_names=tuple(str(n) for n in data["output_names"]),
+                output_shapes=tuple(tuple(int(d) for d in s) for s in data["output_shapes"]),
+                max_batch_size=int(data["max_batch_size"]),
+                python_model=str(data["models"]["python"]),
+                torchscript_model=str(data["models"]["torchscript"]),
+                torchscript_sha256=str(data["torchscript_sha256"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{MANIFEST_FILE} is malformed: {exc!r}") from exc
+
+    def write(self, repository: Path) -> Path:
+        path = repository / MANIFEST_FILE
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, repository: Path | str) -> TailManifest:
+        """Read ``veil-model.json`` from a repository folder (or the file itself)."""
+        path = Path(repository)
+        if path.is_dir():
+            path = path / MANIFEST_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path} not found: not a veil tail repository") from exc
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object")
+        return cls.from_json(data)
+
+
+class _Tail(nn.Module):
+    """The tail as a module's ``forward``, which is what tracing and Triton call."""
+
+    def __init__(self, detector: SplitDetector) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, activation: Tensor) -> tuple[Tensor, ...]:
+        return tuple(self.detector.tail(activation))
+
+
+def export_model_repository(
+    detector: SplitDetector,
+    geometry: InputGeometry,
+    out_dir: Path | str,
+    *,
+    max_batch_size: int = 16,
+    max_queue_delay_us: int = 2000,
+    instance_count: int = 1,
+    device_kind: DeviceKind = "cpu",
+    model_name: str | None = None,
+    output_names: Sequence[str] | None = None,
+) -> Path:
+    """Write a Triton model repository serving ``detector``'s tail at ``geometry``.
+
+    ``model_name`` defaults to ``<detector.name>_tail``; ``output_names`` to ``loc``, ``conf``,
+    ``landmarks`` in the order the tail returns them. Re-exporting into the same folder
+    replaces the two models and the manifest. Returns ``out_dir``.
+    """
+    if max_batch_size < 1:
+        raise ConfigError(f"max_batch_size must be at least 1, got {max_batch_size}")
+    if max_queue_delay_us < 0:
+        raise ConfigError(f"max_queue_delay_us must not be negative, got {max_queue_delay_us}")
+    if instance_count < 1:
+        raise ConfigError(f"instance_count must be at least 1, got {instance_count}")
+    if device_kind not in ("cpu", "gpu"):
+        raise ConfigError(f"device_kind must be 'cpu' or 'gpu', got {device_kind!r}")
+    detector.check_geometry(geometry)
+    name = model_name or f"{_model_name_stem(detector.name)}_tail"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ConfigError(f"Triton model name {name!r} may hold only letters, digits, _ . -")
+
+    # A CPU copy leaves the caller's detector (device, training flag) untouched.
+    source = copy.deepcopy(detector).to("cpu").eval()
+    activation_shape = source.activation_shape(geometry)
+    tail = _trace_tail(source, activation_shape)
+    with torch.no_grad():
+        probe = source.tail(torch.zeros(1, *activation_shape))
+    names = _output_names(output_names, len(probe), detector.name)
+    for out_name, out in zip(names, probe, strict=True):
+        if out.dtype != torch.float32:
+            raise ConfigError(f"{detector.name}: tail output {out_name!r} is {out.dtype}, not fp32")
+    output_shapes = tuple(tuple(int(d) for d in out.shape[1:]) for out in probe)
+
+    repository = Path(out_dir)
+    repository.mkdir(parents=True, exist_ok=True)
+    python_dir = _fresh_model_dir(repository / name)
+    torchscript_dir = _fresh_model_dir(repository / f"{name}_ts")
+    torchscript = python_dir / "1" / TORCHSCRIPT_FILE
+    with _torchscript_deprecations_silenced():
+        torch.jit.save(tail, str(torchscript))
+    shutil.copyfile(torchscript, torchscript_dir / "1" / LIBTORCH_MODEL_FILE)
+    (python_dir / "1" / "model.py").write_text(python_model_source())
+
+    veil_parameters = {
+        WEIGHTS_ID_PARAMETER: detector.weights_id,
+        DETECTOR_PARAMETER: detector.name,
+        GEOMETRY_PARAMETER: str(geometry),
+    }
+    common = _ConfigCommon(
+        activation_shape, output_shapes, max_batch_size, max_queue_delay_us, instance_count
+    )
+    kind = "KIND_GPU" if device_kind == "gpu" else "KIND_CPU"
+    python_parameters = {**veil_parameters, SITE_PACKAGES_PARAMETER: _site_packages()}
+    python_config = common.build(name, INPUT_NAME, names, kind, python_parameters)
+    python_config.backend = "python"
+    torchscript_config = common.build(
+        f"{name}_ts",
+        f"{INPUT_NAME}__0",
+        [f"{n}__{i}" for i, n in enumerate(names)],
+        kind,
+        {**veil_parameters, "INFERENCE_MODE": "true"},
+    )
+    torchscript_config.platform = "pytorch_libtorch"
+    for model_dir, config in ((python_dir, python_config), (torchscript_dir, torchscript_config)):
+        (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))
+
+    TailManifest(
+        detector=detector.name,
+        weights_id=detector.weights_id,
+        geometry=geometry,
+        activation_shape=activation_shape,
+        output_names=tuple(names),
+        output_shapes=output_shapes,
+        max_batch_size=max_batch_size,
+        python_model=name,
+        torchscript_model=f"{name}_ts",
+        torchscript_sha256=file_sha256(torchscript),
+    ).write(repository)
+    return repository
+
+
+def python_model_source() -> str:
+    """The text of ``<name>_tail/1/model.py``: imports and constants,
+    :func:`prepend_site_packages` called at import, and :class:`TritonPythonModel`."""
+    header = (
+        '"""Triton Python-backend model of a veil tail, written by '
+        'workers.untrusted.triton_repo."""\n'
+        "\n"
+        "from __future__ import annotations\n"
+        "\n"
+        "import json\n"
+        "import os\n"
+        "import re\n"
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from typing import Any\n"
+        "\n"
+        f"SITE_PACKAGES_PARAMETER = {SITE_PACKAGES_PARAMETER!r}\n"
+        f"SITE_PACKAGES_ENV = {SITE_PACKAGES_ENV!r}\n"
+        f"TORCHSCRIPT_FILE = {TORCHSCRIPT_FILE!r}\n"
+        "\n\n"
+    )
+    setup = (
+        "\n\n"
+        "# At import: the stub imports numpy (for triton_python_backend_utils) before initialize.\n"
+        'prepend_site_packages(Path(__file__).resolve().parents[1] / "config.pbtxt")\n'
+        "\n\n"
+    )
+    return (
+        header
+        + inspect.getsource(prepend_site_packages)
+        + setup
+        + inspect.getsource(TritonPythonModel)
+    )
+
+
+def prepend_site_packages(config_path: Path) -> list[str]:
+    """Put the site-packages named in ``config_path`` (else ``$VEIL_TRITON_SITE_PACKAGES``)
+    first on ``sys.path``; return those that exist.
+
+    Part of ``model.py``. Triton's stub embeds the base interpreter with its default
+    ``sys.path`` and ignores PYTHONPATH; its own site-packages may hold numpy 2, with which
+    the Python backend returns wrong (empty) outputs. The stub imports numpy between importing
+    ``model.py`` and calling ``initialize``, so this runs at import and reads ``config.pbtxt``
+    itself (standard library only: nothing else can be imported yet).
+    """
+    key = re.escape(SITE_PACKAGES_PARAMETER)
+    pattern = r'key:\s*"' + key + r'"\s*value\s*\{\s*string_value:\s*"([^"]*)"'
+    match = re.search(pattern, config_path.read_text()) if config_path.is_file() else None
+    candidates = [
+        *(match.group(1).split(os.pathsep) if match else []),
+        *os.environ.get(SITE_PACKAGES_ENV, "").split(os.pathsep),
+    ]
+    site_packages = [p for p in dict.fromkeys(candidates) if p and os.path.isdir(p)]
+    sys.path[:] = site_packages + [p for p in sys.path if p not in site_packages]
+    return site_packages
+
+
+class TritonPythonModel:
+    """The Python-backend model; :func:`python_model_source` writes it out as ``model.py``.
+
+    It runs in Triton's stub, an embedded interpreter whose ``sys.path`` is the base
+    interpreter's (PYTHONPATH is ignored), after :func:`prepend_site_packages` has put the
+    exporting environment's site-packages first.
+    """
+
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        import numpy
+        import torch
+        import triton_python_backend_utils as pb_utils
+
+        if int(numpy.__version__.split(".")[0]) >= 2:
+            raise RuntimeError(
+                f"numpy {numpy.__version__} from {numpy.__file__} was imported; the Python "
+                f"backend needs numpy < 2 (sys.path starts {sys.path[:3]}; set "
+                f"{SITE_PACKAGES_ENV} to an environment that has it)"
+            )
+        if args["model_instance_kind"] == "GPU":
+            self._device = torch.device(f"cuda:{args['model_instance_device_id']}")
+        else:
+            self._device = torch.device("cpu")
+        path = Path(args["model_repository"]) / args["model_version"] / TORCHSCRIPT_FILE
+        self._tail = torch.jit.load(str(path), map_location=self._device).eval()  # type: ignore[no-untyped-call]
+        self._input_name: str = config["input"][0]["name"]
+        self._output_names: list[str] = [output["name"] for output in config["output"]]
+        self._numpy: Any = numpy
+        self._torch: Any = torch
+        self._pb_utils: Any = pb_utils
+        # TorchScript's profiling executor optimises on the first calls: pay that while the
+        # server is starting rather than on the first requests.
+        dims = [int(d) for d in config["input"][0]["dims"]]  # int64s come as JSON strings
+        probe = torch.zeros(1, *dims, device=self._device)
+        with torch.inference_mode():
+            for _ in range(2):
+                self._tail(probe)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        """Run the dynamic batch as one tensor and split the outputs back per request."""
+        np, torch, pb_utils = self._numpy, self._torch, self._pb_utils
+        arrays = [
+            pb_utils.get_input_tensor_by_name(request, self._input_name).as_numpy()
+            for request in requests
+        ]
+        batch = torch.from_numpy(np.concatenate(arrays)).to(self._device)
+        with torch.inference_mode():
+            outputs = [out.cpu().numpy() for out in self._tail(batch)]
+        responses = []
+        start = 0
+        for array in arrays:
+            stop = start + len(array)
+            tensors = [
+                pb_utils.Tensor(name, np.ascontiguousarray(out[start:stop]))
+                for name, out in zip(self._output_names, outputs, strict=True)
+            ]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            start = stop
+        return responses
+
+
+@dataclass(frozen=True)
+class _ConfigCommon:
+    activation_shape: tuple[int, int, int]
+    output_shapes: tuple[tuple[int, ...], ...]
+    max_batch_size: int
+    max_queue_delay_us: int
+    instance_count: int
+
+    def build(
+        self,
+        name: str,
+        input_name: str,
+        output_names: Sequence[str],
+        instance_kind: str,
+        parameters: dict[str, str],
+    ) -> Any:
+        config = model_config_pb2.ModelConfig(name=name, max_batch_size=self.max_batch_size)
+        config.input.add(
+            name=input_name, data_type=model_config_pb2.TYPE_FP32, dims=self.activation_shape
+        )
+        for out_name, shape in zip(output_names, self.output_shapes, strict=True):
+            config.output.add(name=out_name, data_type=model_config_pb2.TYPE_FP32, dims=shape)
+        config.dynamic_batching.max_queue_delay_microseconds = self.max_queue_delay_us
+        config.instance_group.add(
+            count=self.instance_count,
+            kind=model_config_pb2.ModelInstanceGroup.Kind.Value(instance_kind),
+        )
+        for key, value in parameters.items():
+            config.parameters[key].string_value = value
+        return config
+
+
+def _trace_tail(source: SplitDetector, activation_shape: tuple[int, int, int]) -> Any:
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(_TRACE_BATCH, *activation_shape, generator=generator)
+    with torch.no_grad(), _torchscript_deprecations_silenced():
+        # check_trace would trace a second time; the batch-3 check below covers more.
+        traced = torch.jit.trace(_Tail(source), example, check_trace=False)  # type: ignore[no-untyped-call]
+        frozen = torch.jit.freeze(traced.eval())
+        check = torch.randn(_CHECK_BATCH, *activation_shape, generator=generator)
+        expected = source.tail(check)
+        got = frozen(check)
+    for i, (e, g) in enumerate(zip(expected, got, strict=True)):
+        if e.shape != g.shape or not torch.allclose(
+            e, g, rtol=_TRACE_TOLERANCE, atol=_TRACE_TOLERANCE
+        ):
+            raise ConfigError(
+                f"{source.name}: the traced tail differs from the eager one at batch "
+                f"{_CHECK_BATCH} (output {i}: shape {tuple(g.shape)} vs {tuple(e.shape)}); the "
+                "tail must not depend on the batch size through Python values"
+            )
+    return frozen
+
+
+@contextlib.contextmanager
+def _torchscript_deprecations_silenced() -> Iterator[None]:
+    """torch 2.13 deprecates torch.jit; Triton's pytorch_libtorch backend still loads only it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`torch\.jit\.", DeprecationWarning)
+        yield
+
+
+def _output_names(given: Sequence[str] | None, count: int, detector: str) -> list[str]:
+    if given is None:
+        if count > len(DEFAULT_OUTPUT_NAMES):
+            raise ConfigError(
+                f"{detector}: the tail returns {count} outputs; name them with output_names"
+            )
+        return list(DEFAULT_OUTPUT_NAMES[:count])
+    names = list(given)
+    if len(names) != count or len(set(names)) != count:
+        raise ConfigError(
+            f"{detector}: output_names {names} must be {count} distinct names, one per tail output"
+        )
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) or "__" in name:
+            raise ConfigError(f"output name {name!r} must be an identifier without '__'")
+    return names
+
+
+def _model_name_stem(detector_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]+", "_", detector_name).strip("_").lower() or "detector"
+
+
+def _fresh_model_dir(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    (path / "1").mkdir(parents=True)
+    return path
+
+
+def _site_packages() -> str:
+    """This interpreter's site-packages, for model.py to put on the stub's ``sys.path``."""
+    paths = sysconfig.get_paths()
+    return os.pathsep.join(dict.fromkeys([paths["purelib"], paths["platlib"]]))
