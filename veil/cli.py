@@ -10,6 +10,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from veil.errors import VeilError
 
 
@@ -51,11 +53,20 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ConfigError("calibrate needs --images DIR or --video FILE (your own footage)")
     if args.task == "multibox":
         if not args.labels:
-            raise ConfigError("--task multibox needs --labels (WIDER FACE style box file)")
-        from veil.eval.widerface import load_widerface_boxes
+            raise ConfigError(
+                "--task multibox needs --labels: a WIDER FACE folder with ground truth"
+            )
+        from veil.eval.widerface import load_widerface
 
-        paths, boxes = load_widerface_boxes(Path(args.labels), Path(args.images), args.max_images)
-        images = list(paths)
+        wider = load_widerface(Path(args.labels), args.max_images)
+        images = [im.path for im in wider.images]
+        boxes = [
+            np.concatenate([im.gt_xywh[:, :2], im.gt_xywh[:, :2] + im.gt_xywh[:, 2:]], 1)[
+                ~im.is_placeholder
+            ].astype(np.float32)
+            for im in wider.images
+        ]
+        source = f"widerface:{args.labels}"
     config = CalibrationConfig(
         alphas=tuple(args.alphas),
         geometry=geometry,
@@ -153,6 +164,226 @@ def cmd_eval_widerface(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    from veil.config import StreamConfig, load_config
+    from veil.observability import configure_logging
+
+    config = load_config(args.config)
+    if getattr(args, "source", None):
+        streams = tuple(
+            StreamConfig(
+                id=f"cam-{i}",
+                source=src,
+                policy="lossless" if "://" not in src else "realtime",
+                alpha=args.alpha if args.alpha is not None else 0.8,
+            )
+            for i, src in enumerate(args.source)
+        )
+        config = replace(config, streams=streams)
+    elif getattr(args, "alpha", None) is not None:
+        config = replace(
+            config, streams=tuple(replace(s, alpha=args.alpha) for s in config.streams)
+        )
+    configure_logging(config.observability.log_format, config.observability.log_level)
+    return config
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+    from dataclasses import replace
+
+    from veil.runner import demo_streams, run_pipeline, write_jsonl
+
+    config = _config(args)
+    if not config.streams:
+        config = replace(config, streams=demo_streams(args.alpha if args.alpha else 0.8))
+        print(f"no --source given: using the demo clip {config.streams[0].source}", flush=True)
+    summary = asyncio.run(run_pipeline(config, print_detections=not args.quiet))
+    jsonl = args.jsonl or config.outputs.jsonl
+    if jsonl:
+        write_jsonl(Path(jsonl), summary.detections)
+        print(f"detections written to {jsonl}")
+    print("summary:")
+    for line in summary.lines():
+        print(f"  {line}")
+    lost = summary.edge.frames_published - len(summary.detections)
+    return 1 if lost or summary.edge.source_errors else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from workers.untrusted.triton_repo import export_model_repository
+
+    detector = _detector(args)
+    geometry = _geometry(args, detector)
+    out = export_model_repository(
+        detector,
+        geometry,
+        Path(args.out),
+        max_batch_size=args.max_batch,
+        device_kind="gpu" if args.gpu else "cpu",
+    )
+    print(f"Triton model repository for the {detector.name} tail at {geometry}: {out}")
+    return 0
+
+
+def _serve_forever(start_msg: str) -> None:
+    import asyncio
+    import signal
+
+    async def wait() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        print(start_msg, flush=True)
+        await stop.wait()
+
+    asyncio.run(wait())
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from stream.broker import EmbeddedBroker
+    from stream.kafka import ensure_topics
+
+    with EmbeddedBroker(port=args.port) as broker:
+        asyncio.run(ensure_topics(broker.bootstrap_servers))
+        _serve_forever(f"embedded Kafka-compatible broker (tansu) on {broker.bootstrap_servers}")
+    return 0
+
+
+def cmd_triton(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from workers.untrusted.triton_server import EmbeddedTriton
+
+    async def serve() -> None:
+        async with EmbeddedTriton(Path(args.repository), grpc_port=args.grpc_port) as server:
+            print(f"tritonserver on {server.grpc_url} serving {server.models}", flush=True)
+            import signal
+
+            stop = asyncio.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+            await stop.wait()
+
+    asyncio.run(serve())
+    return 0
+
+
+def cmd_edge(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from veil.detectors import load_detector
+    from veil.detectors.base import InputGeometry
+    from veil.profiles import ProfileBank
+    from veil.runner import default_bank
+    from workers.trusted.edge import EdgeWorker
+    from workers.trusted.obfuscator import Obfuscator, ProfileTable, pick_device
+
+    config = _config(args)
+    device = pick_device(config.model.device)
+    weights = Path(config.model.weights) if config.model.weights else None
+    detector = load_detector(config.model.name, weights, device)
+    geometry = (
+        InputGeometry.parse(config.model.geometry)
+        if config.model.geometry
+        else detector.default_geometry
+    )
+    bank = Path(config.profile_bank) if config.profile_bank else default_bank(detector, geometry)
+    table = ProfileTable.from_bank(detector, geometry, ProfileBank(bank), device)
+    obfuscator = Obfuscator(detector, geometry, table, device, config.batching.cuda_streams)
+
+    async def serve() -> None:
+        idem = config.kafka.idempotent if config.kafka.idempotent is not None else True
+        async with EdgeWorker(
+            config.streams,
+            obfuscator,
+            config.kafka.bootstrap,
+            idempotent=idem,
+            quantisation=config.kafka.payload,
+            batching=config.batching,
+            max_request_size=config.kafka.max_request_size,
+        ) as edge:
+            print(f"edge worker: {len(config.streams)} streams on {device}", flush=True)
+            stats = await edge.run()
+            print(stats)
+
+    asyncio.run(serve())
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from veil.detectors import load_detector
+    from workers.untrusted.detect import DetectWorker
+    from workers.untrusted.tail_client import TritonTail
+    from workers.untrusted.triton_repo import TailManifest
+
+    config = _config(args)
+    manifest = TailManifest.read(Path(config.triton.model_repository))
+    # The outside needs the architecture only for anchors and box decoding; the head's
+    # weights are never used here.
+    decoder = load_detector(
+        manifest.detector, Path(config.model.weights) if config.model.weights else None
+    )
+
+    async def serve() -> None:
+        idem = config.kafka.idempotent if config.kafka.idempotent is not None else True
+        tail = TritonTail(config.triton.url, manifest.python_model, manifest)
+        worker = DetectWorker(
+            config.kafka.bootstrap,
+            tail,
+            decoder,
+            manifest,
+            idempotent=idem,
+            group_id=config.kafka.group_id,
+            max_batch=config.batching.max_batch,
+        )
+        async with tail, worker:
+            print(f"detect worker: {manifest.detector} tail on {config.triton.url}", flush=True)
+            await worker.run()
+
+    asyncio.run(serve())
+    return 0
+
+
+def cmd_alpha_set(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from stream.kafka import DEFAULT_TOPICS, make_producer
+    from stream.wire import ControlMessage, encode_control
+    from veil.profiles import ProfileBank, check_alpha
+
+    alpha = check_alpha(args.value)
+    if args.bank:
+        available = ProfileBank(Path(args.bank)).alphas()
+        if alpha != 0.0 and alpha not in available:
+            from veil.errors import ProfileError
+
+            raise ProfileError(
+                f"no calibrated profile for alpha {alpha} in {args.bank}; available: {available}"
+            )
+
+    async def publish() -> None:
+        producer = await make_producer(args.bootstrap, idempotent=False)
+        try:
+            key, value, headers = encode_control(ControlMessage(args.stream, alpha, time.time()))
+            await producer.send_and_wait(
+                DEFAULT_TOPICS.control, value=value, key=key, headers=headers
+            )
+        finally:
+            await producer.stop()
+
+    asyncio.run(publish())
+    print(f"stream {args.stream}: alpha {alpha} published to {DEFAULT_TOPICS.control}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="veil", description="Confidential face detection on video: split model + noise."
@@ -166,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="folder of calibration images (your cameras' stills)")
     p.add_argument("--video", help="a video file of your footage (every --every-th frame)")
     p.add_argument("--every", type=int, default=5)
-    p.add_argument("--labels", help="WIDER FACE style ground truth, for --task multibox")
+    p.add_argument("--labels", help="WIDER FACE folder with ground truth, for --task multibox")
     p.add_argument("--task", default="distill", choices=["distill", "multibox"])
     p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS))
     p.add_argument("--max-images", type=int, default=300)
@@ -198,6 +429,48 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             e.add_argument("--max-images", type=int)
         e.set_defaults(func=func)
+    p = sub.add_parser("run", help="everything on embedded defaults (broker, Triton, workers)")
+    p.add_argument("--config", help="YAML configuration (see configs/)")
+    p.add_argument("--source", action="append", help="file or URL; repeatable")
+    p.add_argument("--alpha", type=float, help="alpha for every stream")
+    p.add_argument("--jsonl", help="write detections as JSON lines here")
+    p.add_argument("--quiet", action="store_true", help="do not print each detection")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("export", help="write a Triton model repository for the tail")
+    _add_model_args(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--gpu", action="store_true", help="KIND_GPU instances")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("broker", help="run the embedded Kafka-compatible broker")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("triton", help="run the bundled tritonserver on a model repository")
+    p.add_argument("--repository", required=True)
+    p.add_argument("--grpc-port", type=int)
+    p.set_defaults(func=cmd_triton)
+
+    for name, func, text in (
+        ("edge", cmd_edge, "trusted zone: sources -> head + noise -> Kafka"),
+        ("detect", cmd_detect, "outside: Kafka -> Triton tail -> detections"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", required=True, help="YAML configuration (see configs/)")
+        p.add_argument("--alpha", type=float, help="override every stream's alpha")
+        p.set_defaults(func=func)
+
+    alpha = sub.add_parser("alpha", help="change a stream's noise live").add_subparsers(
+        dest="alpha_command", required=True
+    )
+    p = alpha.add_parser("set", help="publish STREAM's new alpha on the control topic")
+    p.add_argument("stream")
+    p.add_argument("value", type=float)
+    p.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers")
+    p.add_argument("--bank", help="profile bank: refuse alphas it has no profile for")
+    p.set_defaults(func=cmd_alpha_set)
     return parser
 
 

@@ -97,10 +97,12 @@ class DetectWorker:
     async def start(self) -> None:
         self._producer = await make_producer(self.bootstrap, idempotent=self.idempotent)
         self._consumer = await make_consumer(
-            self.bootstrap, self.group_id, [self.topics.activations], client_id="veil-detect"
+            self.bootstrap,
+            self.group_id,
+            [self.topics.activations],
+            client_id="veil-detect",
+            listener=_Rebalance(),
         )
-        self._consumer.unsubscribe()
-        self._consumer.subscribe([self.topics.activations], listener=_Rebalance())
         self.ready = True
 
     async def stop(self) -> None:
