@@ -146,6 +146,7 @@ async def triton_for(config: VeilConfig, repo: Path) -> AsyncIterator[str]:
 
 async def collect_detections(
     bootstrap: str,
+    streams: set[str],
     sink: list[DetectionMessage],
     on_message: Callable[[DetectionMessage], None],
     stop: asyncio.Event,
@@ -167,7 +168,7 @@ async def collect_detections(
                     except WireFormatError as exc:
                         log.warning("sink.malformed_detection", reason=str(exc))
                         continue
-                    if (msg.stream_id, msg.sequence) in seen:
+                    if msg.stream_id not in streams or (msg.stream_id, msg.sequence) in seen:
                         continue  # at-least-once: a redelivery
                     seen.add((msg.stream_id, msg.sequence))
                     sink.append(msg)
@@ -197,6 +198,8 @@ async def run_pipeline(
     print_detections: bool = True,
     calibrate_missing: bool = True,
     settle_timeout_s: float = 60.0,
+    stop: asyncio.Event | None = None,
+    on_detection: Callable[[DetectionMessage], None] | None = None,
 ) -> RunSummary:
     """Run every role until the (file) sources end, then drain and stop. SIGTERM/SIGINT stop
     reading at once; what was already read is still published and detected."""
@@ -235,7 +238,12 @@ async def run_pipeline(
         config.model.name, Path(config.model.weights) if config.model.weights else None, "cpu"
     )
     detections: list[DetectionMessage] = []
-    on_message = (lambda m: say(describe(m))) if print_detections else (lambda m: None)
+
+    def on_message(msg: DetectionMessage) -> None:
+        if print_detections:
+            say(describe(msg))
+        if on_detection is not None:
+            on_detection(msg)
 
     async with broker_for(config) as (bootstrap, idempotent):
         await ensure_topics(bootstrap)
@@ -246,7 +254,9 @@ async def run_pipeline(
             )
             stop_sink = asyncio.Event()
             sink = asyncio.create_task(
-                collect_detections(bootstrap, detections, on_message, stop_sink)
+                collect_detections(
+                    bootstrap, {s.id for s in config.streams}, detections, on_message, stop_sink
+                )
             )
             async with TritonTail(triton_url, manifest.python_model, manifest) as tail:
                 worker = DetectWorker(
@@ -271,7 +281,7 @@ async def run_pipeline(
                 )
                 await edge.start()
                 loop = asyncio.get_running_loop()
-                stop_requested = asyncio.Event()
+                stop_requested = stop or asyncio.Event()
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     with contextlib.suppress(NotImplementedError, RuntimeError):
                         loop.add_signal_handler(sig, stop_requested.set)

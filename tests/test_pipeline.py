@@ -1,0 +1,360 @@
+"""The whole pipeline on real services: tansu (or Kafka in Docker) and the bundled Triton.
+
+A real video goes through sources -> head + noise -> Kafka -> Triton tail -> detections, and
+what comes out is compared with the same model run in-process on the same frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import pytest_asyncio
+import torch
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from stream.kafka import DEFAULT_TOPICS, ensure_topics
+from stream.wire import ActivationMessage, ControlMessage, decode, encode, encode_control
+from tests.fixtures_kafka import KafkaTarget, kafka_target  # noqa: F401
+from veil.config import (
+    BatchingConfig,
+    KafkaConfig,
+    ModelConfig,
+    StreamConfig,
+    TritonConfig,
+    VeilConfig,
+)
+from veil.data import data_root
+from veil.detectors.base import InputGeometry
+from veil.detectors.faceboxes import FaceBoxes
+from veil.errors import ProfileError
+from veil.noise import NoiseLayer
+from veil.profiles import ProfileBank, ProfileMeta, profile_from_layer
+from veil.runner import RunSummary, run_pipeline
+from workers.trusted.edge import EdgeWorker
+from workers.trusted.obfuscator import Obfuscator, ProfileTable
+from workers.untrusted.detect import DetectWorker
+from workers.untrusted.tail_client import TritonTail
+from workers.untrusted.triton_repo import TailManifest, export_model_repository
+from workers.untrusted.triton_server import EmbeddedTriton
+
+pytestmark = [pytest.mark.services, pytest.mark.data]
+GEOMETRY = InputGeometry(640, 384)  # single_face.mp4 is 640x360: letterboxed, 24 rows of pad
+
+
+@pytest.fixture(scope="module")
+def data() -> Path:
+    root = data_root(required=False)
+    if root is None:
+        pytest.skip("reference data not found: set VEIL_DATA to run the pipeline tests")
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(data: Path) -> Path:
+    return data / "faceboxes" / "FaceBoxesProd.pth"
+
+
+@pytest.fixture(scope="module")
+def detector(weights: Path) -> FaceBoxes:
+    return FaceBoxes.from_checkpoint(weights)
+
+
+@pytest.fixture(scope="module")
+def video(data: Path) -> Path:
+    return data / "videos" / "single_face.mp4"
+
+
+@pytest.fixture(scope="module")
+def bank(detector: FaceBoxes, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two small, known profiles (alpha 0.5 and 0.9), enough to see noise and switch."""
+    root = tmp_path_factory.mktemp("bank")
+    shape = detector.activation_shape(GEOMETRY)
+    for alpha, sigma in ((0.5, 0.02), (0.9, 0.05)):
+        layer = NoiseLayer(shape, 0.0, 1.0, initial_sigma=sigma)
+        meta = ProfileMeta(
+            detector.name, detector.weights_id, str(GEOMETRY), shape, alpha, 0.0, 1.0
+        )
+        ProfileBank(root).save(profile_from_layer(layer, meta))
+    return root
+
+
+@pytest.fixture(scope="module")
+def repository(detector: FaceBoxes, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_model_repository(detector, GEOMETRY, tmp_path_factory.mktemp("repo"))
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def triton(repository: Path) -> AsyncIterator[EmbeddedTriton]:
+    async with EmbeddedTriton(repository) as server:
+        yield server
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def topics(kafka_target: KafkaTarget) -> str:  # noqa: F811
+    await ensure_topics(kafka_target.bootstrap_servers)
+    return kafka_target.bootstrap_servers
+
+
+def config_for(
+    streams: tuple[StreamConfig, ...],
+    bootstrap: str,
+    triton: EmbeddedTriton,
+    weights: Path,
+    bank: Path,
+    repository: Path,
+    group: str,
+) -> VeilConfig:
+    return VeilConfig(
+        model=ModelConfig(name="faceboxes", weights=str(weights), geometry=str(GEOMETRY)),
+        profile_bank=str(bank),
+        streams=streams,
+        kafka=KafkaConfig(bootstrap=bootstrap, idempotent=False, group_id=group),
+        batching=BatchingConfig(max_batch=4, max_wait_ms=10),
+        triton=TritonConfig(url=triton.grpc_url, model_repository=str(repository)),
+    )
+
+
+def decode_video(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
+
+
+async def read_topic(bootstrap: str, topic: str, key: bytes) -> list[bytes]:
+    """Every record value on ``topic`` whose key is ``key``, from the beginning."""
+    return [value for value, _ in await read_records(bootstrap, topic, key)]
+
+
+async def read_records(
+    bootstrap: str, topic: str, key: bytes
+) -> list[tuple[bytes, dict[str, bytes]]]:
+    """(value, headers) of every record on ``topic`` whose key is ``key``."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+    )
+    await consumer.start()
+    values: list[tuple[bytes, dict[str, bytes]]] = []
+    try:
+        end = None
+        while True:
+            batches = await consumer.getmany(timeout_ms=1000)
+            if not batches:
+                if end is not None:
+                    break
+                end = True
+                continue
+            end = None
+            for records in batches.values():
+                values.extend((r.value, dict(r.headers)) for r in records if r.key == key)
+    finally:
+        await consumer.stop()
+    return values
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_real_video_through_the_whole_pipeline_matches_the_model_in_process(
+    topics: str,
+    triton: EmbeddedTriton,
+    detector: FaceBoxes,
+    weights: Path,
+    bank: Path,
+    repository: Path,
+    video: Path,
+) -> None:
+    stream = StreamConfig(id="e2e-clean", source=str(video), policy="lossless", alpha=0.0)
+    config = config_for((stream,), topics, triton, weights, bank, repository, "g-e2e")
+    summary: RunSummary = await run_pipeline(config, print_detections=False)
+
+    frames = decode_video(video)
+    assert len(frames) == 72
+    # Lossless: every frame read was published, and every one came back with detections.
+    assert summary.edge.frames_in == summary.edge.frames_published == 72
+    got = {d.sequence: d.detections for d in summary.detections}
+    assert sorted(got) == list(range(72))
+    expected = detector.detect(frames, GEOMETRY, score_threshold=0.5)
+    faces = 0
+    for seq, ref in enumerate(expected):
+        out = got[seq]
+        assert len(out) == len(ref), (
+            f"frame {seq}: {len(out)} faces via Kafka+Triton, {len(ref)} in-process"
+        )
+        # float16 on the wire moves boxes by a fraction of a pixel.
+        np.testing.assert_allclose(out.xyxy, ref.xyxy, atol=2.0)
+        np.testing.assert_allclose(out.confidence, ref.confidence, atol=0.01)
+        faces += len(out)
+    assert faces >= 60  # one face in (nearly) every frame: the comparison is not vacuous
+
+    # What crossed the wire: activations only. Every record is header + C*H*W float16 values,
+    # and no run of 48 raw pixel bytes from any frame occurs in any of them.
+    values = await read_topic(topics, DEFAULT_TOPICS.activations, b"e2e-clean")
+    assert len(values) == 72
+    c, h, w = detector.activation_shape(GEOMETRY)
+    rng = np.random.default_rng(0)
+    for value in values:
+        msg = decode(b"e2e-clean", value)
+        assert msg.payload.shape == (c, h, w)
+        assert len(value) - c * h * w * 2 < 1024  # nothing but a small header beside the tensor
+    for frame in frames[::9]:
+        flat = frame.tobytes()
+        for start in rng.integers(0, len(flat) - 48, size=20):
+            window = flat[start : start + 48]
+            assert not any(window in v for v in values)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_alpha_changes_live_and_every_message_names_its_profile(
+    topics: str,
+    triton: EmbeddedTriton,
+    detector: FaceBoxes,
+    weights: Path,
+    bank: Path,
+    repository: Path,
+    video: Path,
+) -> None:
+    profiles = {p.alpha: p.profile_id for p in ProfileBank(bank).profiles()}
+    stream = StreamConfig(
+        id="live-alpha", source=str(video), policy="lossless", alpha=0.5, loop=True
+    )
+    config = config_for((stream,), topics, triton, weights, bank, repository, "g-live")
+    stop = asyncio.Event()
+    seen: list[tuple[int, float, str]] = []
+    producer = AIOKafkaProducer(bootstrap_servers=topics, acks="all")
+    await producer.start()
+    sent = False
+
+    def on_detection(msg: object) -> None:
+        nonlocal sent
+        seen.append((msg.sequence, msg.alpha, msg.profile_id))  # type: ignore[attr-defined]
+        if len(seen) == 10 and not sent:
+            sent = True
+            key, value, headers = encode_control(ControlMessage("live-alpha", 0.9))
+            asyncio.get_running_loop().create_task(
+                producer.send_and_wait(DEFAULT_TOPICS.control, value, key, headers=headers)
+            )
+        if (
+            any(a == 0.9 for _, a, _ in seen[-5:])
+            and len([1 for _, a, _ in seen if a == 0.9]) >= 10
+        ):
+            stop.set()
+
+    try:
+        await asyncio.wait_for(
+            run_pipeline(config, print_detections=False, stop=stop, on_detection=on_detection),
+            timeout=240,
+        )
+    finally:
+        await producer.stop()
+    assert sent
+    assert seen[0][1:] == (0.5, profiles[0.5])
+    switched = [i for i, (_, a, _) in enumerate(seen) if a == 0.9]
+    assert switched, "the new alpha never reached the trusted-zone worker"
+    # Once applied, it stays applied, and each message names the profile that made it.
+    assert all(a == 0.9 for _, a, _ in seen[switched[0] :])
+    assert all(p == profiles[a] for _, a, p in seen)
+
+
+def test_an_alpha_without_a_profile_is_refused_with_the_available_ones(
+    detector: FaceBoxes, bank: Path
+) -> None:
+    table = ProfileTable.from_bank(detector, GEOMETRY, ProfileBank(bank), torch.device("cpu"))
+    obfuscator = Obfuscator(detector, GEOMETRY, table, torch.device("cpu"))
+    with pytest.raises(ProfileError, match=r"available alphas: \[0.5, 0.9\]"):
+        EdgeWorker(
+            [StreamConfig(id="x", source="x.mp4", alpha=0.7)],
+            obfuscator,
+            "127.0.0.1:1",
+            idempotent=False,
+        )
+    with pytest.raises(ProfileError, match="alpha must be a number in"):
+        table.row(1.5)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_malformed_and_foreign_messages_go_to_the_dead_letter_topic(
+    topics: str,
+    triton: EmbeddedTriton,
+    detector: FaceBoxes,
+    repository: Path,
+    video: Path,
+) -> None:
+    manifest = TailManifest.read(repository)
+    frames = decode_video(video)[:2]
+    x, letterboxes = detector.preprocess(frames, GEOMETRY)
+    with torch.no_grad():
+        acts = detector.head(x).numpy()
+    from stream.wire import FramePlacement
+
+    def message(seq: int, model: str = "faceboxes") -> ActivationMessage:
+        return ActivationMessage(
+            stream_id="dlq",
+            sequence=seq,
+            pts=None,
+            capture_time=0.0,
+            model=model,
+            weights_id=detector.weights_id,
+            profile_id="none",
+            alpha=0.0,
+            placement=FramePlacement.from_letterbox(letterboxes[seq % 2], GEOMETRY),
+            payload=acts[seq % 2],
+        )
+
+    producer = AIOKafkaProducer(bootstrap_servers=topics, acks="all", max_request_size=4 << 20)
+    await producer.start()
+    try:
+        for payload in (message(0), message(1, model="yolo"), message(2)):
+            key, value, headers = encode(payload)
+            await producer.send_and_wait(DEFAULT_TOPICS.activations, value, key, headers=headers)
+        await producer.send_and_wait(DEFAULT_TOPICS.activations, b"not veil at all", b"dlq")
+        truncated = encode(message(3))[1][:300]
+        await producer.send_and_wait(DEFAULT_TOPICS.activations, truncated, b"dlq")
+    finally:
+        await producer.stop()
+    async with TritonTail(triton.grpc_url, manifest.python_model, manifest) as tail:
+        worker = DetectWorker(topics, tail, detector, manifest, idempotent=False, group_id="g-dlq")
+        async with worker:
+            await worker.run(idle_timeout_s=8)
+    assert worker.stats.dead_letters == 3
+    dead = {
+        v: h["veil-error"].decode()
+        for v, h in await read_records(topics, DEFAULT_TOPICS.dead_letter, b"dlq")
+    }
+    # Each bad record is kept byte for byte, with its own reason.
+    assert "magic" in dead[b"not veil at all"].lower() or "veil" in dead[b"not veil at all"]
+    assert any("yolo" in reason for reason in dead.values())
+    assert any("truncat" in reason.lower() for reason in dead.values())
+    detections = await read_topic(topics, DEFAULT_TOPICS.detections, b"dlq")
+    assert len(detections) == 2  # the two good messages, around the bad ones
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_corrupt_source_is_reported_and_the_other_streams_lose_nothing(
+    topics: str,
+    triton: EmbeddedTriton,
+    weights: Path,
+    bank: Path,
+    repository: Path,
+    video: Path,
+    tmp_path: Path,
+) -> None:
+    broken = tmp_path / "broken.mp4"
+    broken.write_text("this is not a video")
+    streams = (
+        StreamConfig(id="good", source=str(video), policy="lossless", alpha=0.5),
+        StreamConfig(id="broken", source=str(broken), policy="lossless", alpha=0.5),
+    )
+    config = config_for(streams, topics, triton, weights, bank, repository, "g-broken")
+    summary = await run_pipeline(config, print_detections=False)
+    assert "broken" in summary.edge.source_errors
+    assert "broken.mp4" in summary.edge.source_errors["broken"]
+    assert sorted(d.sequence for d in summary.detections if d.stream_id == "good") == list(
+        range(72)
+    )
