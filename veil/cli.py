@@ -111,33 +111,62 @@ def _detect_fn_for(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def cmd_eval_fddb(args: argparse.Namespace) -> int:
-    from veil.eval.fddb import evaluate_fddb, load_fddb
+    from veil.eval.fddb import evaluate_fddb_many, load_fddb
+    from veil.inference import HeadCache, make_detect_fn
+    from veil.profiles import ProfileBank
 
-    detector, geometry, profile, detect = _detect_fn_for(args)
     dataset = load_fddb(Path(args.dataset), max_images_per_fold=args.max_images_per_fold)
-    repeats = args.draws if profile is not None else 1
+    if not args.all_alphas:
+        detector, geometry, profile, detect = _detect_fn_for(args)
+        repeats = args.draws if profile is not None else 1
+        runs = {"": (detect, repeats)}
+        profiles = {"": profile}
+    else:
+        # Clean and every profile of the bank in one pass: one image decode and one head per
+        # batch serve them all (the head is frozen; only the noise and the tail differ).
+        detector = _detector(args)
+        geometry = _geometry(args, detector)
+        cache = HeadCache()
+        found = [
+            p
+            for p in ProfileBank(Path(args.bank)).profiles()
+            if p.meta.model == detector.name and p.meta.geometry == str(geometry)
+        ]
+        profiles = {"clean": None} | {f"alpha {p.alpha:.2f}": p for p in found}
+        runs = {
+            name: (
+                make_detect_fn(detector, geometry, p, seed=args.seed, head_cache=cache),
+                1 if p is None else args.draws,
+            )
+            for name, p in profiles.items()
+        }
     print(
-        f"FDDB: {detector.name} at {geometry}; "
-        + (
-            f"noise profile {profile.profile_id} (alpha {profile.alpha}), {repeats} noise draws"
-            if profile
-            else "clean (no noise)"
+        f"FDDB: {detector.name} at {geometry} (frames letterboxed into it); "
+        + ", ".join(
+            f"{name or 'run'}: "
+            + (f"profile {p.profile_id}, {args.draws} noise draws" if p else "clean")
+            for name, p in profiles.items()
         ),
         flush=True,
     )
-    result = evaluate_fddb(detect, dataset, batch_size=args.batch_size, repeats=repeats)
-    record = {
-        "benchmark": "fddb",
-        "model": detector.name,
-        "weights_id": detector.weights_id,
-        "geometry": str(geometry),
-        "alpha": profile.alpha if profile else 0.0,
-        "profile_id": profile.profile_id if profile else "none",
-        "result": result.to_json(),
-    }
+    results = evaluate_fddb_many(runs, dataset, batch_size=args.batch_size)
+    records = [
+        {
+            "benchmark": "fddb",
+            "model": detector.name,
+            "weights_id": detector.weights_id,
+            "geometry": str(geometry),
+            "alpha": p.alpha if p else 0.0,
+            "profile_id": p.profile_id if p else "none",
+            "noise_draws": args.draws if p else 0,
+            "result": results[name].to_json(),
+        }
+        for name, p in profiles.items()
+    ]
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        payload = records[0] if len(records) == 1 else records
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
         print(f"results: {args.json}")
     return 0
 
@@ -334,7 +363,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         idem = config.kafka.idempotent if config.kafka.idempotent is not None else True
-        tail = TritonTail(config.triton.url, manifest.python_model, manifest)
+        tail = TritonTail(
+            config.triton.url,
+            config.triton.model or manifest.python_model,
+            manifest,
+            timeout_s=config.triton.timeout_s,
+        )
         worker = DetectWorker(
             config.kafka.bootstrap,
             tail,
@@ -345,7 +379,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
             max_batch=config.batching.max_batch,
         )
         async with tail, worker:
-            print(f"detect worker: {manifest.detector} tail on {config.triton.url}", flush=True)
+            print(
+                f"detect worker: {manifest.detector} tail {tail.model_name} on {config.triton.url}",
+                flush=True,
+            )
             await worker.run()
 
     asyncio.run(serve())
@@ -381,6 +418,32 @@ def cmd_alpha_set(args: argparse.Namespace) -> int:
 
     asyncio.run(publish())
     print(f"stream {args.stream}: alpha {alpha} published to {DEFAULT_TOPICS.control}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from veil.bench import BenchSettings, run_bench, save
+    from veil.data import data_root
+    from veil.detectors.base import InputGeometry
+
+    root = None if (args.video and (args.weights or args.model != "faceboxes")) else data_root()
+    video = Path(args.video) if args.video else root / "videos" / "street_1080p.mp4"  # type: ignore[operator]
+    weights = Path(args.weights) if args.weights else None
+    if weights is None and args.model == "faceboxes":
+        weights = root / "faceboxes" / "FaceBoxesProd.pth"  # type: ignore[operator]
+    settings = BenchSettings(
+        video=video,
+        model=args.model,
+        weights=weights,
+        geometry=InputGeometry.parse(args.geometry) if args.geometry else None,
+        alpha=args.alpha,
+        device=args.device,
+        micro_frames=args.frames,
+        bank=Path(args.bank) if args.bank else None,
+    )
+    result = run_bench(settings)
+    save(result, Path(args.json))
+    print(f"results: {args.json}")
     return 0
 
 
@@ -426,6 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--json", help="write machine-readable results here")
         if name == "fddb":
             e.add_argument("--max-images-per-fold", type=int)
+            e.add_argument(
+                "--all-alphas",
+                action="store_true",
+                help="clean and every profile of --bank in one pass (the README table)",
+            )
         else:
             e.add_argument("--max-images", type=int)
         e.set_defaults(func=func)
@@ -461,6 +529,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help="YAML configuration (see configs/)")
         p.add_argument("--alpha", type=float, help="override every stream's alpha")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("bench", help="head+noise timings and pipeline throughput on a video")
+    p.add_argument("--video", help="default: the 1080p clip of the reference data")
+    p.add_argument("--model", default="faceboxes")
+    p.add_argument("--weights", help="default: the reference data's FaceBoxesProd.pth")
+    p.add_argument("--geometry", help="default: the video's size rounded up to the stride")
+    p.add_argument("--alpha", type=float, default=0.8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--frames", type=int, default=50, help="frames for the micro timings")
+    p.add_argument("--bank", help="profile bank (default: calibrate one on the video, cached)")
+    p.add_argument("--json", default="runs/bench.json")
+    p.set_defaults(func=cmd_bench)
 
     alpha = sub.add_parser("alpha", help="change a stream's noise live").add_subparsers(
         dest="alpha_command", required=True

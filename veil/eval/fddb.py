@@ -337,20 +337,43 @@ def evaluate_fddb(
     noise on each call) and each figure is reported as mean and standard deviation over the n
     runs. The progress bar goes to stderr, the result lines to ``out``.
     """
-    if repeats < 1:
-        raise ConfigError(f"repeats must be at least 1, got {repeats}")
+    results = evaluate_fddb_many(
+        {"": (detect_fn, repeats)}, dataset, batch_size, progress, out, iou, max_fp
+    )
+    return results[""]
+
+
+def evaluate_fddb_many(
+    detectors: dict[str, tuple[DetectFn, int]],
+    dataset: FddbDataset,
+    batch_size: int = 8,
+    progress: bool = True,
+    out: TextIO = sys.stdout,
+    iou: float = 0.5,
+    max_fp: int = 1000,
+) -> dict[str, FddbResult]:
+    """:func:`evaluate_fddb` for several detectors (name -> (detect_fn, repeats)) at once.
+
+    Every batch is decoded once and handed to each detector in turn, as the same list object,
+    so detectors that share a frozen head can compute it once per batch (see
+    ``veil.inference.HeadCache``). Prints each detector's lines under its name.
+    """
+    for _, repeats in detectors.values():
+        if repeats < 1:
+            raise ConfigError(f"repeats must be at least 1, got {repeats}")
     for fold in dataset.folds:
         if fold.num_faces == 0:
             raise DatasetError(
                 f"FDDB fold {fold.number} has no faces to evaluate under {dataset.root}"
             )
     fold_slot = {fold.number: k for k, fold in enumerate(dataset.folds)}
-    # parts[run][fold slot] -> one ScoredDetections per image
-    parts: list[list[list[ScoredDetections]]] = [
-        [[] for _ in dataset.folds] for _ in range(repeats)
-    ]
+    # parts[name][run][fold slot] -> one ScoredDetections per image
+    parts: dict[str, list[list[list[ScoredDetections]]]] = {
+        name: [[[] for _ in dataset.folds] for _ in range(repeats)]
+        for name, (_, repeats) in detectors.items()
+    }
+    seconds = dict.fromkeys(detectors, 0.0)
     images = dataset.images
-    started = time.perf_counter()
     with tqdm(total=len(images), desc="FDDB", unit="img", disable=not progress) as bar:
         done = 0
         for frames in image_batches([im.path for im in images], batch_size):
@@ -360,16 +383,36 @@ def evaluate_fddb(
                 _clip_boxes(im.boxes, frame.shape[0], frame.shape[1])
                 for im, frame in zip(batch, frames, strict=True)
             ]
-            for run in range(repeats):
-                detections = run_detector(detect_fn, frames)
-                for im, gt, dets in zip(batch, gts, detections, strict=True):
-                    matching = match_detections(dets.xyxy, dets.confidence, gt, iou)
-                    parts[run][fold_slot[im.fold]].append(
-                        ScoredDetections.from_matching(dets.confidence, matching, len(gt))
-                    )
+            for name, (detect_fn, repeats) in detectors.items():
+                started = time.perf_counter()
+                for run in range(repeats):
+                    detections = run_detector(detect_fn, frames)
+                    for im, gt, dets in zip(batch, gts, detections, strict=True):
+                        matching = match_detections(dets.xyxy, dets.confidence, gt, iou)
+                        parts[name][run][fold_slot[im.fold]].append(
+                            ScoredDetections.from_matching(dets.confidence, matching, len(gt))
+                        )
+                seconds[name] += time.perf_counter() - started
             bar.update(len(frames))
-    seconds = time.perf_counter() - started
+    results: dict[str, FddbResult] = {}
+    for name, (_, repeats) in detectors.items():
+        result = _summarise(parts[name], repeats, dataset, iou, max_fp, seconds[name])
+        if name:
+            print(f"== {name}", file=out)
+        for line in result.report_lines():
+            print(line, file=out)
+        results[name] = result
+    return results
 
+
+def _summarise(
+    parts: list[list[list[ScoredDetections]]],
+    repeats: int,
+    dataset: FddbDataset,
+    iou: float,
+    max_fp: int,
+    seconds: float,
+) -> FddbResult:
     fold_ap = np.zeros((repeats, len(dataset.folds)))
     pooled_ap = np.zeros(repeats)
     tpr = np.zeros(repeats)
@@ -383,7 +426,7 @@ def evaluate_fddb(
     mean_ap, mean_ap_std = _mean_std(fold_ap.mean(axis=1))
     pooled_mean, pooled_std = _mean_std(pooled_ap)
     tpr_mean, tpr_std = _mean_std(tpr)
-    result = FddbResult(
+    return FddbResult(
         folds=tuple(fold.number for fold in dataset.folds),
         fold_ap=tuple(mean for mean, _ in fold_stats),
         fold_ap_std=tuple(std for _, std in fold_stats),
@@ -403,6 +446,3 @@ def evaluate_fddb(
         num_missing_faces=dataset.num_missing_faces,
         seconds=seconds,
     )
-    for line in result.report_lines():
-        print(line, file=out)
-    return result
