@@ -60,6 +60,9 @@ class TritonConfig:
     url: str = EMBEDDED  # "embedded" starts the bundled tritonserver on an exported repository
     model_repository: str = "runs/triton-repository"
     timeout_s: float = 30.0
+    # Model ``veil detect`` calls; None = the repository's Python-backend ``<name>_tail``. The
+    # NGC image serves ``<name>_tail_ts`` (pytorch_libtorch) instead.
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):  # VEIL__...=1 arrives YAML-parsed as 1
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
@@ -182,10 +187,16 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
                 else:
                     node = node[int(part)]
             else:
+                if not isinstance(node, dict):
+                    raise ConfigError(
+                        f"{key}: {'.'.join(path[:i])} is a value, it has no field {part!r}"
+                    )
                 if last:
                     node[part] = yaml.safe_load(value) if value != "" else None
                 else:
-                    node = node.setdefault(part, {})
+                    if node.get(part) is None:  # absent, or an empty YAML section
+                        node[part] = {}
+                    node = node[part]
     return data
 
 
