@@ -58,8 +58,15 @@ def test_wrong_activation_shape_is_named() -> None:
 
 
 def _meta(alpha: float = 0.5, **kw: object) -> ProfileMeta:
-    base = dict(model="tiny", weights_id="0" * 64, geometry="64x48",
-                activation_shape=(8, 6, 8), alpha=alpha, s_min=0.0, s_max=3.0)
+    base = dict(
+        model="tiny",
+        weights_id="0" * 64,
+        geometry="64x48",
+        activation_shape=(8, 6, 8),
+        alpha=alpha,
+        s_min=0.0,
+        s_max=3.0,
+    )
     base.update(kw)
     return ProfileMeta(**base)  # type: ignore[arg-type]
 
@@ -131,4 +138,6 @@ def test_bad_calibration_settings_are_refused() -> None:
     with pytest.raises(ConfigError):
         CalibrationConfig(epochs=0)
     with pytest.raises(ConfigError, match="needs labels"):
-        calibrate(TinyDetector(), frames(2), Path("/nonexistent"), CalibrationConfig(task="multibox"))
+        calibrate(
+            TinyDetector(), frames(2), Path("/nonexistent"), CalibrationConfig(task="multibox")
+        )

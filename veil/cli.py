@@ -348,18 +348,15 @@ def cmd_edge(args: argparse.Namespace) -> int:
 def cmd_detect(args: argparse.Namespace) -> int:
     import asyncio
 
-    from veil.detectors import load_detector
+    from veil.detectors import load_decoder
     from workers.untrusted.detect import DetectWorker
     from workers.untrusted.tail_client import TritonTail
     from workers.untrusted.triton_repo import TailManifest
 
     config = _config(args)
     manifest = TailManifest.read(Path(config.triton.model_repository))
-    # The outside needs the architecture only for anchors and box decoding; the head's
-    # weights are never used here.
-    decoder = load_detector(
-        manifest.detector, Path(config.model.weights) if config.model.weights else None
-    )
+    # The outside needs the architecture only, for anchors and box decoding: no weights.
+    decoder = load_decoder(manifest.detector)
 
     async def serve() -> None:
         idem = config.kafka.idempotent if config.kafka.idempotent is not None else True
@@ -447,6 +444,48 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_privacy(args: argparse.Namespace) -> int:
+    from veil.calibrate import list_images
+    from veil.eval.fddb import load_fddb
+    from veil.privacy.report import privacy_report
+
+    detector = _detector(args)
+    train = list_images(Path(args.train_images), args.max_train)
+    fddb = load_fddb(Path(args.eval_fddb), max_images_per_fold=args.max_eval_per_fold)
+    eval_paths = [im.path for im in fddb.images]
+    eval_boxes = [im.boxes.astype(np.float32) for im in fddb.images]
+    accuracy: dict[float, float] | None = None
+    clean_ap: float | None = None
+    if args.accuracy:
+        records = json.loads(Path(args.accuracy).read_text())
+        records = records if isinstance(records, list) else [records]
+        accuracy = {}
+        for r in records:
+            if r["alpha"] == 0.0:
+                clean_ap = float(r["result"]["mean_ap"])
+            else:
+                accuracy[float(r["alpha"])] = float(r["result"]["mean_ap"])
+    report = privacy_report(
+        detector,
+        Path(args.bank),
+        train,
+        eval_paths,
+        eval_boxes,
+        accuracy,
+        clean_ap,
+        Path(args.out),
+        epochs=args.epochs,
+        image_size=args.image_size,
+        rmle_images=args.rmle_images,
+        rmle_steps=args.rmle_steps,
+        seed=args.seed,
+        train_source=args.train_images,
+        eval_source=args.eval_fddb,
+    )
+    print(f"privacy report: {Path(args.out) / 'report.html'} ({len(report.rows)} rows)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="veil", description="Confidential face detection on video: split model + noise."
@@ -529,6 +568,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help="YAML configuration (see configs/)")
         p.add_argument("--alpha", type=float, help="override every stream's alpha")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("privacy", help="attack a profile bank; write the privacy report")
+    _add_model_args(p)
+    p.add_argument("--bank", required=True, help="profile bank folder")
+    p.add_argument("--train-images", required=True, help="the attacker's images (a folder)")
+    p.add_argument("--eval-fddb", required=True, help="FDDB folder: held-out victims + faces")
+    p.add_argument("--max-train", type=int, default=300)
+    p.add_argument("--max-eval-per-fold", type=int, default=6)
+    p.add_argument("--accuracy", help="JSON of `veil eval fddb --all-alphas --json`")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--rmle-images", type=int, default=4)
+    p.add_argument("--rmle-steps", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/privacy")
+    p.set_defaults(func=cmd_privacy)
 
     p = sub.add_parser("bench", help="head+noise timings and pipeline throughput on a video")
     p.add_argument("--video", help="default: the 1080p clip of the reference data")

@@ -24,9 +24,10 @@ import structlog
 from stream.kafka import DEFAULT_TOPICS, close_consumer, ensure_topics, make_consumer
 from stream.wire import DetectionMessage, decode_detection
 from veil.config import EMBEDDED, StreamConfig, VeilConfig
-from veil.detectors import load_detector
+from veil.detectors import load_decoder, load_detector
 from veil.detectors.base import InputGeometry, SplitDetector
 from veil.errors import ProfileError, WireFormatError
+from veil.observability import StatusServer
 from veil.profiles import ProfileBank
 from workers.trusted.edge import EdgeStats, EdgeWorker
 from workers.trusted.obfuscator import Obfuscator, ProfileTable, pick_device
@@ -234,9 +235,7 @@ async def run_pipeline(
     obfuscator = Obfuscator(detector, geometry, table, device, config.batching.cuda_streams)
     repo = Path(config.triton.model_repository)
     manifest = export_tail(detector, geometry, repo)
-    decoder = load_detector(
-        config.model.name, Path(config.model.weights) if config.model.weights else None, "cpu"
-    )
+    decoder = load_decoder(config.model.name)  # outside: architecture only, no weights
     detections: list[DetectionMessage] = []
 
     def on_message(msg: DetectionMessage) -> None:
@@ -280,6 +279,13 @@ async def run_pipeline(
                     max_request_size=config.kafka.max_request_size,
                 )
                 await edge.start()
+                status: StatusServer | None = None
+                if config.observability.http_port is not None:
+                    status = StatusServer(
+                        config.observability.http_port, lambda: edge.ready and worker.ready
+                    )
+                    await status.start()
+                    say(f"metrics and health on http://127.0.0.1:{status.port}/metrics")
                 loop = asyncio.get_running_loop()
                 stop_requested = stop or asyncio.Event()
                 for sig in (signal.SIGINT, signal.SIGTERM):
@@ -302,6 +308,8 @@ async def run_pipeline(
                 ):
                     await asyncio.sleep(0.1)
                 worker.request_stop()
+                if status is not None:
+                    await status.stop()
                 await asyncio.gather(detect_task, return_exceptions=True)
                 await worker.stop()
                 stop_sink.set()

@@ -39,6 +39,19 @@ def load_detector(
     raise ConfigError(f"unknown detector {name!r}; known detectors: {', '.join(DETECTORS)}")
 
 
+def load_decoder(name: str) -> SplitDetector:
+    """The architecture alone, for decoding a tail's raw outputs (anchors, box decoding, NMS).
+
+    Outside the trusted zone nothing more is needed: the tail runs on Triton, and the head's
+    weights stay inside. The returned model's weights are untrained and must not be run.
+    """
+    key = name.strip().lower()
+    classes: dict[str, type[SplitDetector]] = {"retinaface": RetinaFace, "faceboxes": FaceBoxes}
+    if key not in classes:
+        raise ConfigError(f"unknown detector {name!r}; known detectors: {', '.join(DETECTORS)}")
+    return classes[key]().eval().requires_grad_(False)
+
+
 __all__ = [
     "DETECTORS",
     "FaceBoxes",
@@ -46,5 +59,6 @@ __all__ = [
     "Letterbox",
     "RetinaFace",
     "SplitDetector",
+    "load_decoder",
     "load_detector",
 ]
