@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import av
@@ -24,6 +25,7 @@ from veil.config import (
     BatchingConfig,
     KafkaConfig,
     ModelConfig,
+    OutputConfig,
     StreamConfig,
     TritonConfig,
     VeilConfig,
@@ -352,9 +354,13 @@ async def test_a_corrupt_source_is_reported_and_the_other_streams_lose_nothing(
         StreamConfig(id="broken", source=str(broken), policy="lossless", alpha=0.5),
     )
     config = config_for(streams, topics, triton, weights, bank, repository, "g-broken")
+    config = replace(config, outputs=OutputConfig(annotated_dir=str(tmp_path / "annotated")))
     summary = await run_pipeline(config, print_detections=False)
     assert "broken" in summary.edge.source_errors
     assert "broken.mp4" in summary.edge.source_errors["broken"]
     assert sorted(d.sequence for d in summary.detections if d.stream_id == "good") == list(
         range(72)
     )
+    # The annotated video (drawn inside the zone) has every frame of the good stream.
+    with av.open(str(tmp_path / "annotated" / "good.mp4")) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 72

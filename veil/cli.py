@@ -163,6 +163,10 @@ def cmd_eval_fddb(args: argparse.Namespace) -> int:
         }
         for name, p in profiles.items()
     ]
+    if len(records) > 1:
+        from veil.eval.table import fddb_table
+
+        print(fddb_table(records))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         payload = records[0] if len(records) == 1 else records
@@ -226,6 +230,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from veil.runner import demo_streams, run_pipeline, write_jsonl
 
     config = _config(args)
+    if args.annotated_dir:
+        config = replace(config, outputs=replace(config.outputs, annotated_dir=args.annotated_dir))
     if not config.streams:
         config = replace(config, streams=demo_streams(args.alpha if args.alpha else 0.8))
         print(f"no --source given: using the demo clip {config.streams[0].source}", flush=True)
@@ -541,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", action="append", help="file or URL; repeatable")
     p.add_argument("--alpha", type=float, help="alpha for every stream")
     p.add_argument("--jsonl", help="write detections as JSON lines here")
+    p.add_argument("--annotated-dir", help="write one annotated MP4 per stream here")
     p.add_argument("--quiet", action="store_true", help="do not print each detection")
     p.set_defaults(func=cmd_run)
 

@@ -238,7 +238,15 @@ async def run_pipeline(
     decoder = load_decoder(config.model.name)  # outside: architecture only, no weights
     detections: list[DetectionMessage] = []
 
+    annotator = None
+    if config.outputs.annotated_dir:
+        from workers.trusted.annotate import AnnotatedWriter
+
+        annotator = AnnotatedWriter(Path(config.outputs.annotated_dir))
+
     def on_message(msg: DetectionMessage) -> None:
+        if annotator is not None:
+            annotator.on_detection(msg)
         if print_detections:
             say(describe(msg))
         if on_detection is not None:
@@ -277,6 +285,7 @@ async def run_pipeline(
                     quantisation=config.kafka.payload,
                     batching=config.batching,
                     max_request_size=config.kafka.max_request_size,
+                    frame_hook=annotator.keep if annotator is not None else None,
                 )
                 await edge.start()
                 status: StatusServer | None = None
@@ -319,6 +328,10 @@ async def run_pipeline(
                         loop.remove_signal_handler(sig)
                 if error is not None:
                     raise error
+    if annotator is not None:
+        annotator.close()
+        for sid, count in annotator.written.items():
+            say(f"annotated video: {annotator.path(sid)} ({count} frames)")
     summary = RunSummary(edge.stats, detections, time.perf_counter() - started, str(device))
     return summary
 

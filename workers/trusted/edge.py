@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -59,6 +59,7 @@ class EdgeWorker:
         reconnect: ReconnectPolicy | None = None,
         follow_control: bool = True,
         queue_size: int = 64,
+        frame_hook: Callable[[Frame], None] | None = None,
     ) -> None:
         self.streams = list(streams)
         self.obfuscator = obfuscator
@@ -70,6 +71,7 @@ class EdgeWorker:
         self.max_request_size = max_request_size
         self.reconnect = reconnect
         self.follow_control = follow_control
+        self.frame_hook = frame_hook  # e.g. the annotated-video writer, inside the zone
         self.stats = EdgeStats()
         # Refuse a stream whose configured alpha has no profile before anything starts.
         for s in self.streams:
@@ -239,6 +241,9 @@ class EdgeWorker:
             obs.BYTES_PUBLISHED.inc(len(value))
         await asyncio.gather(*pending)  # acks=all for the whole batch
         obs.MESSAGES_PUBLISHED.inc(len(results))
+        if self.frame_hook is not None:
+            for frame in batch:
+                self.frame_hook(frame)
         self.stats.frames_published += len(results)
         self.stats.batches += 1
 

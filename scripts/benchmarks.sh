@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The README's figures, end to end, on the reference data ($VEIL_DATA, default ../shared/data).
+# Long: about an hour on two CPU cores. Each step writes under runs/ and can be run alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA="${VEIL_DATA:-$(cd .. && pwd)/shared/data}"
+VEIL=.venv/bin/veil
+FB=(--model faceboxes --weights "$DATA/faceboxes/FaceBoxesProd.pth" --geometry 1024x1024)
+
+# 1. Noise profiles for FaceBoxes: the default alphas, on 300 WIDER FACE images, no labels.
+$VEIL calibrate "${FB[@]}" --images "$DATA/widerface/WIDER_val/images" --max-images 300 \
+    --out runs/bank-faceboxes
+# 2. FDDB accuracy, clean and every alpha, in one pass (2 noise draws per noisy run).
+$VEIL eval fddb "${FB[@]}" --dataset "$DATA/fddb" --bank runs/bank-faceboxes --all-alphas \
+    --draws 2 --json runs/fddb-faceboxes.json
+# 3. Privacy: attacks trained on WIDER FACE images, scored on held-out FDDB faces.
+$VEIL privacy "${FB[@]}" --bank runs/bank-faceboxes \
+    --train-images "$DATA/widerface/WIDER_val/images" --eval-fddb "$DATA/fddb" \
+    --accuracy runs/fddb-faceboxes.json --out runs/privacy-faceboxes
+# 4. Trusted-zone cost and pipeline throughput on the 1080p clip.
+$VEIL bench --json runs/bench-faceboxes.json
