@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stream.frames import Frame
+from tests.tiny_detector import TinyDetector
+from veil.errors import ProfileError
+from veil.noise import NoiseLayer
+from veil.profiles import ProfileMeta, profile_from_layer
+from workers.trusted.obfuscator import CLEAN_PROFILE_ID, Obfuscator, ProfileTable
+
+
+def _profile(det: TinyDetector, alpha: float, sigma: float, mu: float) -> object:
+    shape = det.activation_shape(det.default_geometry)
+    layer = NoiseLayer(shape, 0.0, 10.0, initial_sigma=sigma)
+    with torch.no_grad():
+        layer.mu.fill_(mu)
+    meta = ProfileMeta(det.name, det.weights_id, str(det.default_geometry), shape, alpha, 0, 10)
+    return profile_from_layer(layer, meta)
+
+
+def test_each_frame_of_a_mixed_batch_gets_its_own_streams_noise() -> None:
+    det = TinyDetector()
+    weak, strong = _profile(det, 0.2, 0.01, 0.0), _profile(det, 0.9, 3.0, 5.0)
+    device = torch.device("cpu")
+    table = ProfileTable(det, det.default_geometry, [strong, weak], device)  # type: ignore[list-item]
+    obf = Obfuscator(det, det.default_geometry, table, device)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    frames = [Frame(f"s{i}", i, None, 0.0, pixels) for i in range(3)]
+    out = obf.run(frames, [0.0, 0.2, 0.9])
+    clean = det.head(det.preprocess([pixels], det.default_geometry)[0])[0].numpy()
+    assert [o.profile_id for o in out] == [
+        CLEAN_PROFILE_ID,
+        weak.profile_id,
+        strong.profile_id,  # type: ignore[attr-defined]
+    ]
+    assert [o.alpha for o in out] == [0.0, 0.2, 0.9]
+    np.testing.assert_allclose(out[0].activation, clean, atol=1e-6)  # alpha 0: no noise
+    residual_weak = out[1].activation - clean
+    residual_strong = out[2].activation - clean
+    assert abs(residual_weak.std() - 0.01) < 0.003
+    assert abs(residual_strong.mean() - 5.0) < 0.3 and abs(residual_strong.std() - 3.0) < 0.3
+    # Fresh noise for every frame, even for the same stream and pixels.
+    again = obf.run(frames[2:], [0.9])[0]
+    assert not np.allclose(again.activation, out[2].activation)
+
+
+def test_frames_of_any_size_are_letterboxed_and_mapped_back() -> None:
+    det = TinyDetector()
+    table = ProfileTable(det, det.default_geometry, [], torch.device("cpu"))
+    obf = Obfuscator(det, det.default_geometry, table, torch.device("cpu"))
+    sizes = [(1080, 1920), (720, 1280), (480, 640)]
+    frames = [
+        Frame("s", i, None, 0.0, np.zeros((h, w, 3), np.uint8)) for i, (h, w) in enumerate(sizes)
+    ]
+    out = obf.run(frames, [0.0] * 3)
+    assert {o.activation.shape for o in out} == {det.activation_shape(det.default_geometry)}
+    for o, (h, w) in zip(out, sizes, strict=True):
+        assert (o.letterbox.frame_width, o.letterbox.frame_height) == (w, h)
+        assert o.letterbox.scale == pytest.approx(min(64 / w, 48 / h))
+
+
+def test_an_uncalibrated_alpha_is_refused_with_the_available_ones() -> None:
+    det = TinyDetector()
+    table = ProfileTable(det, det.default_geometry, [_profile(det, 0.5, 1, 0)], torch.device("cpu"))  # type: ignore[list-item]
+    with pytest.raises(ProfileError, match=r"available alphas: \[0.5\]"):
+        table.row(0.6)
