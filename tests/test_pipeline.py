@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from stream.kafka import DEFAULT_TOPICS, ensure_topics
 from stream.wire import ActivationMessage, ControlMessage, decode, encode, encode_control
 from tests.fixtures_kafka import KafkaTarget, kafka_target  # noqa: F401
+from tests.fixtures_triton import TritonTarget, triton_server
 from veil.config import (
     BatchingConfig,
     KafkaConfig,
@@ -42,7 +43,6 @@ from workers.trusted.obfuscator import Obfuscator, ProfileTable
 from workers.untrusted.detect import DetectWorker
 from workers.untrusted.tail_client import TritonTail
 from workers.untrusted.triton_repo import TailManifest, export_model_repository
-from workers.untrusted.triton_server import EmbeddedTriton
 
 pytestmark = [pytest.mark.services, pytest.mark.data]
 GEOMETRY = InputGeometry(640, 384)  # single_face.mp4 is 640x360: letterboxed, 24 rows of pad
@@ -91,9 +91,9 @@ def repository(detector: FaceBoxes, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def triton(repository: Path) -> AsyncIterator[EmbeddedTriton]:
-    async with EmbeddedTriton(repository) as server:
-        yield server
+async def triton(repository: Path) -> AsyncIterator[TritonTarget]:
+    async with triton_server(repository) as target:
+        yield target
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -105,7 +105,7 @@ async def topics(kafka_target: KafkaTarget) -> str:  # noqa: F811
 def config_for(
     streams: tuple[StreamConfig, ...],
     bootstrap: str,
-    triton: EmbeddedTriton,
+    triton: TritonTarget,
     weights: Path,
     bank: Path,
     repository: Path,
@@ -117,7 +117,7 @@ def config_for(
         streams=streams,
         kafka=KafkaConfig(bootstrap=bootstrap, idempotent=False, group_id=group),
         batching=BatchingConfig(max_batch=4, max_wait_ms=10),
-        triton=TritonConfig(url=triton.grpc_url, model_repository=str(repository)),
+        triton=TritonConfig(url=triton.url, model=triton.model, model_repository=str(repository)),
     )
 
 
@@ -165,7 +165,7 @@ async def read_records(
 @pytest.mark.asyncio(loop_scope="module")
 async def test_a_real_video_through_the_whole_pipeline_matches_the_model_in_process(
     topics: str,
-    triton: EmbeddedTriton,
+    triton: TritonTarget,
     detector: FaceBoxes,
     weights: Path,
     bank: Path,
@@ -215,7 +215,7 @@ async def test_a_real_video_through_the_whole_pipeline_matches_the_model_in_proc
 @pytest.mark.asyncio(loop_scope="module")
 async def test_alpha_changes_live_and_every_message_names_its_profile(
     topics: str,
-    triton: EmbeddedTriton,
+    triton: TritonTarget,
     detector: FaceBoxes,
     weights: Path,
     bank: Path,
@@ -283,7 +283,7 @@ def test_an_alpha_without_a_profile_is_refused_with_the_available_ones(
 @pytest.mark.asyncio(loop_scope="module")
 async def test_malformed_and_foreign_messages_go_to_the_dead_letter_topic(
     topics: str,
-    triton: EmbeddedTriton,
+    triton: TritonTarget,
     detector: FaceBoxes,
     repository: Path,
     video: Path,
@@ -320,7 +320,7 @@ async def test_malformed_and_foreign_messages_go_to_the_dead_letter_topic(
         await producer.send_and_wait(DEFAULT_TOPICS.activations, truncated, b"dlq")
     finally:
         await producer.stop()
-    async with TritonTail(triton.grpc_url, manifest.python_model, manifest) as tail:
+    async with TritonTail(triton.url, triton.model, manifest) as tail:
         worker = DetectWorker(topics, tail, detector, manifest, idempotent=False, group_id="g-dlq")
         async with worker:
             await worker.run(idle_timeout_s=8)
@@ -340,7 +340,7 @@ async def test_malformed_and_foreign_messages_go_to_the_dead_letter_topic(
 @pytest.mark.asyncio(loop_scope="module")
 async def test_a_corrupt_source_is_reported_and_the_other_streams_lose_nothing(
     topics: str,
-    triton: EmbeddedTriton,
+    triton: TritonTarget,
     weights: Path,
     bank: Path,
     repository: Path,

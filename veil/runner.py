@@ -265,7 +265,8 @@ async def run_pipeline(
                     bootstrap, {s.id for s in config.streams}, detections, on_message, stop_sink
                 )
             )
-            async with TritonTail(triton_url, manifest.python_model, manifest) as tail:
+            tail_model = config.triton.model or manifest.python_model
+            async with TritonTail(triton_url, tail_model, manifest) as tail:
                 worker = DetectWorker(
                     bootstrap,
                     tail,
