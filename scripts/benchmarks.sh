@@ -7,8 +7,8 @@ DATA="${VEIL_DATA:-$(cd .. && pwd)/shared/data}"
 VEIL=.venv/bin/veil
 FB=(--model faceboxes --weights "$DATA/faceboxes/FaceBoxesProd.pth" --geometry 1024x1024)
 
-# 1. Noise profiles for FaceBoxes: the default alphas, on 300 WIDER FACE images, no labels.
-$VEIL calibrate "${FB[@]}" --images "$DATA/widerface/WIDER_val/images" --max-images 300 \
+# 1. Noise profiles for FaceBoxes: the default alphas, on 200 WIDER FACE images, no labels.
+$VEIL calibrate "${FB[@]}" --images "$DATA/widerface/WIDER_val/images" --max-images 200 \
     --out runs/bank-faceboxes
 # 2. FDDB accuracy, clean and every alpha, in one pass (2 noise draws per noisy run).
 $VEIL eval fddb "${FB[@]}" --dataset "$DATA/fddb" --bank runs/bank-faceboxes --all-alphas \

@@ -76,6 +76,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         sigma_max_ratio=args.sigma_max,
+        task_weight=args.task_weight,
+        initial_sigma_ratio=args.initial_sigma,
     )
     started = time.perf_counter()
     print(
@@ -508,9 +510,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="WIDER FACE folder with ground truth, for --task multibox")
     p.add_argument("--task", default="distill", choices=["distill", "multibox"])
     p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS))
-    p.add_argument("--max-images", type=int, default=300)
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--max-images", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--task-weight", type=float, default=30.0, help="task vs noise scale")
+    p.add_argument("--initial-sigma", type=float, default=0.25, help="x activation std")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--sigma-max", type=float, default=10.0, help="upper noise bound, x act. std")
     p.add_argument("--seed", type=int, default=0)
