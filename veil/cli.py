@@ -452,11 +452,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _accuracy_from(path: str) -> tuple[dict[float, float], float | None]:
+    records = json.loads(Path(path).read_text())
+    records = records if isinstance(records, list) else [records]
+    accuracy: dict[float, float] = {}
+    clean_ap: float | None = None
+    for r in records:
+        if r["alpha"] == 0.0:
+            clean_ap = float(r["result"]["mean_ap"])
+        else:
+            accuracy[float(r["alpha"])] = float(r["result"]["mean_ap"])
+    return accuracy, clean_ap
+
+
 def cmd_privacy(args: argparse.Namespace) -> int:
     from veil.calibrate import list_images
     from veil.eval.fddb import load_fddb
-    from veil.privacy.report import privacy_report
+    from veil.privacy.report import attach_accuracy, privacy_report
 
+    if args.attach_accuracy_only:
+        if not args.accuracy:
+            from veil.errors import ConfigError
+
+            raise ConfigError("--attach-accuracy-only needs --accuracy JSON")
+        acc, clean = _accuracy_from(args.accuracy)
+        report = attach_accuracy(Path(args.out), acc, clean)
+        print(f"accuracy added to {Path(args.out) / 'report.html'} ({len(report.rows)} rows)")
+        return 0
     detector = _detector(args)
     train = list_images(Path(args.train_images), args.max_train)
     fddb = load_fddb(Path(args.eval_fddb), max_images_per_fold=args.max_eval_per_fold)
@@ -465,14 +487,7 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     accuracy: dict[float, float] | None = None
     clean_ap: float | None = None
     if args.accuracy:
-        records = json.loads(Path(args.accuracy).read_text())
-        records = records if isinstance(records, list) else [records]
-        accuracy = {}
-        for r in records:
-            if r["alpha"] == 0.0:
-                clean_ap = float(r["result"]["mean_ap"])
-            else:
-                accuracy[float(r["alpha"])] = float(r["result"]["mean_ap"])
+        accuracy, clean_ap = _accuracy_from(args.accuracy)
     report = privacy_report(
         detector,
         Path(args.bank),
@@ -588,6 +603,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train", type=int, default=300)
     p.add_argument("--max-eval-per-fold", type=int, default=6)
     p.add_argument("--accuracy", help="JSON of `veil eval fddb --all-alphas --json`")
+    p.add_argument(
+        "--attach-accuracy-only",
+        action="store_true",
+        help="add --accuracy to the report already in --out (no attacks are run)",
+    )
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--rmle-images", type=int, default=4)

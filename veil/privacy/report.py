@@ -21,7 +21,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -356,6 +356,46 @@ def privacy_report(
     (out / "report.md").write_text(_markdown(report))
     (out / "report.html").write_text(_html(report, out / "tradeoff.png", out / "grid.png"))
     log(f"privacy report written to {out} in {report.seconds:.0f} s")
+    return report
+
+
+def load_report(out_dir: Path | str) -> PrivacyReport:
+    """A written report back from its ``report.json``."""
+    data = json.loads((Path(out_dir) / "report.json").read_text())
+
+    def scores(d: dict[str, Any] | None) -> AttackScores | None:
+        return None if d is None else AttackScores(**d)
+
+    rows = [
+        ReportRow(**{**r, "decoder": scores(r["decoder"]), "rmle": scores(r["rmle"])})
+        for r in data.pop("rows")
+    ]
+    no_info = scores(data.pop("no_information"))
+    originals = scores(data.pop("originals"))
+    assert no_info is not None and originals is not None
+    return PrivacyReport(**data, no_information=no_info, originals=originals, rows=rows)
+
+
+def attach_accuracy(
+    out_dir: Path | str, accuracy: dict[float, float], clean_ap: float | None
+) -> PrivacyReport:
+    """Add the accuracy benchmark's figures to a written report and render it again.
+
+    The attacks do not depend on them, so a report can be made while the benchmark runs.
+    """
+    out = Path(out_dir)
+    report = load_report(out)
+    ap_by_alpha = {round(float(a), 2): ap for a, ap in accuracy.items()}
+    rows = []
+    for row in report.rows:
+        ap = clean_ap if row.alpha is None else ap_by_alpha.get(round(row.alpha, 2))
+        kept = ap / clean_ap if ap is not None and clean_ap else None
+        rows.append(replace(row, mean_ap=ap, ap_kept=kept))
+    report.rows = rows
+    _tradeoff_plot(report, out / "tradeoff.png")
+    (out / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    (out / "report.md").write_text(_markdown(report))
+    (out / "report.html").write_text(_html(report, out / "tradeoff.png", out / "grid.png"))
     return report
 
 
