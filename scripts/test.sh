@@ -5,4 +5,6 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 ./scripts/install-test-deps.sh || echo "warning: RTSP test server not installed; its test will say so"
 export VEIL_DATA="${VEIL_DATA:-$(cd .. && pwd)/shared/data}"
+.venv/bin/ruff check .
+.venv/bin/mypy veil stream workers tests
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -8,13 +8,13 @@ import torch
 
 from tests.tiny_detector import TinyDetector
 from veil.calibrate import CalibrationConfig, calibrate, prepare, train_profile
-from veil.detectors.base import InputGeometry
+from veil.detectors.base import Frame, InputGeometry
 from veil.errors import ConfigError, ProfileError
 from veil.noise import NoiseLayer, entropy_generator
 from veil.profiles import ProfileBank, ProfileMeta, profile_from_layer
 
 
-def frames(n: int, seed: int = 0) -> list[np.ndarray]:
+def frames(n: int, seed: int = 0) -> list[Frame]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, (40 + 3 * i, 60, 3), dtype=np.uint8) for i in range(n)]
 

@@ -8,11 +8,11 @@ from stream.frames import Frame
 from tests.tiny_detector import TinyDetector
 from veil.errors import ProfileError
 from veil.noise import NoiseLayer
-from veil.profiles import ProfileMeta, profile_from_layer
+from veil.profiles import NoiseProfile, ProfileMeta, profile_from_layer
 from workers.trusted.obfuscator import CLEAN_PROFILE_ID, Obfuscator, ProfileTable
 
 
-def _profile(det: TinyDetector, alpha: float, sigma: float, mu: float) -> object:
+def _profile(det: TinyDetector, alpha: float, sigma: float, mu: float) -> NoiseProfile:
     shape = det.activation_shape(det.default_geometry)
     layer = NoiseLayer(shape, 0.0, 10.0, initial_sigma=sigma)
     with torch.no_grad():

@@ -32,7 +32,7 @@ from veil.config import (
     VeilConfig,
 )
 from veil.data import data_root
-from veil.detectors.base import InputGeometry
+from veil.detectors.base import Frame, InputGeometry
 from veil.detectors.faceboxes import FaceBoxes
 from veil.errors import ProfileError
 from veil.noise import NoiseLayer
@@ -121,9 +121,12 @@ def config_for(
     )
 
 
-def decode_video(path: Path) -> list[np.ndarray]:
+def decode_video(path: Path) -> list[Frame]:
     with av.open(str(path)) as container:
-        return [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
+        return [
+            np.asarray(f.to_ndarray(format="bgr24"), dtype=np.uint8)
+            for f in container.decode(video=0)
+        ]
 
 
 async def read_topic(bootstrap: str, topic: str, key: bytes) -> list[bytes]:

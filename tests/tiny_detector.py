@@ -29,7 +29,8 @@ class TinyDetector(SplitDetector):
         self.eval().requires_grad_(False)
 
     def head(self, x: Tensor) -> Tensor:
-        return self.body(x / 64.0)
+        out: Tensor = self.body(x / 64.0)
+        return out
 
     def tail(self, activation: Tensor) -> tuple[Tensor, ...]:
         out = self.heads(activation).permute(0, 2, 3, 1).flatten(1, 2)
