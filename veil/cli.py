@@ -314,25 +314,12 @@ def cmd_triton(args: argparse.Namespace) -> int:
 def cmd_edge(args: argparse.Namespace) -> int:
     import asyncio
 
-    from veil.detectors import load_detector
-    from veil.detectors.base import InputGeometry
-    from veil.profiles import ProfileBank
-    from veil.runner import default_bank
+    from veil.runner import build_obfuscator
     from workers.trusted.edge import EdgeWorker
-    from workers.trusted.obfuscator import Obfuscator, ProfileTable, pick_device
 
     config = _config(args)
-    device = pick_device(config.model.device)
-    weights = Path(config.model.weights) if config.model.weights else None
-    detector = load_detector(config.model.name, weights, device)
-    geometry = (
-        InputGeometry.parse(config.model.geometry)
-        if config.model.geometry
-        else detector.default_geometry
-    )
-    bank = Path(config.profile_bank) if config.profile_bank else default_bank(detector, geometry)
-    table = ProfileTable.from_bank(detector, geometry, ProfileBank(bank), device)
-    obfuscator = Obfuscator(detector, geometry, table, device, config.batching.cuda_streams)
+    obfuscator = build_obfuscator(config)
+    device = obfuscator.device
 
     async def serve() -> None:
         idem = config.kafka.idempotent if config.kafka.idempotent is not None else True

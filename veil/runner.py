@@ -110,6 +110,33 @@ def ensure_profiles(
     calibrate(detector, frames, bank_dir, config, source=calibration_source, log=say)
 
 
+def build_obfuscator(
+    config: VeilConfig,
+    calibration_source: str | None = None,
+    say: Callable[[str], None] = print,
+) -> Obfuscator:
+    """The trusted zone's compute: detector, geometry, profile bank and per-stream noise.
+
+    Missing profiles for the streams' alphas are calibrated on ``calibration_source`` when
+    given, else refused with the list of available ones.
+    """
+    device = pick_device(config.model.device)
+    weights = Path(config.model.weights) if config.model.weights else None
+    detector = load_detector(config.model.name, weights, device)
+    geometry = (
+        InputGeometry.parse(config.model.geometry)
+        if config.model.geometry
+        else detector.default_geometry
+    )
+    bank_dir = (
+        Path(config.profile_bank) if config.profile_bank else default_bank(detector, geometry)
+    )
+    alphas = [s.alpha for s in config.streams]
+    ensure_profiles(detector, geometry, bank_dir, alphas, calibration_source, say)
+    table = ProfileTable.from_bank(detector, geometry, ProfileBank(bank_dir), device)
+    return Obfuscator(detector, geometry, table, device, config.batching.cuda_streams)
+
+
 @contextlib.asynccontextmanager
 async def broker_for(config: VeilConfig) -> AsyncIterator[tuple[str, bool]]:
     """(bootstrap servers, idempotent producers?)"""
@@ -210,29 +237,10 @@ async def run_pipeline(
     started = time.perf_counter()
     if not config.streams:
         raise ProfileError("no streams configured")
-    device = pick_device(config.model.device)
-    detector = load_detector(
-        config.model.name, Path(config.model.weights) if config.model.weights else None, device
-    )
-    geometry = (
-        InputGeometry.parse(config.model.geometry)
-        if config.model.geometry
-        else detector.default_geometry
-    )
-    bank_dir = (
-        Path(config.profile_bank) if config.profile_bank else default_bank(detector, geometry)
-    )
     first_file = next((s.source for s in config.streams if "://" not in s.source), None)
-    ensure_profiles(
-        detector,
-        geometry,
-        bank_dir,
-        [s.alpha for s in config.streams],
-        first_file if calibrate_missing else None,
-        say,
-    )
-    table = ProfileTable.from_bank(detector, geometry, ProfileBank(bank_dir), device)
-    obfuscator = Obfuscator(detector, geometry, table, device, config.batching.cuda_streams)
+    obfuscator = build_obfuscator(config, first_file if calibrate_missing else None, say)
+    detector, geometry = obfuscator.detector, obfuscator.geometry
+    device = obfuscator.device
     repo = Path(config.triton.model_repository)
     manifest = export_tail(detector, geometry, repo)
     decoder = load_decoder(config.model.name)  # outside: architecture only, no weights
@@ -257,7 +265,7 @@ async def run_pipeline(
         async with triton_for(config, repo) as triton_url:
             say(
                 f"broker {bootstrap}; triton {triton_url}; tail {manifest.python_model}; "
-                f"device {device}; profiles {table.alphas}"
+                f"device {device}; profiles {obfuscator.table.alphas}"
             )
             stop_sink = asyncio.Event()
             sink = asyncio.create_task(
