@@ -328,6 +328,7 @@ async def test_malformed_and_foreign_messages_go_to_the_dead_letter_topic(
         async with worker:
             await worker.run(idle_timeout_s=8)
     assert worker.stats.dead_letters == 3
+    assert worker.lag and all(v >= 0 for v in worker.lag.values())  # the lag metric is fed
     dead = {
         v: h["veil-error"].decode()
         for v, h in await read_records(topics, DEFAULT_TOPICS.dead_letter, b"dlq")

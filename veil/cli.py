@@ -4,11 +4,13 @@ the lightweight roles start fast."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -225,6 +227,42 @@ def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return config
 
 
+@contextlib.asynccontextmanager
+async def _serving(config: Any, ready: Callable[[], bool]) -> AsyncIterator[None]:
+    """/metrics, /healthz and /readyz on observability.http_port, if set."""
+    from veil.observability import StatusServer
+
+    if config.observability.http_port is None:
+        yield
+        return
+    server = StatusServer(config.observability.http_port, ready, host="0.0.0.0")
+    await server.start()
+    print(f"metrics and health on port {server.port}", flush=True)
+    try:
+        yield
+    finally:
+        await server.stop()
+
+
+async def _until_signal_or(work: Awaitable[Any]) -> None:
+    """Run ``work`` until it ends or SIGINT/SIGTERM arrives."""
+    import asyncio
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if task.done():
+        task.result()
+    else:
+        task.cancel()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
     from dataclasses import replace
@@ -323,7 +361,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         idem = config.kafka.idempotent if config.kafka.idempotent is not None else True
-        async with EdgeWorker(
+        edge = EdgeWorker(
             config.streams,
             obfuscator,
             config.kafka.bootstrap,
@@ -331,10 +369,12 @@ def cmd_edge(args: argparse.Namespace) -> int:
             quantisation=config.kafka.payload,
             batching=config.batching,
             max_request_size=config.kafka.max_request_size,
-        ) as edge:
+        )
+        async with _serving(config, lambda: edge.ready), edge:
             print(f"edge worker: {len(config.streams)} streams on {device}", flush=True)
-            stats = await edge.run()
-            print(stats)
+            # SIGTERM stops reading; leaving the block drains the queue and flushes Kafka.
+            await _until_signal_or(edge.run())
+            print(edge.stats)
 
     asyncio.run(serve())
     return 0
@@ -370,12 +410,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
             group_id=config.kafka.group_id,
             max_batch=config.batching.max_batch,
         )
-        async with tail, worker:
+        async with _serving(config, lambda: worker.ready), tail, worker:
             print(
                 f"detect worker: {manifest.detector} tail {tail.model_name} on {config.triton.url}",
                 flush=True,
             )
-            await worker.run()
+            await _until_signal_or(worker.run())
 
     asyncio.run(serve())
     return 0

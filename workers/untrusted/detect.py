@@ -89,6 +89,7 @@ class DetectWorker:
         self.score_threshold = score_threshold
         self.stats = DetectStats()
         self.deduper = SequenceDeduper()
+        self.lag: dict[int, int] = {}
         self._consumer: Any = None
         self._producer: Any = None
         self._stopping = asyncio.Event()
@@ -142,7 +143,21 @@ class DetectWorker:
                 continue
             last_input = time.monotonic()
             await self.handle(records)
+            await self._observe_lag()
         return self.stats
+
+    async def _observe_lag(self) -> None:
+        """Consumer lag per partition: the broker's high watermark minus our position."""
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            if highwater is None:
+                continue
+            try:
+                position = await self._consumer.position(tp)
+            except KafkaError:
+                continue  # revoked in a rebalance meanwhile
+            self.lag[tp.partition] = highwater - position
+            obs.CONSUMER_LAG.labels(str(tp.partition)).set(highwater - position)
 
     async def handle(self, records: Sequence[Any]) -> None:
         """One polled batch: decode, infer, publish, then commit."""
