@@ -16,7 +16,6 @@ from ``originalPics/`` are counted, listed and skipped: the shared copy lacks 68
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -324,7 +323,7 @@ def evaluate_fddb(
     dataset: FddbDataset,
     batch_size: int = 8,
     progress: bool = True,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     repeats: int = 1,
     iou: float = 0.5,
     max_fp: int = 1000,
@@ -348,7 +347,7 @@ def evaluate_fddb_many(
     dataset: FddbDataset,
     batch_size: int = 8,
     progress: bool = True,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     iou: float = 0.5,
     max_fp: int = 1000,
 ) -> dict[str, FddbResult]:

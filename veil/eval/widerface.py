@@ -28,7 +28,6 @@ change the AP); when every score is equal, every detection passes every threshol
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -356,7 +355,7 @@ def evaluate_widerface(
     batch_size: int = 4,
     progress: bool = True,
     max_images: int | None = None,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     iou: float = 0.5,
 ) -> WiderResult:
     """Run ``detect_fn`` on the WIDER FACE validation images present (the first
