@@ -364,7 +364,10 @@ def load_report(out_dir: Path | str) -> PrivacyReport:
     data = json.loads((Path(out_dir) / "report.json").read_text())
 
     def scores(d: dict[str, Any] | None) -> AttackScores | None:
-        return None if d is None else AttackScores(**d)
+        if d is None:
+            return None
+        # _finite wrote inf/nan as strings ("inf"); float() reads them back.
+        return AttackScores(**{k: float(v) if isinstance(v, str) else v for k, v in d.items()})
 
     rows = [
         ReportRow(**{**r, "decoder": scores(r["decoder"]), "rmle": scores(r["rmle"])})
