@@ -7,6 +7,7 @@ import math
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -334,21 +335,25 @@ def test_report_on_a_tiny_bank_writes_every_file(tmp_path: Path) -> None:
 
 def test_report_refuses_overlapping_images_and_an_empty_bank(tmp_path: Path) -> None:
     detector = TinyDetector()
-    with pytest.raises(ProfileError, match="no noise profiles"):
-        privacy_report(
+
+    def report(bank: Path, train: Any, evals: Any, boxes: Any, image_size: int = 64) -> Any:
+        return privacy_report(
             detector,
-            tmp_path / "none",
-            [],
-            [],
-            [],
+            bank,
+            train,
+            evals,
+            boxes,
             None,
             None,
             tmp_path / "out",
             epochs=1,
-            image_size=64,
+            image_size=image_size,
             progress=False,
             log=lambda _: None,
         )
+
+    with pytest.raises(ProfileError, match="no noise profiles"):
+        report(tmp_path / "none", [], [], [])
     bank = tmp_path / "bank"
     frames, boxes = synthetic_scenes(4, seed=4)
     calibrate(
@@ -360,32 +365,6 @@ def test_report_refuses_overlapping_images_and_an_empty_bank(tmp_path: Path) -> 
         log=lambda _: None,
     )
     with pytest.raises(DatasetError, match="appear among the attacker's training images"):
-        privacy_report(
-            detector,
-            bank,
-            frames,
-            frames[:2],
-            boxes[:2],
-            None,
-            None,
-            tmp_path / "out",
-            epochs=1,
-            image_size=64,
-            progress=False,
-            log=lambda _: None,
-        )
+        report(bank, frames, frames[:2], boxes[:2])
     with pytest.raises(ConfigError, match="image_size 100"):
-        privacy_report(
-            detector,
-            bank,
-            frames[2:],
-            frames[:2],
-            boxes[:2],
-            None,
-            None,
-            tmp_path / "out",
-            epochs=1,
-            image_size=100,
-            progress=False,
-            log=lambda _: None,
-        )
+        report(bank, frames[2:], frames[:2], boxes[:2], image_size=100)

@@ -367,7 +367,8 @@ def load_report(out_dir: Path | str) -> PrivacyReport:
         if d is None:
             return None
         # _finite wrote inf/nan as strings ("inf"); float() reads them back.
-        return AttackScores(**{k: float(v) if isinstance(v, str) else v for k, v in d.items()})
+        fields: dict[str, Any] = {k: float(v) if isinstance(v, str) else v for k, v in d.items()}
+        return AttackScores(**fields)
 
     rows = [
         ReportRow(**{**r, "decoder": scores(r["decoder"]), "rmle": scores(r["rmle"])})
