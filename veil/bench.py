@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from veil.calibrate import video_frames
 from veil.config import (
     BatchingConfig,
     KafkaConfig,
@@ -57,16 +58,6 @@ def device_name(device: torch.device) -> str:
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
-
-
-def decode_frames(path: Path) -> list[Frame]:
-    import av
-
-    with av.open(str(path)) as container:
-        return [
-            np.asarray(f.to_ndarray(format="bgr24"), dtype=np.uint8)
-            for f in container.decode(video=0)
-        ]
 
 
 def micro_timings(
@@ -162,7 +153,7 @@ async def _pipelines(config: VeilConfig, alpha: float) -> dict[str, dict[str, An
 def run_bench(settings: BenchSettings, say: Any = print) -> dict[str, Any]:
     device = pick_device(settings.device)
     detector = load_detector(settings.model, settings.weights, device)
-    frames = decode_frames(settings.video)
+    frames = video_frames(settings.video, every=1)
     h, w = frames[0].shape[:2]
     stride = detector.stride
     geometry = settings.geometry or InputGeometry(

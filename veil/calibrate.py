@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -32,6 +31,7 @@ from tqdm import tqdm
 
 from veil.detectors.base import Frame, InputGeometry, SplitDetector
 from veil.errors import ConfigError, DatasetError
+from veil.eval import read_image
 from veil.noise import NoiseLayer
 from veil.profiles import NoiseProfile, ProfileBank, ProfileMeta, check_alpha, profile_from_layer
 
@@ -118,13 +118,6 @@ def video_frames(path: Path, every: int = 5, limit: int | None = None) -> list[F
     if not frames:
         raise DatasetError(f"calibration video {path}: no frames decoded")
     return frames
-
-
-def read_image(path: Path) -> Frame:
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise DatasetError(f"cannot read image {path}")
-    return np.asarray(img, dtype=np.uint8)
 
 
 @torch.no_grad()

@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from veil.calibrate import read_image
 from veil.detectors.base import Frame, InputGeometry, SplitDetector
 from veil.errors import ConfigError, DatasetError
+from veil.eval import read_image
 from veil.profiles import NoiseProfile
 
 # Below this many activation standard deviations an element is treated as constant (dead

@@ -24,7 +24,6 @@ import contextlib
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -41,6 +40,7 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
+from stream.broker import free_loopback_port
 from veil.errors import ConfigError, ServiceError
 from workers.untrusted.triton_repo import SITE_PACKAGES_ENV, TailManifest
 
@@ -145,7 +145,7 @@ class EmbeddedTriton:
         workdir = Path(self._workdir.name)
         backends = self._link_backends(workdir / "backends")
         self.grpc_port, self.http_port, self.metrics_port = (
-            port or _free_loopback_port() for port in self._requested_ports
+            port or free_loopback_port() for port in self._requested_ports
         )
         self._log_path = workdir / "tritonserver.log"
         command = [
@@ -304,13 +304,6 @@ async def _all_ready(client: Any, models: Sequence[str]) -> bool:
     except InferenceServerException:
         return False  # not listening yet
     return True
-
-
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _kill_group(pgid: int) -> None:
