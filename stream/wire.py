@@ -145,6 +145,43 @@ def _check_mirrors(
             )
 
 
+def _frame_fields(
+    h: dict[str, Any],
+    key: bytes | None,
+    headers: Sequence[tuple[str, bytes]],
+    kind: str,
+    what: str,
+) -> dict[str, Any]:
+    """The per-frame fields activation and detection messages share, checked against the
+    Kafka key and headers that mirror them."""
+    stream_id = _text(_field(h, "stream_id", what), "stream_id")
+    sequence = _count(_field(h, "sequence", what), "sequence", 0)
+    profile_id = _text(_field(h, "profile_id", what), "profile_id")
+    _check_mirrors(
+        key,
+        headers,
+        {
+            HEADER_VERSION: str(WIRE_VERSION),
+            HEADER_KIND: kind,
+            HEADER_STREAM: stream_id,
+            HEADER_SEQUENCE: str(sequence),
+            HEADER_PROFILE: profile_id,
+        },
+        kind,
+    )
+    pts = _field(h, "pts", what)
+    return {
+        "stream_id": stream_id,
+        "sequence": sequence,
+        "pts": None if pts is None else _finite(pts, "pts"),
+        "capture_time": _finite(_field(h, "capture_time", what), "capture_time"),
+        "model": _text(_field(h, "model", what), "model"),
+        "weights_id": _text(_field(h, "weights_id", what), "weights_id"),
+        "profile_id": profile_id,
+        "alpha": _check_alpha(_field(h, "alpha", what)),
+    }
+
+
 def _normalise_frame_fields(msg: ActivationMessage | DetectionMessage) -> None:
     """Check the fields both per-frame messages share and store them as plain Python values:
     numpy scalars are accepted from callers but would not serialise to JSON."""
@@ -410,31 +447,8 @@ def decode(
     )
     payload = _decode_payload(payload_raw, quantisation, shape)
 
-    stream_id = _text(_field(h, "stream_id", what), "stream_id")
-    sequence = _count(_field(h, "sequence", what), "sequence", 0)
-    profile_id = _text(_field(h, "profile_id", what), "profile_id")
-    _check_mirrors(
-        key,
-        headers,
-        {
-            HEADER_VERSION: str(WIRE_VERSION),
-            HEADER_KIND: KIND_ACTIVATION,
-            HEADER_STREAM: stream_id,
-            HEADER_SEQUENCE: str(sequence),
-            HEADER_PROFILE: profile_id,
-        },
-        "activation",
-    )
-    pts = _field(h, "pts", what)
     return ActivationMessage(
-        stream_id=stream_id,
-        sequence=sequence,
-        pts=None if pts is None else _finite(pts, "pts"),
-        capture_time=_finite(_field(h, "capture_time", what), "capture_time"),
-        model=_text(_field(h, "model", what), "model"),
-        weights_id=_text(_field(h, "weights_id", what), "weights_id"),
-        profile_id=profile_id,
-        alpha=_check_alpha(_field(h, "alpha", what)),
+        **_frame_fields(h, key, headers, KIND_ACTIVATION, what),
         placement=FramePlacement(
             frame_width=_count(_field(h, "frame_width", what), "frame_width", 1),
             frame_height=_count(_field(h, "frame_height", what), "frame_height", 1),
@@ -546,32 +560,9 @@ def decode_detection(
         detections = Detections.from_json(body)
     except ValueError as exc:
         raise WireFormatError(f"{what}: {exc}") from exc
-    stream_id = _text(_field(body, "stream_id", what), "stream_id")
-    sequence = _count(_field(body, "sequence", what), "sequence", 0)
-    profile_id = _text(_field(body, "profile_id", what), "profile_id")
-    _check_mirrors(
-        key,
-        headers,
-        {
-            HEADER_VERSION: str(WIRE_VERSION),
-            HEADER_KIND: KIND_DETECTION,
-            HEADER_STREAM: stream_id,
-            HEADER_SEQUENCE: str(sequence),
-            HEADER_PROFILE: profile_id,
-        },
-        "detection",
-    )
-    pts = _field(body, "pts", what)
     return DetectionMessage(
-        stream_id=stream_id,
-        sequence=sequence,
-        pts=None if pts is None else _finite(pts, "pts"),
-        capture_time=_finite(_field(body, "capture_time", what), "capture_time"),
+        **_frame_fields(body, key, headers, KIND_DETECTION, what),
         detections=detections,
-        model=_text(_field(body, "model", what), "model"),
-        weights_id=_text(_field(body, "weights_id", what), "weights_id"),
-        profile_id=profile_id,
-        alpha=_check_alpha(_field(body, "alpha", what)),
         produced_time=_finite(_field(body, "produced_time", what), "produced_time"),
     )
 
