@@ -141,3 +141,15 @@ def test_bad_calibration_settings_are_refused() -> None:
         calibrate(
             TinyDetector(), frames(2), Path("/nonexistent"), CalibrationConfig(task="multibox")
         )
+
+
+def test_distillation_without_shifts_uses_the_prepared_teacher(tmp_path: Path) -> None:
+    det = TinyDetector()
+    config = CalibrationConfig(alphas=(0.5,), epochs=1, batch_size=4, augment_shifts=False)
+    (profile,) = calibrate(det, frames(8), tmp_path, config, progress=False, log=lambda _: None)
+    assert profile.meta.training["augment_shifts"] is False
+    data = prepare(det, frames(8), det.default_geometry, progress=False, teacher=False)
+    assert data.teacher == []
+    meta = _meta(0.5, training={"initial_sigma": 0.3})
+    with pytest.raises(ConfigError, match="teacher=True"):
+        train_profile(det, data, 0.5, config, meta, None, progress=False)

@@ -128,10 +128,13 @@ def prepare(
     boxes: Sequence[BoxArray] | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    teacher: bool = True,
 ) -> CalibrationSet:
-    """Run the frozen head (and the clean tail) once over the calibration images.
+    """Run the frozen head (and, with ``teacher``, the clean tail) once over the images.
 
     ``boxes``: per image, ground-truth ``[K, 4]`` xyxy in image pixels (for ``multibox``).
+    The clean tail outputs are only needed by distillation without random shifts; shifted
+    batches get their teacher from the shifted activations during training.
     """
     detector.check_geometry(geometry)
     acts: list[Tensor] = []
@@ -147,7 +150,8 @@ def prepare(
         x, letterboxes = detector.preprocess(frames, geometry)
         a = detector.head(x)
         acts.append(a.cpu())
-        teacher_parts.append([t.cpu() for t in detector.tail(a)])
+        if teacher:
+            teacher_parts.append([t.cpu() for t in detector.tail(a)])
         if boxes is not None:
             for j, lb in enumerate(letterboxes):
                 b = torch.as_tensor(boxes[start + j], dtype=torch.float32).reshape(-1, 4)
@@ -161,10 +165,14 @@ def prepare(
                 targets.append(b)
         bar.update(len(chunk))
     bar.close()
-    teacher = [torch.cat([p[i] for p in teacher_parts]) for i in range(len(teacher_parts[0]))]
+    teacher_outputs = (
+        [torch.cat([p[i] for p in teacher_parts]) for i in range(len(teacher_parts[0]))]
+        if teacher_parts
+        else []
+    )
     return CalibrationSet(
         activations=torch.cat(acts),
-        teacher=teacher,
+        teacher=teacher_outputs,
         targets=targets if boxes is not None else None,
         input_height=geometry.height,
         input_width=geometry.width,
@@ -227,6 +235,8 @@ def train_profile(
         if data.targets is None:
             raise ConfigError("task loss 'multibox' needs ground-truth boxes")
         priors = detector.priors(data.input_height, data.input_width, torch.device("cpu"))
+    elif not config.augment_shifts and not data.teacher:
+        raise ConfigError("distillation without shifts needs prepare(..., teacher=True)")
 
     c, h, w = data.activations.shape[1:]
     shape = (int(c), int(h), int(w))
@@ -263,11 +273,12 @@ def train_profile(
         for s in range(steps):
             idx = order[s * config.batch_size : (s + 1) * config.batch_size]
             clean = data.activations[idx]
-            teacher = [t[idx] for t in data.teacher]
-            if config.augment_shifts and config.task == "distill":
+            if config.task == "distill" and config.augment_shifts:
                 clean = random_shift(clean, gen)
                 with torch.no_grad():
                     teacher = list(detector.tail(clean))
+            elif config.task == "distill":
+                teacher = [t[idx] for t in data.teacher]
             noisy = layer(clean, generator=gen)
             raw = detector.tail(noisy)
             if config.task == "distill":
@@ -334,7 +345,15 @@ def calibrate(
     torch.manual_seed(config.seed)
     started = time.perf_counter()
     bank = ProfileBank(out_dir)
-    data = prepare(detector, images, geometry, boxes, config.batch_size, progress)
+    data = prepare(
+        detector,
+        images,
+        geometry,
+        boxes,
+        config.batch_size,
+        progress,
+        teacher=config.task == "distill" and not config.augment_shifts,
+    )
     act_std = float(data.activations.std())
     s_min = config.sigma_min_ratio * act_std
     s_max = config.sigma_max_ratio * act_std
