@@ -105,12 +105,8 @@ def _detect_fn_for(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         profile = ProfileBank(Path(args.bank)).get(
             args.alpha, detector.name, detector.weights_id, geometry
         )
-    if profile is not None:
-        geometry = (
-            _geometry(args, detector)
-            if args.geometry
-            else type(geometry).parse(profile.meta.geometry)
-        )
+    if profile is not None and not args.geometry:
+        geometry = type(geometry).parse(profile.meta.geometry)  # a profile fixes its geometry
     return detector, geometry, profile, make_detect_fn(detector, geometry, profile, seed=args.seed)
 
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from stream.frames import Frame
 from veil.detectors.base import InputGeometry, Letterbox, SplitDetector
-from veil.errors import ProfileError
+from veil.errors import ConfigError, ProfileError
 from veil.noise import entropy_generator
 from veil.profiles import NoiseProfile, ProfileBank, check_alpha
 
@@ -48,7 +48,7 @@ def pick_device(requested: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ProfileError(f"device {requested!r} requested but CUDA is not available here")
+        raise ConfigError(f"device {requested!r} requested but CUDA is not available here")
     return device
 
 
