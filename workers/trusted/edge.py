@@ -26,7 +26,7 @@ from stream.sources import ReconnectPolicy, VideoSource
 from stream.wire import ActivationMessage, FramePlacement, Quantisation, decode_control, encode
 from veil import observability as obs
 from veil.config import BatchingConfig, StreamConfig
-from veil.errors import ProfileError, SourceError, VeilError, WireFormatError
+from veil.errors import ProfileError, SourceError, VeilError
 from workers.trusted.obfuscator import Obfuscator
 
 log = structlog.get_logger(__name__)
@@ -290,7 +290,7 @@ class EdgeWorker:
     def _apply_control(self, record: Any) -> None:
         try:
             msg = decode_control(record.key, record.value, record.headers)
-        except (WireFormatError, VeilError) as exc:
+        except VeilError as exc:  # WireFormatError and ConfigError alike
             log.warning("edge.control_malformed", offset=record.offset, reason=str(exc))
             return
         configured = {s.id: s.alpha for s in self.streams}
