@@ -46,7 +46,8 @@ def make_detect_fn(
     seed: int | None = None,
     head_cache: HeadCache | None = None,
 ) -> DetectFn:
-    """A batched detector; with a profile, every call draws fresh noise.
+    """A batched detector; with a profile, every call draws fresh noise and the profile's tail
+    (when it carries one) reads it.
 
     ``seed`` fixes the noise stream (tests and reproducible benchmarks); ``None`` seeds from
     the operating system's entropy, as serving does.
@@ -56,9 +57,11 @@ def make_detect_fn(
     cache = head_cache or HeadCache()
     layer: NoiseLayer | None = None
     generator: torch.Generator | None = None
+    tail_model = detector
     if profile is not None:
         profile.check_fits(detector.name, detector.weights_id, geometry)
         layer = profile.layer(detector.device)
+        tail_model = profile.detector_for(detector)
         if seed is None:
             generator = entropy_generator(detector.device)
         else:
@@ -69,6 +72,6 @@ def make_detect_fn(
         a, letterboxes, (h, w) = cache.get(detector, frames, geometry)
         if layer is not None:
             a = layer(a, generator)
-        return detector.decode(detector.tail(a), letterboxes, h, w, score_threshold)
+        return detector.decode(tail_model.tail(a), letterboxes, h, w, score_threshold)
 
     return detect

@@ -2,9 +2,13 @@
 
 On disk a profile is two files side by side in a *bank* folder::
 
-    faceboxes-1024x1024-a0.80.safetensors   tensors ``mu`` and ``rho`` (C, H, W), float32
+    faceboxes-1024x1024-a0.80.safetensors   tensors ``mu`` and ``rho`` (C, H, W), float32, and
+                                            the profile's fine-tuned tail as ``tail/<key>``
     faceboxes-1024x1024-a0.80.json          :class:`ProfileMeta`: provenance, loss summary,
-                                            measured accuracy
+                                            measured accuracy and leakage
+
+A profile's tail (optional; calibrated profiles carry one) is the detector's tail fine-tuned to
+read activations under that profile's noise. It is not secret: the outside runs it.
 
 A profile only fits the model, weights and geometry it was trained for: the activation shape
 depends on all three, and the noise was learned against that model's tail. Frames of any size
@@ -23,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from veil.detectors.base import InputGeometry
+from veil.detectors.base import InputGeometry, SplitDetector
 from veil.errors import ProfileError
 from veil.noise import NoiseLayer
 
@@ -54,6 +58,7 @@ class ProfileMeta:
     trained_on: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)  # seed, epochs, lr, loss curve
     accuracy: dict[str, Any] = field(default_factory=dict)  # filled by the benchmark
+    leakage: dict[str, Any] = field(default_factory=dict)  # filled by the privacy report
     veil_version: str = "0.1.0"
 
     def to_json(self) -> dict[str, Any]:
@@ -71,11 +76,19 @@ class ProfileMeta:
             raise ProfileError(f"{source}: not a veil profile description ({exc})") from exc
 
 
+TAIL_PREFIX = "tail/"
+
+
 @dataclass(frozen=True)
 class NoiseProfile:
     meta: ProfileMeta
     mu: torch.Tensor
     rho: torch.Tensor
+    tail: dict[str, torch.Tensor] | None = None  # fine-tuned tail state, or the frozen tail
+
+    def detector_for(self, detector: SplitDetector) -> SplitDetector:
+        """``detector`` with this profile's tail (``detector`` itself if it has none)."""
+        return detector if self.tail is None else detector.with_tail(self.tail)
 
     @property
     def profile_id(self) -> str:
@@ -115,16 +128,24 @@ class NoiseProfile:
             )
 
 
-def content_id(mu: torch.Tensor, rho: torch.Tensor) -> str:
+def content_id(
+    mu: torch.Tensor, rho: torch.Tensor, tail: dict[str, torch.Tensor] | None = None
+) -> str:
     digest = hashlib.sha256()
     for t in (mu, rho):
         digest.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+    for key in sorted(tail or {}):
+        digest.update(key.encode())
+        digest.update((tail or {})[key].detach().cpu().contiguous().float().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
-def profile_from_layer(layer: NoiseLayer, meta: ProfileMeta) -> NoiseProfile:
+def profile_from_layer(
+    layer: NoiseLayer, meta: ProfileMeta, tail: dict[str, torch.Tensor] | None = None
+) -> NoiseProfile:
     mu, rho = layer.mu.detach().cpu().clone(), layer.rho.detach().cpu().clone()
-    return NoiseProfile(replace(meta, profile_id=content_id(mu, rho)), mu, rho)
+    tail = None if tail is None else {k: v.detach().cpu().clone() for k, v in tail.items()}
+    return NoiseProfile(replace(meta, profile_id=content_id(mu, rho, tail)), mu, rho, tail)
 
 
 class ProfileBank:
@@ -143,8 +164,9 @@ class ProfileBank:
         meta_path = self.root / f"{stem}.json"
         # Write to temporary names and rename, so a crash never leaves half a profile.
         tmp_t, tmp_m = tensors.with_suffix(".safetensors.tmp"), meta_path.with_suffix(".json.tmp")
+        tail = {TAIL_PREFIX + k: v.contiguous() for k, v in (profile.tail or {}).items()}
         save_file(
-            {"mu": profile.mu.contiguous(), "rho": profile.rho.contiguous()},
+            {"mu": profile.mu.contiguous(), "rho": profile.rho.contiguous()} | tail,
             str(tmp_t),
             metadata={"profile_id": profile.profile_id, "alpha": str(profile.alpha)},
         )
@@ -154,7 +176,9 @@ class ProfileBank:
         return tensors
 
     def update_meta(self, profile: NoiseProfile, **changes: Any) -> NoiseProfile:
-        updated = NoiseProfile(replace(profile.meta, **changes), profile.mu, profile.rho)
+        updated = NoiseProfile(
+            replace(profile.meta, **changes), profile.mu, profile.rho, profile.tail
+        )
         meta_path = self.root / f"{self.stem(updated.meta)}.json"
         meta_path.write_text(json.dumps(updated.meta.to_json(), indent=2) + "\n")
         return updated
@@ -181,9 +205,12 @@ class ProfileBank:
                     f"{tensors_path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
                     f"description says {meta.activation_shape}"
                 )
-        if content_id(tensors["mu"], tensors["rho"]) != meta.profile_id:
+        tail = {
+            k.removeprefix(TAIL_PREFIX): v for k, v in tensors.items() if k.startswith(TAIL_PREFIX)
+        } or None
+        if content_id(tensors["mu"], tensors["rho"], tail) != meta.profile_id:
             raise ProfileError(f"{tensors_path}: tensors do not match profile id {meta.profile_id}")
-        return NoiseProfile(meta, tensors["mu"], tensors["rho"])
+        return NoiseProfile(meta, tensors["mu"], tensors["rho"], tail)
 
     def profiles(self) -> list[NoiseProfile]:
         if not self.root.is_dir():

@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 
 from veil.detectors.base import InputGeometry, Letterbox, SplitDetector
-from veil.detectors.faceboxes import FaceBoxes
+from veil.detectors.faceboxes import SPLITS, FaceBoxes
 from veil.detectors.retinaface import RetinaFace
 from veil.errors import ConfigError
 
-DETECTORS: tuple[str, ...] = ("retinaface", "faceboxes")
+DETECTORS: tuple[str, ...] = ("retinaface", "faceboxes", "faceboxes-stem")
 
 
 def load_detector(
@@ -29,13 +29,13 @@ def load_detector(
         if weights is None:
             return RetinaFace.from_package(device)
         return RetinaFace.from_onnx_file(Path(weights), device)
-    if key == "faceboxes":
+    if key in SPLITS:
         if weights is None:
             raise ConfigError(
-                "detector 'faceboxes' needs weights: pass the path of a FaceBoxes.PyTorch "
+                f"detector {key!r} needs weights: pass the path of a FaceBoxes.PyTorch "
                 "checkpoint such as FaceBoxesProd.pth"
             )
-        return FaceBoxes.from_checkpoint(Path(weights), device)
+        return FaceBoxes.from_checkpoint(Path(weights), device, key)
     raise ConfigError(f"unknown detector {name!r}; known detectors: {', '.join(DETECTORS)}")
 
 
@@ -46,10 +46,10 @@ def load_decoder(name: str) -> SplitDetector:
     weights stay inside. The returned model's weights are untrained and must not be run.
     """
     key = name.strip().lower()
-    classes: dict[str, type[SplitDetector]] = {"retinaface": RetinaFace, "faceboxes": FaceBoxes}
-    if key not in classes:
+    if key not in DETECTORS:
         raise ConfigError(f"unknown detector {name!r}; known detectors: {', '.join(DETECTORS)}")
-    return classes[key]().eval().requires_grad_(False)
+    model: SplitDetector = RetinaFace() if key == "retinaface" else FaceBoxes(key)
+    return model.eval().requires_grad_(False)
 
 
 __all__ = [

@@ -12,6 +12,7 @@ to frame pixels.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -89,6 +90,8 @@ class SplitDetector(nn.Module, ABC):
     """
 
     name: str
+    # State-dict prefixes of the modules the head runs; every other parameter is the tail's.
+    head_modules: tuple[str, ...]
     weights_id: str
     stride: int
     activation_channels: int
@@ -117,6 +120,30 @@ class SplitDetector(nn.Module, ABC):
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         return self.tail(self.head(x))
+
+    def is_tail_key(self, key: str) -> bool:
+        return not any(key == m or key.startswith(m + ".") for m in self.head_modules)
+
+    def tail_state(self) -> dict[str, Tensor]:
+        """The tail's parameters and buffers (what a noise profile's fine-tuned tail replaces)."""
+        return {k: v for k, v in self.state_dict().items() if self.is_tail_key(k)}
+
+    def tail_parameters(self) -> list[nn.Parameter]:
+        return [p for k, p in self.named_parameters() if self.is_tail_key(k)]
+
+    def with_tail(self, state: dict[str, Tensor]) -> SplitDetector:
+        """A frozen copy of this detector whose tail has ``state`` (a :meth:`tail_state`)."""
+        expected = self.tail_state()
+        if set(state) != set(expected):
+            missing = sorted(set(expected) - set(state))[:5]
+            extra = sorted(set(state) - set(expected))[:5]
+            raise ConfigError(
+                f"{self.name}: tail weights do not fit (missing {missing}, unexpected {extra})"
+            )
+        clone = copy.deepcopy(self)
+        clone.load_state_dict(state, strict=False)
+        clone.eval().requires_grad_(False)
+        return clone
 
     def activation_shape(self, geometry: InputGeometry) -> tuple[int, int, int]:
         """``(C, H, W)`` of the activation for an input of this geometry."""

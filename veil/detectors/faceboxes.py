@@ -1,9 +1,14 @@
-"""FaceBoxes (Zhang et al. 2017), ported from FaceBoxes.PyTorch, split after its stem.
+"""FaceBoxes (Zhang et al. 2017), ported from FaceBoxes.PyTorch, split at one of two points.
 
-Head = the "rapidly digested convolutional layers" (conv1, pool, conv2, pool): a raw BGR frame
-becomes a ``[N, 128, H/32, W/32]`` activation. Tail = the three Inception blocks, conv3/conv4
-and the multibox heads. Module and parameter names follow the original so that its published
-checkpoints load unchanged.
+* ``faceboxes`` (the default): head = the "rapidly digested convolutional layers" (conv1,
+  pool, conv2, pool) *and* the three Inception blocks; tail = conv3/conv4 and the multibox
+  heads. The deeper cut keeps the wire shape (``[N, 128, H/32, W/32]``) and leaves less of the
+  picture in what crosses the wire.
+* ``faceboxes-stem``: head = the stem alone; tail = the Inception blocks onward (veil's first
+  cut, kept to measure against).
+
+Module and parameter names follow the original so that its published checkpoints load
+unchanged.
 """
 
 from __future__ import annotations
@@ -112,10 +117,15 @@ def faceboxes_priors(input_height: int, input_width: int, device: torch.device) 
     return torch.cat(levels).to(device=device, dtype=torch.float32)
 
 
-class FaceBoxes(SplitDetector):
-    """FaceBoxes split after its rapidly-digested stem (total stride 32, 128 channels)."""
+SPLITS: dict[str, tuple[str, ...]] = {
+    "faceboxes": ("conv1", "conv2", "inception1", "inception2", "inception3"),
+    "faceboxes-stem": ("conv1", "conv2"),
+}
 
-    name = "faceboxes"
+
+class FaceBoxes(SplitDetector):
+    """FaceBoxes split after its Inception blocks, or after its stem (stride 32, 128 channels)."""
+
     stride = 32
     activation_channels = 128
     mean_bgr = (104.0, 117.0, 123.0)
@@ -123,8 +133,13 @@ class FaceBoxes(SplitDetector):
     default_geometry = InputGeometry(1024, 1024)
     variances = (0.1, 0.2)
 
-    def __init__(self) -> None:
+    def __init__(self, split: str = "faceboxes") -> None:
         super().__init__()
+        if split not in SPLITS:
+            raise ValueError(f"unknown FaceBoxes split {split!r}; known: {', '.join(SPLITS)}")
+        self.name = split
+        self.head_modules = SPLITS[split]
+        self._deep = "inception3" in self.head_modules
         self.weights_id = "untrained"
         self.conv1 = _ConvBN(3, 24, 7, stride=4, padding=3, crelu=True)
         self.conv2 = _ConvBN(48, 64, 5, stride=2, padding=2, crelu=True)
@@ -152,10 +167,15 @@ class FaceBoxes(SplitDetector):
 
     def head(self, x: Tensor) -> Tensor:
         x = F.max_pool2d(self.conv1(x), kernel_size=3, stride=2, padding=1)
-        return F.max_pool2d(self.conv2(x), kernel_size=3, stride=2, padding=1)
+        x = F.max_pool2d(self.conv2(x), kernel_size=3, stride=2, padding=1)
+        return self._inceptions(x) if self._deep else x
+
+    def _inceptions(self, x: Tensor) -> Tensor:
+        out: Tensor = self.inception3(self.inception2(self.inception1(x)))
+        return out
 
     def tail(self, activation: Tensor) -> tuple[Tensor, ...]:
-        x = self.inception3(self.inception2(self.inception1(activation)))
+        x = activation if self._deep else self._inceptions(activation)
         sources = [x]
         x = self.conv3_2(self.conv3_1(x))
         sources.append(x)
@@ -189,10 +209,12 @@ class FaceBoxes(SplitDetector):
         return boxes, conf.softmax(dim=-1)[..., 1], None
 
     @classmethod
-    def from_checkpoint(cls, path: Path, device: str | torch.device = "cpu") -> FaceBoxes:
+    def from_checkpoint(
+        cls, path: Path, device: str | torch.device = "cpu", split: str = "faceboxes"
+    ) -> FaceBoxes:
         """Load a FaceBoxes.PyTorch checkpoint; frozen, in eval mode, on ``device``."""
         path = Path(path)
-        model = cls()
+        model = cls(split)
         load_state_dict_strictly(model, read_torch_state_dict(path), path)
         model.weights_id = file_sha256(path)
         return freeze(model).to(device)

@@ -154,6 +154,7 @@ class RetinaFace(SplitDetector):
     """RetinaFace-MobileNet0.25 split after MobileNet stage 1 (activation at stride 8)."""
 
     name = "retinaface"
+    head_modules = ("body.stage1",)
     stride = 32
     activation_stride = 8
     activation_channels = 64
