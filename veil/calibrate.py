@@ -1,25 +1,35 @@
-"""Calibration: learn one noise profile per alpha with the detector frozen.
+"""Calibration: learn one noise profile per alpha, and a tail that reads it, head frozen.
 
-loss = (1 - alpha) * task + alpha * (-log mean sigma)
+loss = (1 - alpha) * task_weight * task + alpha * leakage
+
+``leakage`` (default ``channel``) is the Gaussian-channel bound on what one element of the
+activation tells an attacker who knows the noise: ``mean_i 0.5 * log(1 + var_i / sigma_i^2)``
+nats, with ``var_i`` the clean activation's variance over the footage (per channel: faces can
+be anywhere, see the random shifts below). Unlike ``-log mean sigma`` (kept as ``log_sigma``),
+it stops rewarding noise on elements that are already drowned and pushes it where the signal
+still shows. With ``tune_tail`` (default) the tail is fine-tuned jointly with the noise, so
+that much stronger noise still keeps the accuracy: every published defence that makes
+reconstructions unrecognisable trains part of the network. The head never changes.
 
 ``task`` is either agreement with the clean model's own outputs on the user's footage
 (``distill``, the default: operators calibrate on their own cameras and have no labels) or the
 detector's multibox loss against ground-truth boxes (``multibox``).
 
-Speed: the detector is frozen, so the head's activations of the calibration images never
-change. They are computed once and reused for every alpha and epoch; each step only runs the
-tail forward and backward. Resumable: finished alphas are skipped, and an interrupted alpha
+Speed: the head is frozen, so the activations of the calibration images never change. They
+are computed once and reused for every alpha and epoch; each step only runs the tail forward
+and backward. Resumable: finished alphas are skipped, and an interrupted alpha
 continues from its last finished epoch. Deterministic under a seed: the shuffling and the noise
 of epoch ``e`` for alpha ``a`` come from a generator seeded by (seed, a, e) alone.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +50,7 @@ BoxArray = np.ndarray[Any, np.dtype[np.float32]]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 
 TaskLoss = Literal["distill", "multibox"]
+LeakageLoss = Literal["channel", "log_sigma"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,10 @@ class CalibrationConfig:
     augment_shifts: bool = True
     # mu is per element too and overfits at the scale's learning rate.
     mu_lr_factor: float = 0.1
+    leakage: LeakageLoss = "channel"
+    # Fine-tune the tail with the noise (one tail per profile), at this Adam learning rate.
+    tune_tail: bool = True
+    tail_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         if not self.alphas:
@@ -78,6 +93,10 @@ class CalibrationConfig:
             raise ConfigError("need 0 <= sigma_min_ratio < sigma_max_ratio")
         if self.task not in ("distill", "multibox"):
             raise ConfigError(f"task loss must be 'distill' or 'multibox', got {self.task!r}")
+        if self.leakage not in ("channel", "log_sigma"):
+            raise ConfigError(f"leakage must be 'channel' or 'log_sigma', got {self.leakage!r}")
+        if self.tail_lr <= 0:
+            raise ConfigError("tail_lr must be > 0")
 
 
 @dataclass
@@ -220,6 +239,147 @@ def _generator(seed: int, alpha: float, epoch: int) -> torch.Generator:
     return gen
 
 
+def channel_leakage(sigma: Tensor, channel_var: Tensor) -> Tensor:
+    """Gaussian-channel bound, nats per element: ``mean 0.5 * log(1 + var / sigma^2)``."""
+    var = channel_var.view(-1, 1, 1)
+    return (0.5 * torch.log1p(var / sigma.clamp_min(1e-6) ** 2)).mean()
+
+
+@dataclass
+class _Trainer:
+    """The state of one alpha's training: noise, the tail being tuned, optimiser, history."""
+
+    teacher: SplitDetector  # the frozen clean detector
+    student: SplitDetector  # the detector whose tail is tuned (the teacher itself if not)
+    layer: NoiseLayer
+    optimizer: torch.optim.Optimizer
+    channel_var: Tensor
+    history: list[dict[str, float]] = field(default_factory=list)
+    first_epoch: int = 0
+
+    def strength(self, config: CalibrationConfig) -> Tensor:
+        if config.leakage == "channel":
+            return channel_leakage(self.layer.sigma(), self.channel_var)
+        return self.layer.strength_loss()
+
+    def save(self, checkpoint: Path, epoch: int) -> None:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint.with_suffix(".tmp")
+        state = {
+            "layer": self.layer.state_dict(),
+            "tail": self.student.tail_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": self.history,
+            "epoch": epoch,
+        }
+        torch.save(state, tmp)
+        tmp.replace(checkpoint)
+
+    def resume(self, checkpoint: Path | None) -> None:
+        if checkpoint is None or not checkpoint.is_file():
+            return
+        state = torch.load(checkpoint, weights_only=False)
+        self.layer.load_state_dict(state["layer"])
+        self.student.load_state_dict(state["tail"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history = state["history"]
+        self.first_epoch = state["epoch"] + 1
+
+
+def _make_trainer(
+    detector: SplitDetector, data: CalibrationSet, config: CalibrationConfig, meta: ProfileMeta
+) -> _Trainer:
+    c, h, w = data.activations.shape[1:]
+    layer = NoiseLayer(
+        (int(c), int(h), int(w)), meta.s_min, meta.s_max, meta.training["initial_sigma"]
+    )
+    groups: list[dict[str, Any]] = [
+        {"params": [layer.rho], "lr": config.lr},
+        {"params": [layer.mu], "lr": config.lr * config.mu_lr_factor},
+    ]
+    student = detector
+    if config.tune_tail:
+        student = copy.deepcopy(detector).eval()
+        tail = student.tail_parameters()
+        for parameter in tail:
+            parameter.requires_grad_(True)
+        groups.append({"params": tail, "lr": config.tail_lr})
+    channel_var = data.activations.float().var(dim=(0, 2, 3))
+    return _Trainer(detector, student, layer, torch.optim.Adam(groups), channel_var)
+
+
+def _task_loss(
+    trainer: _Trainer,
+    data: CalibrationSet,
+    idx: Tensor,
+    config: CalibrationConfig,
+    gen: torch.Generator,
+    priors: Tensor | None,
+) -> Tensor:
+    clean = data.activations[idx]
+    if config.task == "distill" and config.augment_shifts:
+        clean = random_shift(clean, gen)
+        with torch.no_grad():
+            teacher = list(trainer.teacher.tail(clean))
+    elif config.task == "distill":
+        teacher = [t[idx] for t in data.teacher]
+    raw = trainer.student.tail(trainer.layer(clean, generator=gen))
+    if config.task == "distill":
+        return distillation_loss(raw, teacher)
+    from veil.detectors.multibox import multibox_loss
+
+    assert data.targets is not None and priors is not None
+    return multibox_loss(raw[0], raw[1], priors, [data.targets[int(i)] for i in idx]).total
+
+
+def _check_task(
+    detector: SplitDetector, data: CalibrationSet, config: CalibrationConfig
+) -> Tensor | None:
+    if config.task == "multibox":
+        if data.targets is None:
+            raise ConfigError("task loss 'multibox' needs ground-truth boxes")
+        return detector.priors(data.input_height, data.input_width, torch.device("cpu"))
+    if not config.augment_shifts and not data.teacher:
+        raise ConfigError("distillation without shifts needs prepare(..., teacher=True)")
+    return None
+
+
+def _run_epoch(
+    trainer: _Trainer,
+    data: CalibrationSet,
+    alpha: float,
+    config: CalibrationConfig,
+    epoch: int,
+    priors: Tensor | None,
+    bar: tqdm[Any],
+) -> dict[str, float]:
+    gen = _generator(config.seed, alpha, epoch)
+    n = data.activations.shape[0]
+    steps = -(-n // config.batch_size)
+    order = torch.randperm(n, generator=gen)
+    sums = {"loss": 0.0, "task": 0.0, "strength": 0.0}
+    for s in range(steps):
+        idx = order[s * config.batch_size : (s + 1) * config.batch_size]
+        task = _task_loss(trainer, data, idx, config, gen, priors)
+        strength = trainer.strength(config)
+        loss = (1 - alpha) * config.task_weight * task + alpha * strength
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        trainer.optimizer.step()
+        for key, value in (("loss", loss), ("task", task), ("strength", strength)):
+            sums[key] += float(value.detach())
+        bar.update(1)
+        bar.set_postfix(
+            task=f"{float(task.detach()):.3f}",
+            sigma=f"{float(trainer.layer.sigma().detach().mean()):.3f}",
+        )
+    sigma = trainer.layer.sigma().detach()
+    return {k: v / steps for k, v in sums.items()} | {
+        "mean_sigma": float(sigma.mean()),
+        "leakage_nats": float(channel_leakage(sigma, trainer.channel_var)),
+    }
+
+
 def train_profile(
     detector: SplitDetector,
     data: CalibrationSet,
@@ -229,100 +389,30 @@ def train_profile(
     checkpoint: Path | None = None,
     progress: bool = True,
 ) -> NoiseProfile:
-    """Learn the noise for one alpha; resumes from ``checkpoint`` when it exists."""
-    priors: Tensor | None = None
-    if config.task == "multibox":
-        if data.targets is None:
-            raise ConfigError("task loss 'multibox' needs ground-truth boxes")
-        priors = detector.priors(data.input_height, data.input_width, torch.device("cpu"))
-    elif not config.augment_shifts and not data.teacher:
-        raise ConfigError("distillation without shifts needs prepare(..., teacher=True)")
-
-    c, h, w = data.activations.shape[1:]
-    shape = (int(c), int(h), int(w))
-    layer = NoiseLayer(shape, meta.s_min, meta.s_max, initial_sigma=meta.training["initial_sigma"])
-    optimizer = torch.optim.Adam(
-        [
-            {"params": [layer.rho], "lr": config.lr},
-            {"params": [layer.mu], "lr": config.lr * config.mu_lr_factor},
-        ]
-    )
-    history: list[dict[str, float]] = []
-    first_epoch = 0
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
-        layer.load_state_dict(state["layer"])
-        optimizer.load_state_dict(state["optimizer"])
-        history = state["history"]
-        first_epoch = state["epoch"] + 1
-
+    """Learn the noise (and, with ``tune_tail``, its tail) for one alpha; resumable."""
+    priors = _check_task(detector, data, config)
     detector.eval().requires_grad_(False)
-    n = data.activations.shape[0]
-    steps = -(-n // config.batch_size)
+    trainer = _make_trainer(detector, data, config, meta)
+    trainer.resume(checkpoint)
+    steps = -(-data.activations.shape[0] // config.batch_size)
     bar = tqdm(
         total=config.epochs * steps,
-        initial=first_epoch * steps,
+        initial=trainer.first_epoch * steps,
         desc=f"alpha {alpha:.2f}",
         disable=not progress,
         unit="step",
     )
-    for epoch in range(first_epoch, config.epochs):
-        gen = _generator(config.seed, alpha, epoch)
-        order = torch.randperm(n, generator=gen)
-        sums = {"loss": 0.0, "task": 0.0, "strength": 0.0}
-        for s in range(steps):
-            idx = order[s * config.batch_size : (s + 1) * config.batch_size]
-            clean = data.activations[idx]
-            if config.task == "distill" and config.augment_shifts:
-                clean = random_shift(clean, gen)
-                with torch.no_grad():
-                    teacher = list(detector.tail(clean))
-            elif config.task == "distill":
-                teacher = [t[idx] for t in data.teacher]
-            noisy = layer(clean, generator=gen)
-            raw = detector.tail(noisy)
-            if config.task == "distill":
-                task = distillation_loss(raw, teacher)
-            else:
-                from veil.detectors.multibox import multibox_loss
-
-                assert data.targets is not None and priors is not None
-                task = multibox_loss(
-                    raw[0], raw[1], priors, [data.targets[int(i)] for i in idx]
-                ).total
-            strength = layer.strength_loss()
-            loss = (1 - alpha) * config.task_weight * task + alpha * strength
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            sums["loss"] += float(loss.detach())
-            sums["task"] += float(task.detach())
-            sums["strength"] += float(strength.detach())
-            bar.update(1)
-            bar.set_postfix(
-                task=f"{float(task.detach()):.3f}",
-                sigma=f"{float(layer.sigma().detach().mean()):.3f}",
-            )
-        history.append(
-            {k: v / steps for k, v in sums.items()}
-            | {"mean_sigma": float(layer.sigma().detach().mean())}
-        )
+    for epoch in range(trainer.first_epoch, config.epochs):
+        trainer.history.append(_run_epoch(trainer, data, alpha, config, epoch, priors, bar))
         if checkpoint is not None:
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            tmp = checkpoint.with_suffix(".tmp")
-            torch.save(
-                {
-                    "layer": layer.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "history": history,
-                    "epoch": epoch,
-                },
-                tmp,
-            )
-            tmp.replace(checkpoint)
+            trainer.save(checkpoint, epoch)
     bar.close()
-    training = dict(meta.training) | {"epochs_run": len(history), "loss_curve": history}
-    return profile_from_layer(layer, ProfileMeta(**{**meta.__dict__, "training": training}))
+    training = dict(meta.training) | {
+        "epochs_run": len(trainer.history),
+        "loss_curve": trainer.history,
+    }
+    tail = trainer.student.tail_state() if config.tune_tail else None
+    return profile_from_layer(trainer.layer, replace(meta, training=training), tail)
 
 
 def calibrate(
@@ -398,20 +488,17 @@ def calibrate(
                 "sigma_max_ratio": config.sigma_max_ratio,
                 "activation_std": act_std,
                 "initial_sigma": config.initial_sigma_ratio * act_std,
+                "leakage": config.leakage,
+                "tune_tail": config.tune_tail,
+                "tail_lr": config.tail_lr,
             },
         )
         checkpoint = out_dir / ".partial" / f"{run_id}-a{alpha:.2f}.pt"
         profile = train_profile(detector, data, alpha, config, meta, checkpoint, progress)
         seconds = time.perf_counter() - t0
+        training = profile.meta.training | {"seconds": round(seconds, 1)}
         profile = NoiseProfile(
-            ProfileMeta(
-                **{
-                    **profile.meta.__dict__,
-                    "training": profile.meta.training | {"seconds": round(seconds, 1)},
-                }
-            ),
-            profile.mu,
-            profile.rho,
+            replace(profile.meta, training=training), profile.mu, profile.rho, profile.tail
         )
         bank.save(profile)
         checkpoint.unlink(missing_ok=True)
@@ -419,7 +506,9 @@ def calibrate(
         log(
             f"alpha {alpha:.2f}: profile {profile.profile_id} in {seconds:.1f} s "
             f"(task loss {last['task']:.4f}, mean sigma {last['mean_sigma']:.3f} "
-            f"= {last['mean_sigma'] / act_std:.2f} activation std)"
+            f"= {last['mean_sigma'] / act_std:.2f} activation std, leakage bound "
+            f"{last['leakage_nats']:.3f} nats/element, tail "
+            f"{'tuned' if profile.tail is not None else 'frozen'})"
         )
         profiles.append(profile)
     log(f"calibration finished in {time.perf_counter() - started:.1f} s; bank: {out_dir}")
