@@ -13,6 +13,7 @@ from veil.detectors.boxes import decode_ssd
 
 class TinyDetector(SplitDetector):
     name = "tiny"
+    head_modules = ("body",)
     weights_id = "0" * 64
     stride = 8
     activation_channels = 8
