@@ -62,7 +62,9 @@ def fddb_set(
             path, weights_only=False
         )
         return cached
-    images = [im for fold in load_fddb(data_root(), range(1, 11), per_fold).folds for im in fold.images]
+    images = [
+        im for fold in load_fddb(data_root(), range(1, 11), per_fold).folds for im in fold.images
+    ]
     acts: list[torch.Tensor] = []
     lbs: list[Letterbox] = []
     with torch.no_grad():
@@ -140,8 +142,13 @@ def main() -> None:
     print(f"{args.model} clean AP {clean:.4f} on {fddb[0].shape[0]} FDDB images", flush=True)
     for alpha in config.alphas:
         meta = ProfileMeta(
-            detector.name, detector.weights_id, str(geometry), tuple(data.activations.shape[1:]),
-            alpha, 0.0, args.sigma_max * std,
+            detector.name,
+            detector.weights_id,
+            str(geometry),
+            tuple(data.activations.shape[1:]),
+            alpha,
+            0.0,
+            args.sigma_max * std,
             training={"initial_sigma": args.initial_sigma * std},
         )
         t0 = time.perf_counter()
@@ -151,11 +158,16 @@ def main() -> None:
         sigma = profile.sigma()
         frozen_ap = fddb_ap(detector, geometry, fddb, replace(profile, tail=None))
         row = {
-            "tag": args.tag, "model": args.model, "alpha": alpha, "ap": round(ap, 4),
-            "kept": round(ap / clean, 4), "frozen_tail_kept": round(frozen_ap / clean, 4),
+            "tag": args.tag,
+            "model": args.model,
+            "alpha": alpha,
+            "ap": round(ap, 4),
+            "kept": round(ap / clean, 4),
+            "frozen_tail_kept": round(frozen_ap / clean, 4),
             "sigma_ratio": round(float(sigma.mean()) / std, 3),
             "leak_nats": round(float(channel_leakage(sigma, var)), 4),
-            "seconds": round(seconds, 1), "config": vars(args),
+            "seconds": round(seconds, 1),
+            "config": vars(args),
         }
         print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
         with open("runs/sweep.jsonl", "a") as fh:

@@ -80,6 +80,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         sigma_max_ratio=args.sigma_max,
         task_weight=args.task_weight,
         initial_sigma_ratio=args.initial_sigma,
+        leakage=args.leakage,
+        tune_tail=not args.frozen_tail,
+        tail_lr=args.tail_lr,
     )
     started = time.perf_counter()
     print(
@@ -488,9 +491,54 @@ def _accuracy_from(path: str) -> tuple[dict[float, float], float | None]:
     return accuracy, clean_ap
 
 
-def cmd_privacy(args: argparse.Namespace) -> int:
+def _privacy_fddb(args: argparse.Namespace) -> dict[str, Any]:
+    """The default data: the attacker's WIDER FACE images, FDDB victims and distractors."""
     from veil.calibrate import list_images
+    from veil.data import data_root
     from veil.eval.fddb import load_fddb
+
+    root = Path(".") if args.train_images and args.eval_fddb else data_root()
+    assert root is not None  # data_root() raises when the reference data is missing
+    wider = root / "widerface" / "WIDER_val" / "images"
+    train_dir = Path(args.train_images) if args.train_images else wider
+    fddb_dir = Path(args.eval_fddb) if args.eval_fddb else root / "fddb"
+    per_fold = args.max_eval_per_fold + args.distractors_per_fold
+    fddb = load_fddb(fddb_dir, max_images_per_fold=per_fold)
+    victims = [im for f in fddb.folds for im in f.images[: args.max_eval_per_fold]]
+    others = [im for f in fddb.folds for im in f.images[args.max_eval_per_fold :]]
+    return {
+        "train_images": list_images(train_dir, args.max_train),
+        "eval_images": [im.path for im in victims],
+        "eval_gt_boxes": [im.boxes.astype(np.float32) for im in victims],
+        "distractor_images": [im.path for im in others],
+        "distractor_boxes": [im.boxes.astype(np.float32) for im in others],
+        "train_source": str(train_dir),
+        "eval_source": str(fddb_dir),
+        "data_source": f"fddb:{fddb_dir}",
+    }
+
+
+def _privacy_footage(args: argparse.Namespace, cache: Path) -> dict[str, Any]:
+    """The operator's footage: sampled, split by time; clean detections stand in for faces."""
+    from veil.privacy.footage import sample_footage, split_by_time
+
+    path = Path(args.footage)
+    samples = sample_footage(path, args.footage_frames, cache)
+    split = split_by_time(samples, str(path), args.footage_train_share)
+    print(split.describe(), flush=True)
+    return {
+        "train_images": split.train,
+        "eval_images": split.eval,
+        "eval_gt_boxes": None,
+        "train_source": f"{path} (first part)",
+        "eval_source": f"{path} (later part)",
+        "data_source": f"footage:{path}",
+    }
+
+
+def cmd_privacy(args: argparse.Namespace) -> int:
+    import tempfile
+
     from veil.privacy.report import attach_accuracy, privacy_report
 
     if args.attach_accuracy_only:
@@ -503,31 +551,30 @@ def cmd_privacy(args: argparse.Namespace) -> int:
         print(f"accuracy added to {Path(args.out) / 'report.html'} ({len(report.rows)} rows)")
         return 0
     detector = _detector(args)
-    train = list_images(Path(args.train_images), args.max_train)
-    fddb = load_fddb(Path(args.eval_fddb), max_images_per_fold=args.max_eval_per_fold)
-    eval_paths = [im.path for im in fddb.images]
-    eval_boxes = [im.boxes.astype(np.float32) for im in fddb.images]
     accuracy: dict[float, float] | None = None
     clean_ap: float | None = None
     if args.accuracy:
         accuracy, clean_ap = _accuracy_from(args.accuracy)
-    report = privacy_report(
-        detector,
-        Path(args.bank),
-        train,
-        eval_paths,
-        eval_boxes,
-        accuracy,
-        clean_ap,
-        Path(args.out),
-        epochs=args.epochs,
-        image_size=args.image_size,
-        rmle_images=args.rmle_images,
-        rmle_steps=args.rmle_steps,
-        seed=args.seed,
-        train_source=args.train_images,
-        eval_source=args.eval_fddb,
-    )
+    with tempfile.TemporaryDirectory(prefix="veil-footage-") as tmp:
+        data = _privacy_footage(args, Path(tmp)) if args.footage else _privacy_fddb(args)
+        report = privacy_report(
+            detector,
+            Path(args.bank),
+            accuracy=accuracy,
+            clean_ap=clean_ap,
+            out_dir=Path(args.out),
+            epochs=args.epochs,
+            image_size=args.image_size,
+            rmle_images=args.rmle_images,
+            rmle_steps=args.rmle_steps,
+            linkage_epochs=args.linkage_epochs,
+            seed=args.seed,
+            deployed_alpha=args.deployed_alpha,
+            record_leakage=not args.no_record_leakage,
+            **data,
+        )
+    for line in report.verdict:
+        print(line["text"])
     print(f"privacy report: {Path(args.out) / 'report.html'} ({len(report.rows)} rows)")
     return 0
 
@@ -555,6 +602,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--initial-sigma", type=float, default=0.25, help="x activation std")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--sigma-max", type=float, default=10.0, help="upper noise bound, x act. std")
+    p.add_argument(
+        "--leakage",
+        default="channel",
+        choices=["channel", "log_sigma"],
+        help="noise term: Gaussian-channel bound (default) or -log mean sigma",
+    )
+    p.add_argument(
+        "--frozen-tail", action="store_true", help="learn the noise only (no tail per profile)"
+    )
+    p.add_argument("--tail-lr", type=float, default=1e-4, help="learning rate of the tail")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="profile bank folder")
     p.set_defaults(func=cmd_calibrate)
@@ -621,21 +678,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("privacy", help="attack a profile bank; write the privacy report")
     _add_model_args(p)
     p.add_argument("--bank", required=True, help="profile bank folder")
-    p.add_argument("--train-images", required=True, help="the attacker's images (a folder)")
-    p.add_argument("--eval-fddb", required=True, help="FDDB folder: held-out victims + faces")
+    p.add_argument("--footage", help="your own footage (video file or folder of frames)")
+    p.add_argument("--footage-frames", type=int, default=120, help="frames sampled from it")
+    p.add_argument("--footage-train-share", type=float, default=0.6, help="attacker's part")
+    p.add_argument("--train-images", help="the attacker's images (default: $VEIL_DATA WIDER)")
+    p.add_argument("--eval-fddb", help="FDDB folder: victims + faces (default: $VEIL_DATA)")
     p.add_argument("--max-train", type=int, default=300)
-    p.add_argument("--max-eval-per-fold", type=int, default=6)
+    p.add_argument("--max-eval-per-fold", type=int, default=4)
+    p.add_argument(
+        "--distractors-per-fold", type=int, default=6, help="further FDDB images, gallery only"
+    )
     p.add_argument("--accuracy", help="JSON of `veil eval fddb --all-alphas --json`")
     p.add_argument(
         "--attach-accuracy-only",
         action="store_true",
         help="add --accuracy to the report already in --out (no attacks are run)",
     )
+    p.add_argument("--deployed-alpha", type=float, help="the alpha in service (marked)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--rmle-images", type=int, default=4)
-    p.add_argument("--rmle-steps", type=int, default=200)
+    p.add_argument("--rmle-images", type=int, default=20)
+    p.add_argument("--rmle-steps", type=int, default=60)
+    p.add_argument("--linkage-epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-record-leakage", action="store_true", help="leave the profiles' meta untouched"
+    )
     p.add_argument("--out", default="runs/privacy")
     p.set_defaults(func=cmd_privacy)
 

@@ -1,7 +1,8 @@
-"""Measured privacy: how much of a frame an attacker rebuilds from what crosses the wire.
+"""Measured privacy: who an attacker can still recognise from what crosses the wire.
 
 ``privacy_report`` is the entry point; ``attacks`` holds the learned decoder and the
-white-box rMLE optimisation; ``metrics`` holds SSIM, PSNR and face re-detection.
+white-box rMLE optimisation, ``linkage`` the feature-linkage attack; ``identity`` the face
+recogniser and the identification scores; ``metrics`` SSIM, PSNR and face re-detection.
 """
 
 from veil.privacy.attacks import (
@@ -25,7 +26,8 @@ from veil.privacy.metrics import (
     redetection_rate,
     ssim,
 )
-from veil.privacy.report import AttackScores, PrivacyReport, ReportRow, privacy_report
+from veil.privacy.report import PrivacyReport, ReportOptions, ReportRow, privacy_report
+from veil.privacy.scores import AttackScores, strongest
 
 __all__ = [
     "AttackScores",
@@ -34,6 +36,7 @@ __all__ = [
     "InversionDecoder",
     "NoiseModel",
     "PrivacyReport",
+    "ReportOptions",
     "ReportRow",
     "RmleResult",
     "TrainedDecoder",
@@ -48,5 +51,6 @@ __all__ = [
     "redetection_rate",
     "rmle_attack",
     "ssim",
+    "strongest",
     "train_decoder",
 ]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from veil.detectors.base import Frame, InputGeometry, SplitDetector
+from veil.detectors.base import Frame, InputGeometry, Letterbox, SplitDetector
 from veil.errors import ConfigError, DatasetError
 from veil.eval import read_image
+from veil.privacy.metrics import BoxArray
 from veil.profiles import NoiseProfile
 
 # Below this many activation standard deviations an element is treated as constant (dead
@@ -56,6 +57,9 @@ class AttackSet:
     target_scales: list[float]  # target pixels per frame pixel, for mapping boxes
     geometry: InputGeometry
     digests: list[str] = field(default_factory=list)  # coarse pixel hashes, for overlap checks
+    frame_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) of each
+    input_scales: list[float] = field(default_factory=list)  # input pixels per frame pixel
+    faces: list[BoxArray] = field(default_factory=list)  # clean detector's boxes (face_score)
 
     def __len__(self) -> int:
         return int(self.activations.shape[0])
@@ -91,6 +95,23 @@ def reconstruction_size(
     return act_h * scale, act_w * scale
 
 
+FrameVisitor = Callable[[int, Frame, BoxArray | None], None]
+
+
+@dataclass
+class _Parts:
+    """What :func:`prepare_attack_set` collects batch by batch."""
+
+    activations: list[Tensor] = field(default_factory=list)
+    targets: list[Tensor] = field(default_factory=list)
+    content: list[tuple[int, int]] = field(default_factory=list)
+    scales: list[float] = field(default_factory=list)
+    digests: list[str] = field(default_factory=list)
+    frame_sizes: list[tuple[int, int]] = field(default_factory=list)
+    input_scales: list[float] = field(default_factory=list)
+    faces: list[BoxArray] = field(default_factory=list)
+
+
 @torch.no_grad()
 def prepare_attack_set(
     detector: SplitDetector,
@@ -100,18 +121,20 @@ def prepare_attack_set(
     batch_size: int = 8,
     progress: bool = True,
     desc: str = "attack images",
+    *,
+    face_score: float | None = None,
+    visit: FrameVisitor | None = None,
 ) -> AttackSet:
-    """Letterbox each image into ``geometry``, run the head, and keep a downscaled target."""
+    """Letterbox each image into ``geometry``, run the head, and keep a downscaled target.
+
+    With ``face_score``, the clean detector's boxes of at least that score (frame pixels) are
+    kept in ``faces``, decoded from the same head output. ``visit(index, frame, faces)`` is
+    called on every full-resolution frame (e.g. to embed its faces) before it is dropped.
+    """
     if not images:
         raise DatasetError(f"{desc}: no images")
     detector.check_geometry(geometry)
-    mean = torch.tensor(detector.mean_bgr, device=detector.device).view(1, 3, 1, 1)
-    std = torch.tensor(detector.std_bgr, device=detector.device).view(1, 3, 1, 1)
-    activations: list[Tensor] = []
-    targets: list[Tensor] = []
-    content: list[tuple[int, int]] = []
-    scales: list[float] = []
-    digests: list[str] = []
+    parts = _Parts()
     size: tuple[int, int] | None = None
     bar = tqdm(total=len(images), desc=desc, disable=not progress, unit="img")
     for start in range(0, len(images), batch_size):
@@ -125,28 +148,66 @@ def prepare_attack_set(
             size = reconstruction_size(
                 (int(activation.shape[2]), int(activation.shape[3])), geometry, image_size
             )
-        pixels = (x * std + mean).clamp(0, 255)
-        # Area averaging: an anti-aliased downscale, as the target a viewer would compare.
-        small = F.interpolate(pixels, size=size, mode="area")
-        targets.append(small.round().to(torch.uint8).cpu())
-        activations.append(activation.cpu())
-        ratio = size[1] / geometry.width
-        for frame, lb in zip(frames, letterboxes, strict=True):
-            s = lb.scale * ratio
-            content.append(
-                (
-                    min(size[1], max(1, round(lb.frame_width * s))),
-                    min(size[0], max(1, round(lb.frame_height * s))),
-                )
-            )
-            scales.append(s)
-            digests.append(_pixel_digest(frame))
+        faces: list[BoxArray | None] = [None] * len(frames)
+        if face_score is not None:
+            height, width = int(x.shape[2]), int(x.shape[3])
+            raw = detector.tail(activation)
+            found = detector.decode(raw, letterboxes, height, width, face_score)
+            faces = [d.above(face_score).xyxy.astype(np.float32).reshape(-1, 4) for d in found]
+        _collect(parts, detector, x, activation, letterboxes, frames, size, geometry)
+        for k, (frame, boxes) in enumerate(zip(frames, faces, strict=True)):
+            if boxes is not None:
+                parts.faces.append(boxes)
+            if visit is not None:
+                visit(start + k, frame, boxes)
         bar.update(len(frames))
     bar.close()
-    return AttackSet(torch.cat(activations), torch.cat(targets), content, scales, geometry, digests)
+    return AttackSet(
+        torch.cat(parts.activations),
+        torch.cat(parts.targets),
+        parts.content,
+        parts.scales,
+        geometry,
+        parts.digests,
+        parts.frame_sizes,
+        parts.input_scales,
+        parts.faces,
+    )
 
 
-def _pixel_digest(frame: Frame) -> str:
+def _collect(
+    parts: _Parts,
+    detector: SplitDetector,
+    x: Tensor,
+    activation: Tensor,
+    letterboxes: Sequence[Letterbox],
+    frames: Sequence[Frame],
+    size: tuple[int, int],
+    geometry: InputGeometry,
+) -> None:
+    mean = torch.tensor(detector.mean_bgr, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(detector.std_bgr, device=x.device).view(1, 3, 1, 1)
+    pixels = (x * std + mean).clamp(0, 255)
+    # Area averaging: an anti-aliased downscale, as the target a viewer would compare.
+    small = F.interpolate(pixels, size=size, mode="area")
+    parts.targets.append(small.round().to(torch.uint8).cpu())
+    parts.activations.append(activation.cpu())
+    ratio = size[1] / geometry.width
+    for frame, lb in zip(frames, letterboxes, strict=True):
+        s = lb.scale * ratio
+        parts.content.append(
+            (
+                min(size[1], max(1, round(lb.frame_width * s))),
+                min(size[0], max(1, round(lb.frame_height * s))),
+            )
+        )
+        parts.scales.append(s)
+        parts.input_scales.append(lb.scale)
+        parts.frame_sizes.append((int(frame.shape[0]), int(frame.shape[1])))
+        parts.digests.append(pixel_digest(frame))
+
+
+def pixel_digest(frame: Frame) -> str:
     small = frame[:: max(1, frame.shape[0] // 32), :: max(1, frame.shape[1] // 32)]
     return hashlib.sha256(small.tobytes() + str(frame.shape).encode()).hexdigest()[:16]
 
@@ -337,9 +398,10 @@ def train_decoder(
 @dataclass
 class RmleResult:
     images: Tensor  # [N, 3, H, W] BGR in [0, 1]
-    data_loss: list[float]  # activation-matching term, per step
+    data_loss: list[float]  # activation-matching term, per step, mean over the images
     seconds: float
     steps: int
+    image_data_loss: Tensor = field(default_factory=lambda: torch.zeros(0, 0))  # [steps, N]
 
 
 def total_variation(images: Tensor) -> Tensor:
@@ -347,6 +409,35 @@ def total_variation(images: Tensor) -> Tensor:
     dx = (images[..., :, 1:] - images[..., :, :-1]).abs().mean(dim=(1, 2, 3))
     dy = (images[..., 1:, :] - images[..., :-1, :]).abs().mean(dim=(1, 2, 3))
     return dx + dy
+
+
+@dataclass(frozen=True)
+class _RmleProblem:
+    """The fixed parts of one rMLE optimisation, on the detector's device."""
+
+    detector: SplitDetector
+    geometry: InputGeometry
+    observed: Tensor  # [N, C, h, w]
+    mu: Tensor
+    weights: Tensor  # per-element likelihood weight s^2 / (s^2 + sigma^2)
+    mean: Tensor
+    std: Tensor
+    activation_scale: float
+    tv_weight: float
+
+    def losses(self, logits: Tensor, index: slice) -> tuple[Tensor, Tensor]:
+        """Per-image (data term, data + TV) of the images ``index``, each ``[n]``."""
+        image = torch.sigmoid(logits[index])
+        full = F.interpolate(
+            image,
+            size=(self.geometry.height, self.geometry.width),
+            mode="bilinear",
+            align_corners=False,
+        )
+        activation = self.detector.head((full * 255.0 - self.mean) / self.std)
+        residual = (activation + self.mu - self.observed[index]) / self.activation_scale
+        data = (self.weights * residual**2).mean(dim=(1, 2, 3))
+        return data, data + self.tv_weight * total_variation(image)
 
 
 def rmle_attack(
@@ -357,9 +448,10 @@ def rmle_attack(
     size: tuple[int, int],
     activation_scale: float,
     *,
-    steps: int = 200,
-    lr: float = 0.1,
+    steps: int = 60,
+    lr: float = 0.025,
     tv_weight: float = 3.0,
+    chunk: int = 4,
     progress: bool = True,
 ) -> RmleResult:
     """White-box inversion: ``argmin_x  E_w[(head(x) + mu - z)^2] + tv_weight * TV(x)``.
@@ -369,45 +461,64 @@ def rmle_attack(
     preprocessing does. The squared residual is in units of ``activation_scale`` (the clean
     activations' standard deviation) and weighted per element by ``s^2 / (s^2 + sigma^2)``
     with ``s = activation_scale``: the Gaussian log-likelihood under the known noise, with a
-    model-error floor so that the clean case (sigma = 0) stays finite. Adam on the pixels at a
-    constant rate (a cosine decay scored lower at every budget tried). ``tv_weight`` 3 was
-    the best of 0.01 to 30 for FaceBoxes on FDDB images, at 256x256 and 1024x1024 inputs.
+    model-error floor so that the clean case (sigma = 0) stays finite. ``tv_weight`` 3 was
+    the best of 0.01 to 30 for FaceBoxes (stem split, lr 0.1) on FDDB images, at 256x256 and
+    1024x1024 inputs.
+
+    Batched: all images are one optimisation (one Adam over every image's pixels) whose loss
+    is the SUM of the per-image losses, so each image gets exactly the gradient it would get
+    alone and batching does not dilute the step; the head runs ``chunk`` images at a time
+    (gradients accumulate), which bounds memory. Adam at a constant rate (a cosine decay
+    scored lower at every budget tried).
+
+    Cost (measured): FaceBoxes split after its Inception blocks, 1024x1024 input, 256x256
+    reconstructions, one CPU core, 20 FDDB images in one call: 261 s for the default 60
+    steps, i.e. 13 s per image (0.22 s per image and step); the data term fell to 4.4% of its
+    start on average (5.7% at worst). Rate: on 4 FDDB images, lr 0.025 reached after 50
+    steps the data term that lr 0.1 (the old default) reached after 100, and after 100 what
+    it reached after 200; lr 0.3 was worse than 0.1.
     """
-    if steps < 1:
-        raise ConfigError(f"rMLE needs steps >= 1, got {steps}")
+    if steps < 1 or chunk < 1:
+        raise ConfigError(f"rMLE needs steps >= 1 and chunk >= 1, got {steps}, {chunk}")
     if activation_scale <= 0:
         raise ConfigError(f"activation_scale must be positive, got {activation_scale}")
     started = time.perf_counter()
     device = detector.device
     detector.eval()
-    mean = torch.tensor(detector.mean_bgr, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(detector.std_bgr, device=device).view(1, 3, 1, 1)
-    z = observed.to(device)
-    mu = noise.mu.to(device)
-    weights = activation_scale**2 / (activation_scale**2 + noise.sigma.to(device) ** 2)
-    logits = torch.zeros(z.shape[0], 3, *size, device=device, requires_grad=True)
+    problem = _RmleProblem(
+        detector,
+        geometry,
+        observed.to(device),
+        noise.mu.to(device),
+        activation_scale**2 / (activation_scale**2 + noise.sigma.to(device) ** 2),
+        torch.tensor(detector.mean_bgr, device=device).view(1, 3, 1, 1),
+        torch.tensor(detector.std_bgr, device=device).view(1, 3, 1, 1),
+        activation_scale,
+        tv_weight,
+    )
+    n = int(observed.shape[0])
+    logits = torch.zeros(n, 3, *size, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([logits], lr=lr)
-    history: list[float] = []
+    history = torch.zeros(steps, n)
     bar = tqdm(total=steps, desc=f"rMLE ({noise.label})", disable=not progress, unit="step")
     with torch.enable_grad():
-        for _ in range(steps):
-            image = torch.sigmoid(logits)
-            full = F.interpolate(
-                image, size=(geometry.height, geometry.width), mode="bilinear", align_corners=False
-            )
-            activation = detector.head((full * 255.0 - mean) / std)
-            residual = (activation + mu - z) / activation_scale
-            data = (weights * residual**2).mean()
-            loss = data + tv_weight * total_variation(image).mean()
+        for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
+            for first in range(0, n, chunk):
+                index = slice(first, min(n, first + chunk))
+                data, loss = problem.losses(logits, index)
+                loss.sum().backward()  # type: ignore[no-untyped-call]
+                history[step, index] = data.detach().cpu()
             optimizer.step()
-            history.append(float(data.detach()))
             bar.update(1)
-            bar.set_postfix(match=f"{history[-1]:.4f}")
+            bar.set_postfix(match=f"{float(history[step].mean()):.4f}")
     bar.close()
     return RmleResult(
-        torch.sigmoid(logits).detach().cpu(), history, time.perf_counter() - started, steps
+        torch.sigmoid(logits).detach().cpu(),
+        history.mean(1).tolist(),
+        time.perf_counter() - started,
+        steps,
+        history,
     )
 
 

@@ -14,6 +14,7 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -27,11 +28,76 @@ from stream.wire import ActivationMessage, FramePlacement, Quantisation, decode_
 from veil import observability as obs
 from veil.config import BatchingConfig, StreamConfig
 from veil.errors import ProfileError, SourceError, VeilError
-from workers.trusted.obfuscator import Obfuscator
+from workers.trusted.obfuscator import Obfuscator, ProfileTable
 
 log = structlog.get_logger(__name__)
 
 _END = object()  # sentinel: no more frames will come
+
+
+def _leakage_text(leakage: dict[str, Any]) -> str:
+    if not leakage or not leakage.get("rank1"):
+        return "leakage not measured: run veil privacy"
+    rank1, floor = leakage["rank1"], leakage.get("boxes_only") or {}
+    floor_text = ""
+    if floor.get("rank1"):
+        floor_text = f", boxes-only {100 * float(floor['rank1']['value']):.1f}%"
+    return (
+        f"measured leakage: the strongest attack ({leakage.get('strongest_attack')}) "
+        f"re-identified {100 * float(rank1['value']):.1f}% [{100 * float(rank1['low']):.1f}, "
+        f"{100 * float(rank1['high']):.1f}] of {rank1['n']} faces (chance "
+        f"{100 * float(leakage.get('chance', float('nan'))):.1f}%{floor_text}) on "
+        f"{leakage.get('data_source', '?')}, {leakage.get('date', '?')}"
+    )
+
+
+def _source_name(text: str) -> str:
+    """``video:/a/b.mp4`` or ``/a/./b.mp4`` -> a comparable name (resolved when a file)."""
+    for prefix in ("video:", "images:", "widerface:"):
+        text = text.removeprefix(prefix)
+    with contextlib.suppress(OSError, ValueError):
+        path = Path(text)
+        if "://" not in text and path.exists():
+            return str(path.resolve())
+    return text
+
+
+def profile_notes(streams: Sequence[StreamConfig], table: ProfileTable) -> list[dict[str, Any]]:
+    """Per stream, the profile it starts with, what it was calibrated on and its measured
+    leakage, as log fields with a readable ``message``."""
+    notes = []
+    for s in streams:
+        row = table.row(s.alpha)
+        if row == 0:
+            message = f"stream {s.id}: alpha 0, no noise: activations leave unprotected"
+            notes.append({"stream": s.id, "alpha": 0.0, "message": message})
+            continue
+        profile = table.profiles[row - 1]
+        trained = profile.meta.trained_on
+        calibrated = str(trained.get("source") or "unknown footage")
+        message = (
+            f"stream {s.id}: noise profile {profile.profile_id} (alpha {profile.alpha:.2f}), "
+            f"calibrated on {calibrated} ({trained.get('images', '?')} images); "
+            + _leakage_text(profile.meta.leakage)
+        )
+        other = _source_name(calibrated) != _source_name(s.source)
+        if other:
+            message += (
+                f"; NOTE: calibrated on other footage ({calibrated}) than this stream's source "
+                f"({s.source})"
+            )
+        notes.append(
+            {
+                "stream": s.id,
+                "alpha": profile.alpha,
+                "profile_id": profile.profile_id,
+                "trained_on": trained,
+                "leakage": profile.meta.leakage or None,
+                "other_footage": other,
+                "message": message,
+            }
+        )
+    return notes
 
 
 @dataclass
@@ -109,6 +175,8 @@ class EdgeWorker:
             self._control_task = asyncio.create_task(self._control_loop(), name="control")
         self.ready = True
         log.info("edge.started", streams=[s.id for s in self.streams], alphas=self.alphas)
+        for note in profile_notes(self.streams, self.obfuscator.table):
+            log.info("edge.profile", **note)
 
     async def stop(self) -> None:
         """Stop reading, publish what was already read, flush the producer."""

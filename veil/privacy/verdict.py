@@ -1,0 +1,122 @@
+"""The report's verdict: one plain sentence per setting, generated from its numbers.
+
+Example: ``alpha 0.90 (deployed): the strongest attack (rMLE) re-identified 3.1% of 64 faces
+[1.2, 7.0] (chance 1.0%, boxes-only 0.0%); 9.4% [4.4, 19.0] lie within dlib's same-person
+distance of their original (boxes-only 3.1%); accuracy kept 0.97. Identity leaks: the
+interval lies above both floors.``
+
+A setting leaks identity when the lower end of its strongest attack's rank-1 interval lies
+above both floors (chance and the boxes-only attacker); otherwise no leak beyond what the
+output boxes give is measurable at that sample size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from veil.privacy.identity import Rate
+from veil.privacy.scores import AttackScores, attack_title
+
+if TYPE_CHECKING:
+    from veil.privacy.report import PrivacyReport, ReportRow
+
+
+def pct(value: float) -> str:
+    """A share as a percentage with one decimal (``n/a`` for NaN)."""
+    return "n/a" if math.isnan(value) else f"{100 * value:.1f}"
+
+
+def _rate(rate: Rate) -> str:
+    faces = "face" if rate.n == 1 else "faces"
+    return f"{pct(rate.value)}% of {rate.n} {faces} [{pct(rate.low)}, {pct(rate.high)}]"
+
+
+def _small_gallery(report: PrivacyReport) -> str:
+    size = int(report.gallery["size"])
+    if size >= int(report.settings.get("min_gallery", 100)):
+        return ""
+    kind = "identities" if report.gallery["mode"] == "identities" else "faces"
+    return (
+        f" The gallery holds only {size} {kind}, so rank-1 says little here; read the "
+        "same-person share against its boxes-only floor."
+    )
+
+
+def _floors(report: PrivacyReport) -> tuple[float, float, float]:
+    """(chance, boxes-only rank-1, boxes-only same-person share)."""
+    floor = report.references.get("boxes-only")
+    rank1 = math.nan if floor is None else floor.rank1
+    same = math.nan if floor is None else floor.same_person
+    return report.chance, rank1, same
+
+
+def leaks(head: AttackScores, chance: float, boxes_only: float) -> bool:
+    """Whether the rank-1 interval's lower end lies above both floors."""
+    if head.identity is None:
+        return False
+    floors = [v for v in (chance, boxes_only) if not math.isnan(v)]
+    return head.identity.rank1.low > max(floors, default=0.0)
+
+
+def _setting_name(row: ReportRow) -> str:
+    name = "no noise (clean)" if row.alpha is None else f"alpha {row.alpha:.2f}"
+    return name + (" (deployed)" if row.deployed else "")
+
+
+def verdict_line(row: ReportRow, report: PrivacyReport) -> str:
+    chance, floor_rank1, floor_same = _floors(report)
+    head = row.headline
+    name = _setting_name(row)
+    accuracy = (
+        "accuracy not measured" if row.ap_kept is None else f"accuracy kept {row.ap_kept:.2f}"
+    )
+    if head is None or head.identity is None:
+        return f"{name}: no face could be scored for identity; {accuracy}."
+    ident = head.identity
+    text = (
+        f"{name}: the strongest attack ({attack_title(head.attack)}) re-identified "
+        f"{_rate(ident.rank1)} (chance {pct(chance)}%, boxes-only {pct(floor_rank1)}%); "
+        f"{pct(ident.same_person.value)}% [{pct(ident.same_person.low)}, "
+        f"{pct(ident.same_person.high)}] lie within dlib's same-person distance of their "
+        f"original (boxes-only {pct(floor_same)}%); {accuracy}. "
+    )
+    if leaks(head, chance, floor_rank1):
+        text += "Identity leaks: the interval lies above both floors."
+    else:
+        text += (
+            "No identity leak beyond what the boxes give is measurable at this sample size: "
+            "the interval reaches the floors."
+        )
+    return text + _small_gallery(report)
+
+
+def verdict(report: PrivacyReport) -> list[dict[str, Any]]:
+    """Per setting: the sentence and the numbers it was made from (for report.json)."""
+    chance, floor_rank1, _ = _floors(report)
+    entries = []
+    for row in report.rows:
+        head = row.headline
+        entries.append(
+            {
+                "label": row.label,
+                "alpha": row.alpha,
+                "deployed": row.deployed,
+                "strongest": row.strongest,
+                "leaks": head is not None and leaks(head, chance, floor_rank1),
+                "text": verdict_line(row, report),
+            }
+        )
+    return entries
+
+
+def deployment_note(report: PrivacyReport) -> str:
+    """Which alpha is deployed, or that none was named / it has no profile here."""
+    if report.deployed_alpha is None:
+        return "No deployed alpha was named (veil privacy --deployed-alpha A marks one)."
+    if not any(r.deployed for r in report.rows):
+        return (
+            f"The deployed alpha {report.deployed_alpha:.2f} has no profile in this bank: "
+            "its leakage is not measured here."
+        )
+    return f"Deployed: alpha {report.deployed_alpha:.2f} (marked below)."
