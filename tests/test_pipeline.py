@@ -1,7 +1,8 @@
 """The whole pipeline on real services: tansu (or Kafka in Docker) and the bundled Triton.
 
 A real video goes through sources -> head + noise -> Kafka -> Triton tail -> detections, and
-what comes out is compared with the same model run in-process on the same frames.
+what comes out is compared with the same model run in-process on the same frames. The Triton
+repository is exported with the profile bank, so a profile's own tail serves its frames.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 import pytest_asyncio
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from tritonclient.grpc.aio import InferenceServerClient
 
 from stream.kafka import DEFAULT_TOPICS, ensure_topics
 from stream.wire import ActivationMessage, ControlMessage, decode, encode, encode_control
@@ -42,7 +44,7 @@ from workers.trusted.edge import EdgeWorker
 from workers.trusted.obfuscator import Obfuscator, ProfileTable
 from workers.untrusted.detect import DetectWorker
 from workers.untrusted.tail_client import TritonTail
-from workers.untrusted.triton_repo import TailManifest, export_model_repository
+from workers.untrusted.triton_repo import Backend, TailManifest, export_model_repository
 
 pytestmark = [pytest.mark.services, pytest.mark.data]
 GEOMETRY = InputGeometry(640, 384)  # single_face.mp4 is 640x360: letterboxed, 24 rows of pad
@@ -71,9 +73,21 @@ def video(data: Path) -> Path:
     return data / "videos" / "single_face.mp4"
 
 
+def tuned_tail_state(detector: FaceBoxes) -> dict[str, torch.Tensor]:
+    """The tail's conv kernels scaled by 1 + 0.1 N(0, 1) (seed 0): a tail of its own."""
+    generator = torch.Generator().manual_seed(0)
+    return {
+        k: v * (1 + 0.1 * torch.randn(v.shape, generator=generator))
+        if k.endswith("weight") and v.dim() == 4
+        else v.clone()
+        for k, v in detector.tail_state().items()
+    }
+
+
 @pytest.fixture(scope="module")
 def bank(detector: FaceBoxes, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two small, known profiles (alpha 0.5 and 0.9), enough to see noise and switch."""
+    """Two small, known profiles (alpha 0.5 and 0.9), enough to see noise and switch; the 0.9
+    one carries its own tail, which the outside must run for its frames."""
     root = tmp_path_factory.mktemp("bank")
     shape = detector.activation_shape(GEOMETRY)
     for alpha, sigma in ((0.5, 0.02), (0.9, 0.05)):
@@ -81,13 +95,20 @@ def bank(detector: FaceBoxes, tmp_path_factory: pytest.TempPathFactory) -> Path:
         meta = ProfileMeta(
             detector.name, detector.weights_id, str(GEOMETRY), shape, alpha, 0.0, 1.0
         )
-        ProfileBank(root).save(profile_from_layer(layer, meta))
+        tail = tuned_tail_state(detector) if alpha == 0.9 else None
+        ProfileBank(root).save(profile_from_layer(layer, meta, tail))
     return root
 
 
 @pytest.fixture(scope="module")
-def repository(detector: FaceBoxes, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_model_repository(detector, GEOMETRY, tmp_path_factory.mktemp("repo"))
+def repository(detector: FaceBoxes, bank: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_model_repository(detector, GEOMETRY, tmp_path_factory.mktemp("repo"), bank=bank)
+
+
+async def inference_count(triton: TritonTarget, model: str) -> int:
+    async with InferenceServerClient(triton.url) as client:
+        stats = await client.get_inference_statistics(model)
+    return int(stats.model_stats[0].inference_count)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -226,6 +247,14 @@ async def test_alpha_changes_live_and_every_message_names_its_profile(
     video: Path,
 ) -> None:
     profiles = {p.alpha: p.profile_id for p in ProfileBank(bank).profiles()}
+    manifest = TailManifest.read(repository)
+    backend: Backend = "python" if triton.kind == "embedded" else "torchscript"
+    routes = {a: manifest.route(pid) for a, pid in profiles.items()}
+    assert routes[0.5] == replace(manifest.clean_route(), alpha=0.5)
+    tuned_route = routes[0.9]
+    assert tuned_route is not None and tuned_route != manifest.clean_route()
+    tuned_model = tuned_route.model(backend)
+    tuned_before = await inference_count(triton, tuned_model)
     stream = StreamConfig(
         id="live-alpha", source=str(video), policy="lossless", alpha=0.5, loop=True
     )
@@ -265,6 +294,9 @@ async def test_alpha_changes_live_and_every_message_names_its_profile(
     # Once applied, it stays applied, and each message names the profile that made it.
     assert all(a == 0.9 for _, a, _ in seen[switched[0] :])
     assert all(p == profiles[a] for _, a, p in seen)
+    # The alpha 0.9 frames were read by that profile's own tail, not by the clean one.
+    tuned_rows = await inference_count(triton, tuned_model) - tuned_before
+    assert tuned_rows >= len(seen) - switched[0]
 
 
 def test_an_alpha_without_a_profile_is_refused_with_the_available_ones(

@@ -1,6 +1,8 @@
-"""The FaceBoxes tail on a real Triton server (the nvidia-pytriton wheel's tritonserver).
+"""The FaceBoxes tail on a real Triton server (the nvidia-pytriton wheel's tritonserver), and a
+noise profile's own tail exported with ``veil export --bank`` and served beside the clean one.
 
-One server per module: starting it (and torch inside the Python backend) takes seconds.
+One server per module (and one for the profile bank's repository): starting it (and torch inside
+the Python backend) takes seconds.
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ import pytest
 import pytest_asyncio
 import torch
 
+from veil.cli import main
 from veil.data import data_root
 from veil.detectors.base import Frame, InputGeometry
 from veil.detectors.faceboxes import FaceBoxes
 from veil.errors import ConfigError, ServiceError
-from workers.untrusted.tail_client import FloatArray, TritonTail
+from veil.inference import make_detect_fn
+from veil.noise import NoiseLayer
+from veil.profiles import ProfileBank, ProfileMeta, profile_from_layer
+from workers.untrusted.tail_client import FloatArray, TailRouter, TritonTail
 from workers.untrusted.triton_repo import TailManifest, export_model_repository
 from workers.untrusted.triton_server import EmbeddedTriton
 
@@ -222,6 +228,105 @@ async def test_the_libtorch_model_needs_the_ngc_image(
         EmbeddedTriton(repository, models=["faceboxes_tail_ts"])
     with pytest.raises(ServiceError, match="'faceboxes_tail_ts' is not ready"):
         await TritonTail(server.grpc_url, "faceboxes_tail_ts").start()
+
+
+PROFILE_GEOMETRY = InputGeometry(256, 256)
+NOISE_SEED = 7
+
+
+def tuned_tail_state(detector: FaceBoxes) -> dict[str, torch.Tensor]:
+    """The tail's conv kernels scaled by 1 + 0.1 N(0, 1) (seed 0): a tail that reads
+    noticeably differently from the clean one and still finds the faces."""
+    generator = torch.Generator().manual_seed(0)
+    return {
+        k: v * (1 + 0.1 * torch.randn(v.shape, generator=generator))
+        if k.endswith("weight") and v.dim() == 4
+        else v.clone()
+        for k, v in detector.tail_state().items()
+    }
+
+
+@pytest.fixture(scope="module")
+def tuned_bank(detector: FaceBoxes, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bank of one profile (alpha 0.8) that carries its own tail, at 256x256."""
+    shape = detector.activation_shape(PROFILE_GEOMETRY)
+    layer = NoiseLayer(shape, 0.0, 1.0, initial_sigma=0.05)
+    meta = ProfileMeta(
+        detector.name, detector.weights_id, str(PROFILE_GEOMETRY), shape, 0.8, 0.0, 1.0
+    )
+    root = tmp_path_factory.mktemp("tuned-bank")
+    ProfileBank(root).save(profile_from_layer(layer, meta, tuned_tail_state(detector)))
+    return root
+
+
+def export_cli(data: Path, bank: Path, out: Path, geometry: InputGeometry) -> int:
+    weights = data / "faceboxes" / "FaceBoxesProd.pth"
+    return main(
+        [
+            *("export", "--model", "faceboxes", "--weights", str(weights)),
+            *("--geometry", str(geometry), "--bank", str(bank), "--out", str(out)),
+        ]
+    )
+
+
+async def test_a_profile_tail_exported_with_the_bank_gives_the_in_process_boxes(
+    data: Path,
+    detector: FaceBoxes,
+    frames: list[Frame],
+    tuned_bank: Path,
+    tmp_path: Path,
+) -> None:
+    assert export_cli(data, tuned_bank, tmp_path / "repo", PROFILE_GEOMETRY) == 0
+    manifest = TailManifest.read(tmp_path / "repo")
+    (profile,) = ProfileBank(tuned_bank).profiles()
+    route = manifest.route(profile.profile_id)
+    assert route is not None and route.python == f"faceboxes_tail_{profile.profile_id}"
+    # In process, with a fixed noise seed: the same draw make_detect_fn makes.
+    with torch.no_grad():
+        x, letterboxes = detector.preprocess(frames, PROFILE_GEOMETRY)
+        noisy = profile.layer()(detector.head(x), torch.Generator().manual_seed(NOISE_SEED))
+        expected = [o.numpy() for o in profile.detector_for(detector).tail(noisy)]
+        clean = [o.numpy() for o in detector.tail(noisy)]
+    in_process = make_detect_fn(
+        detector, PROFILE_GEOMETRY, profile, score_threshold=0.5, seed=NOISE_SEED
+    )(frames)
+    async with (
+        EmbeddedTriton(tmp_path / "repo") as server,
+        TritonTail(server.grpc_url, manifest.python_model, manifest) as tail,
+    ):
+        router = TailRouter.from_manifest(tail, manifest)
+        await router.start()
+        try:
+            served = await router.infer(profile.profile_id, noisy.numpy())
+            served_clean = await router.infer("none", noisy.numpy())
+        finally:
+            await router.stop()
+    for got, want, got_clean, want_clean in zip(served, expected, served_clean, clean, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+        np.testing.assert_allclose(got_clean, want_clean, rtol=0, atol=1e-3)
+        # Not the clean tail: the profile's own tail read the noise.
+        assert float(np.abs(got - want_clean).max()) > 0.1
+    boxes = detector.decode(
+        [torch.from_numpy(r) for r in served],
+        letterboxes,
+        PROFILE_GEOMETRY.height,
+        PROFILE_GEOMETRY.width,
+        score_threshold=0.5,
+    )
+    for via_triton, reference in zip(boxes, in_process, strict=True):
+        assert len(via_triton) == len(reference)
+        np.testing.assert_allclose(via_triton.xyxy, reference.xyxy, rtol=0, atol=1.0)
+    assert sum(len(b) for b in boxes) >= 3  # the comparison is not vacuous
+
+
+async def test_export_refuses_a_bank_for_another_geometry_in_one_line(
+    data: Path, tuned_bank: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert export_cli(data, tuned_bank, tmp_path / "repo", GEOMETRY) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("veil: error: noise profile ") and "\n" not in error
+    assert "geometry 256x256 (serving 512x512)" in error
+    assert not (tmp_path / "repo").exists()
 
 
 async def test_server_stops_cleanly(server: EmbeddedTriton, activations: FloatArray) -> None:

@@ -1,28 +1,41 @@
-"""Exporting a tail as a Triton model repository (no server: see test_triton.py for that)."""
+"""Exporting a tail as a Triton model repository, with a profile bank, and routing each message
+to its profile's tail (no server: see test_triton.py and test_pipeline.py for that)."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from google.protobuf import text_format
 from torch import Tensor, nn
 from tritonclient.grpc import model_config_pb2
 
-from veil.detectors.base import InputGeometry, SplitDetector
+from stream.wire import ActivationMessage, FramePlacement, decode_detection, encode
+from veil.detectors.base import InputGeometry, Letterbox, SplitDetector
 from veil.detectors.boxes import decode_ssd
-from veil.errors import ConfigError
+from veil.errors import ConfigError, ProfileError
+from veil.noise import NoiseLayer
+from veil.profiles import NoiseProfile, ProfileBank, ProfileMeta, profile_from_layer
+from workers.untrusted.detect import DetectWorker
+from workers.untrusted.tail_client import FloatArray, TailRouter, TritonTail
 from workers.untrusted.triton_repo import (
     MANIFEST_FILE,
+    PROFILE_PARAMETER,
     SITE_PACKAGES_PARAMETER,
+    TAIL_SHA256_PARAMETER,
     TailManifest,
+    TailRoute,
     export_model_repository,
     python_model_source,
 )
+from workers.untrusted.triton_server import EmbeddedTriton
 
 GEOMETRY = InputGeometry(128, 96)
 
@@ -31,6 +44,7 @@ class StandInDetector(SplitDetector):
     """A small split detector with landmarks: head stride 32, tail at strides 32 and 64."""
 
     name = "stand-in"
+    head_modules = ("stem",)
     weights_id = "0" * 64
     stride = 32
     activation_channels = 16
@@ -253,3 +267,280 @@ def test_manifest_errors(tmp_path: Path) -> None:
     (tmp_path / MANIFEST_FILE).write_text(json.dumps({"format": "other/1"}))
     with pytest.raises(ConfigError, match="format 'other/1'"):
         TailManifest.read(tmp_path)
+
+
+# --- A profile bank: one model per profile that carries its own tail --------------------------
+
+ACTIVATION = (16, 3, 4)  # StandInDetector at GEOMETRY
+
+
+def perturbed_tail(detector: SplitDetector, scale: float = 1.5) -> dict[str, Tensor]:
+    """The detector's tail state with every conv kernel changed deterministically."""
+    return {
+        k: v * scale + 0.05 if k.endswith("weight") and v.dim() == 4 else v.clone()
+        for k, v in detector.tail_state().items()
+    }
+
+
+def make_profile(
+    alpha: float,
+    sigma: float,
+    tail: dict[str, Tensor] | None = None,
+    **meta: Any,
+) -> NoiseProfile:
+    layer = NoiseLayer(ACTIVATION, 0.0, 1.0, initial_sigma=sigma)
+    fields: dict[str, Any] = {
+        "model": "stand-in",
+        "weights_id": "0" * 64,
+        "geometry": str(GEOMETRY),
+        "activation_shape": ACTIVATION,
+        "alpha": alpha,
+        "s_min": 0.0,
+        "s_max": 1.0,
+    } | meta
+    return profile_from_layer(layer, ProfileMeta(**fields), tail)
+
+
+@pytest.fixture(scope="module")
+def bank_profiles(detector: StandInDetector) -> tuple[NoiseProfile, NoiseProfile]:
+    """(alpha 0.5 without a tail, alpha 0.8 with a tuned tail)."""
+    return make_profile(0.5, 0.1), make_profile(0.8, 0.2, perturbed_tail(detector))
+
+
+@pytest.fixture(scope="module")
+def bank_repository(
+    bank_profiles: tuple[NoiseProfile, NoiseProfile], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    bank = ProfileBank(tmp_path_factory.mktemp("bank"))
+    for profile in bank_profiles:
+        bank.save(profile)
+    return export_model_repository(
+        StandInDetector(), GEOMETRY, tmp_path_factory.mktemp("bank-repo"), bank=bank.root
+    )
+
+
+def test_a_bank_export_routes_each_profile_to_its_tail(
+    bank_profiles: tuple[NoiseProfile, NoiseProfile], bank_repository: Path
+) -> None:
+    plain, tuned = bank_profiles
+    manifest = TailManifest.read(bank_repository)
+    tuned_model = f"stand_in_tail_{tuned.profile_id}"
+    routes = manifest.profile_routes()
+    assert set(routes) == {"none", plain.profile_id, tuned.profile_id}
+    assert (routes["none"].python, routes["none"].torchscript) == (
+        "stand_in_tail",
+        "stand_in_tail_ts",
+    )
+    assert routes[plain.profile_id] == dataclasses.replace(routes["none"], alpha=0.5)
+    assert (routes[tuned.profile_id].python, routes[tuned.profile_id].torchscript) == (
+        tuned_model,
+        f"{tuned_model}_ts",
+    )
+    assert routes[tuned.profile_id].alpha == 0.8
+    assert manifest.models("python") == ["stand_in_tail", tuned_model]
+    assert manifest.backend_of(f"{tuned_model}_ts") == "torchscript"
+    assert manifest.route("0123456789abcdef") is None
+    on_disk = json.loads((bank_repository / MANIFEST_FILE).read_text())
+    assert on_disk["format"] == "veil-tail-repository/2"
+    assert on_disk["profiles"][tuned.profile_id]["python"] == tuned_model
+    assert TailManifest.from_json(on_disk) == manifest
+    # The embedded server loads the clean tail and every tuned one.
+    assert EmbeddedTriton(bank_repository).models == ["stand_in_tail", tuned_model]
+
+
+def test_the_tuned_model_runs_the_profile_tail_not_the_clean_one(
+    detector: StandInDetector,
+    bank_profiles: tuple[NoiseProfile, NoiseProfile],
+    bank_repository: Path,
+) -> None:
+    tuned = bank_profiles[1]
+    model = f"stand_in_tail_{tuned.profile_id}"
+    config = read_config(bank_repository / model / "config.pbtxt")
+    route = TailManifest.read(bank_repository).profile_routes()[tuned.profile_id]
+    assert config.parameters[PROFILE_PARAMETER].string_value == tuned.profile_id
+    assert config.parameters[TAIL_SHA256_PARAMETER].string_value == route.torchscript_sha256
+    ts = read_config(bank_repository / f"{model}_ts" / "config.pbtxt")
+    assert ts.platform == "pytorch_libtorch"
+    assert [o.name for o in ts.output] == ["loc__0", "conf__1", "landmarks__2"]
+    script = torch.jit.load(str(bank_repository / model / "1" / "tail.pt"))  # type: ignore[no-untyped-call]
+    activation = torch.rand(2, *ACTIVATION) * 3
+    with torch.no_grad():
+        expected = tuned.detector_for(detector).tail(activation)
+        clean = detector.tail(activation)
+        got = script(activation)
+    for e, c, g in zip(expected, clean, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+        assert float((g - c).abs().max()) > 0.1
+
+
+def test_reexport_without_the_bank_removes_the_profile_models(
+    bank_profiles: tuple[NoiseProfile, NoiseProfile], tmp_path: Path
+) -> None:
+    detector = StandInDetector()
+    export_model_repository(detector, GEOMETRY, tmp_path, profiles=bank_profiles)
+    tuned_model = f"stand_in_tail_{bank_profiles[1].profile_id}"
+    assert (tmp_path / tuned_model).is_dir() and (tmp_path / f"{tuned_model}_ts").is_dir()
+    export_model_repository(detector, GEOMETRY, tmp_path)
+    assert not (tmp_path / tuned_model).exists() and not (tmp_path / f"{tuned_model}_ts").exists()
+    assert set(TailManifest.read(tmp_path).profile_routes()) == {"none"}
+
+
+@pytest.mark.parametrize(
+    ("meta", "message"),
+    [
+        ({"geometry": "64x64"}, r"does not fit: geometry 64x64 \(serving 128x96\)"),
+        ({"weights_id": "f" * 64}, r"does not fit: weights ffffffffffff \(serving 000000000000\)"),
+        ({"model": "retinaface"}, r"does not fit: model 'retinaface' \(serving 'stand-in'\)"),
+    ],
+)
+def test_a_bank_for_another_model_is_refused_naming_the_mismatch(
+    tmp_path: Path, meta: dict[str, Any], message: str
+) -> None:
+    ProfileBank(tmp_path / "bank").save(make_profile(0.5, 0.1, **meta))
+    with pytest.raises(ProfileError, match=message):
+        export_model_repository(
+            StandInDetector(), GEOMETRY, tmp_path / "repo", bank=tmp_path / "bank"
+        )
+    assert not (tmp_path / "repo").exists()  # refused before anything is written
+
+
+def test_a_missing_bank_folder_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"profile bank .*nowhere is not a folder"):
+        export_model_repository(StandInDetector(), GEOMETRY, tmp_path, bank=tmp_path / "nowhere")
+
+
+def test_a_format_1_manifest_serves_the_clean_tail_only(repository: Path) -> None:
+    data = json.loads((repository / MANIFEST_FILE).read_text())
+    data["format"] = "veil-tail-repository/1"
+    del data["profiles"]
+    manifest = TailManifest.from_json(data)
+    assert manifest.profile_routes() == {
+        "none": TailRoute("stand_in_tail", "stand_in_tail_ts", manifest.torchscript_sha256)
+    }
+
+
+# --- Routing in the detect worker (fake Triton and Kafka: the real ones are in test_pipeline) --
+
+
+class FakeTail(TritonTail):
+    """Runs a detector's tail in-process and records the rows it was sent."""
+
+    def __init__(self, model_name: str, detector: SplitDetector) -> None:
+        super().__init__("fake:0", model_name)
+        self.detector = detector
+        self.batches: list[list[int]] = []  # the sequence numbers (payload values) per call
+        self.started = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def stop(self) -> None:
+        self.started = False
+
+    async def infer(self, activations: FloatArray) -> tuple[FloatArray, ...]:
+        self.batches.append([int(a.flat[0]) for a in activations])
+        with torch.no_grad():
+            return tuple(o.numpy() for o in self.detector.tail(torch.from_numpy(activations)))
+
+
+@dataclasses.dataclass
+class FakeRecord:
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    offset: int
+    topic: str = "veil.activations"
+    partition: int = 0
+
+
+class FakeProducer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes, list[tuple[str, bytes]]]] = []
+
+    async def send_and_wait(self, topic: str, value: bytes, key: bytes, headers: Any) -> None:
+        self.sent.append((topic, key, value, list(headers)))
+
+    async def send(self, topic: str, value: bytes, key: bytes, headers: Any) -> Any:
+        await self.send_and_wait(topic, value, key, headers)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+class FakeConsumer:
+    def __init__(self) -> None:
+        self.commits: list[dict[Any, int]] = []
+
+    async def commit(self, offsets: dict[Any, int]) -> None:
+        self.commits.append(offsets)
+
+
+def activation_record(seq: int, profile_id: str) -> FakeRecord:
+    msg = ActivationMessage(
+        stream_id="s",
+        sequence=seq,
+        pts=None,
+        capture_time=0.0,
+        model="stand-in",
+        weights_id="0" * 64,
+        profile_id=profile_id,
+        alpha=0.0 if profile_id == "none" else 0.5,
+        placement=FramePlacement.from_letterbox(Letterbox(1.0, 128, 96), GEOMETRY),
+        payload=np.full(ACTIVATION, float(seq), dtype=np.float32),
+    )
+    key, value, headers = encode(msg)
+    return FakeRecord(key, value, list(headers), offset=seq)
+
+
+async def test_a_mixed_batch_is_split_per_profile_model_and_unknown_profiles_are_dead_letters(
+    detector: StandInDetector,
+    bank_profiles: tuple[NoiseProfile, NoiseProfile],
+    bank_repository: Path,
+) -> None:
+    plain, tuned = bank_profiles
+    manifest = TailManifest.read(bank_repository)
+    clean_tail = FakeTail("stand_in_tail", detector)
+    tuned_tail = FakeTail(f"stand_in_tail_{tuned.profile_id}", tuned.detector_for(detector))
+    routes = {pid: route.python for pid, route in manifest.profile_routes().items()}
+    router = TailRouter({t.model_name: t for t in (clean_tail, tuned_tail)}, routes)
+    worker = DetectWorker("unused:0", router, detector, manifest, idempotent=False)
+    worker._producer, worker._consumer = FakeProducer(), FakeConsumer()
+    await router.start()
+    assert clean_tail.started and tuned_tail.started
+    profile_of = ["none", tuned.profile_id, "feedfacefeedface", tuned.profile_id, plain.profile_id]
+    await worker.handle([activation_record(i, p) for i, p in enumerate(profile_of)])
+
+    assert clean_tail.batches == [[0, 4]]  # clean and the profile without a tail
+    assert tuned_tail.batches == [[1, 3]]
+    assert worker.stats.dead_letters == 1 and worker.stats.published == 4
+    sent = worker._producer.sent
+    dead = [(key, dict(headers)) for topic, key, _, headers in sent if topic == "veil.deadletter"]
+    assert len(dead) == 1
+    assert dead[0][1]["veil-error"].decode().startswith("unknown profile feedfacefeedface")
+    published = [
+        decode_detection(key, value, headers)
+        for topic, key, value, headers in sent
+        if topic == "veil.detections"
+    ]
+    assert [(d.sequence, d.profile_id) for d in published] == [
+        (i, p) for i, p in enumerate(profile_of) if i != 2
+    ]
+    assert list(worker._consumer.commits[-1].values()) == [5]  # the dead letter too
+
+
+def test_a_router_from_one_tail_serves_every_profile_with_that_backend(
+    bank_profiles: tuple[NoiseProfile, NoiseProfile], bank_repository: Path
+) -> None:
+    plain, tuned = bank_profiles
+    manifest = TailManifest.read(bank_repository)
+    given = TritonTail("127.0.0.1:1", "stand_in_tail_ts", manifest, timeout_s=3.0)
+    router = TailRouter.from_manifest(given, manifest)
+    tuned_model = f"stand_in_tail_{tuned.profile_id}_ts"
+    assert router.model_for("none") == router.model_for(plain.profile_id) == "stand_in_tail_ts"
+    assert router.model_for(tuned.profile_id) == tuned_model
+    assert router.model_for("feedfacefeedface") is None
+    assert router.tails["stand_in_tail_ts"] is given
+    sibling = router.tails[tuned_model]
+    assert (sibling.url, sibling.timeout_s, sibling.manifest) == (given.url, 3.0, manifest)
+    with pytest.raises(ConfigError, match="'other_tail' is not a tail of the repository"):
+        TailRouter.from_manifest(TritonTail("127.0.0.1:1", "other_tail"), manifest)

@@ -38,7 +38,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from veil.calibrate import CalibrationConfig, calibrate, list_images, video_frames
+    from veil.calibrate import calibrate, config_for, list_images, video_frames
     from veil.errors import ConfigError
 
     detector = _detector(args)
@@ -69,7 +69,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             for im in wider.images
         ]
         source = f"widerface:{args.labels}"
-    config = CalibrationConfig(
+    config = config_for(
+        detector.name,
         alphas=tuple(args.alphas),
         geometry=geometry,
         task=args.task,
@@ -287,18 +288,31 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from workers.untrusted.triton_repo import export_model_repository
+    from veil.detectors.base import InputGeometry
+    from veil.profiles import ProfileBank
+    from workers.untrusted.triton_repo import TailManifest, export_model_repository
 
     detector = _detector(args)
     geometry = _geometry(args, detector)
+    if args.bank and not args.geometry:
+        # The bank's profiles fix the geometry (when they agree; else the mismatch is named).
+        geometries = {p.meta.geometry for p in ProfileBank(Path(args.bank)).profiles()}
+        if len(geometries) == 1:
+            geometry = InputGeometry.parse(geometries.pop())
     out = export_model_repository(
         detector,
         geometry,
         Path(args.out),
+        bank=Path(args.bank) if args.bank else None,
         max_batch_size=args.max_batch,
         device_kind="gpu" if args.gpu else "cpu",
     )
-    print(f"Triton model repository for the {detector.name} tail at {geometry}: {out}")
+    manifest = TailManifest.read(out)
+    tuned = len(manifest.models("python")) - 1
+    print(
+        f"Triton model repository for the {detector.name} tail at {geometry}: {out} (clean tail "
+        f"and {tuned} profile tail(s); {len(manifest.profile_routes()) - 1} profile(s) served)"
+    )
     return 0
 
 
@@ -596,10 +610,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="distill", choices=["distill", "multibox"])
     p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS))
     p.add_argument("--max-images", type=int, default=200)
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, help="default: 8 for faceboxes, 5 otherwise")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--task-weight", type=float, default=30.0, help="task vs noise scale")
-    p.add_argument("--initial-sigma", type=float, default=0.25, help="x activation std")
+    p.add_argument(
+        "--task-weight", type=float, help="task vs noise scale (default: 5 faceboxes, 30 others)"
+    )
+    p.add_argument(
+        "--initial-sigma", type=float, help="x activation std (default: 1 faceboxes, 0.25 others)"
+    )
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--sigma-max", type=float, default=10.0, help="upper noise bound, x act. std")
     p.add_argument(
@@ -655,6 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--gpu", action="store_true", help="KIND_GPU instances")
+    p.add_argument(
+        "--bank", help="profile bank: also serve its profiles, each tuned tail as its own model"
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("broker", help="run the embedded Kafka-compatible broker")

@@ -14,7 +14,7 @@ import json
 import signal
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +22,13 @@ from typing import Any
 import structlog
 
 from stream.kafka import DEFAULT_TOPICS, close_consumer, ensure_topics, make_consumer
-from stream.wire import DetectionMessage, decode_detection
+from stream.wire import CLEAN_PROFILE, DetectionMessage, decode_detection
 from veil.config import EMBEDDED, StreamConfig, VeilConfig
 from veil.detectors import load_decoder, load_detector
 from veil.detectors.base import InputGeometry, SplitDetector
-from veil.errors import ProfileError, WireFormatError
+from veil.errors import ProfileError, VeilError, WireFormatError
 from veil.observability import StatusServer
-from veil.profiles import ProfileBank
+from veil.profiles import NoiseProfile, ProfileBank
 from workers.trusted.edge import EdgeStats, EdgeWorker
 from workers.trusted.obfuscator import Obfuscator, ProfileTable, pick_device
 
@@ -99,14 +99,16 @@ def ensure_profiles(
             f"no calibrated profile for alpha(s) {missing} in {bank_dir}; available: "
             f"{sorted(have) or 'none'}. Run `veil calibrate` first."
         )
-    from veil.calibrate import CalibrationConfig, calibrate, video_frames
+    from veil.calibrate import calibrate, config_for, video_frames
 
     frames = video_frames(Path(calibration_source), every=1, limit=48)
     say(
         f"no noise profile for alpha {missing} yet: calibrating on {len(frames)} frames of "
         f"{calibration_source} (once; cached in {bank_dir})"
     )
-    config = CalibrationConfig(alphas=tuple(missing), geometry=geometry, epochs=4, batch_size=8)
+    config = config_for(
+        detector.name, alphas=tuple(missing), geometry=geometry, epochs=4, batch_size=8
+    )
     calibrate(detector, frames, bank_dir, config, source=calibration_source, log=say)
 
 
@@ -150,14 +152,27 @@ async def broker_for(config: VeilConfig) -> AsyncIterator[tuple[str, bool]]:
         yield config.kafka.bootstrap, idem
 
 
-def export_tail(detector: SplitDetector, geometry: InputGeometry, repo: Path) -> Any:
+def export_tail(
+    detector: SplitDetector,
+    geometry: InputGeometry,
+    repo: Path,
+    profiles: Sequence[NoiseProfile] = (),
+) -> Any:
+    """The tail repository at ``repo`` for ``detector`` at ``geometry`` serving ``profiles``
+    (each tuned tail as its own model), exported unless the one there already is that."""
     from workers.untrusted.triton_repo import TailManifest, export_model_repository
 
-    with contextlib.suppress(Exception):
+    wanted = {CLEAN_PROFILE} | {p.profile_id for p in profiles}
+    with contextlib.suppress(VeilError):
         manifest = TailManifest.read(repo)
-        if manifest.weights_id == detector.weights_id and manifest.geometry == geometry:
+        if (
+            manifest.detector == detector.name
+            and manifest.weights_id == detector.weights_id
+            and manifest.geometry == geometry
+            and set(manifest.profile_routes()) == wanted
+        ):
             return manifest
-    export_model_repository(detector, geometry, repo)
+    export_model_repository(detector, geometry, repo, profiles=profiles)
     return TailManifest.read(repo)
 
 
@@ -242,7 +257,8 @@ async def run_pipeline(
     detector, geometry = obfuscator.detector, obfuscator.geometry
     device = obfuscator.device
     repo = Path(config.triton.model_repository)
-    manifest = export_tail(detector, geometry, repo)
+    # Every profile the zone may apply gets its tail served, so live alpha changes keep working.
+    manifest = export_tail(detector, geometry, repo, obfuscator.table.profiles)
     decoder = load_decoder(config.model.name)  # outside: architecture only, no weights
     detections: list[DetectionMessage] = []
 

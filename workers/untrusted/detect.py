@@ -3,9 +3,11 @@
 It never sees pixels: only noisy activations and where each frame sits in the model input.
 Delivery is at least once: offsets are committed only after the batch's detections are
 acknowledged by the broker; a redelivered activation is recognised by (stream, sequence) and
-skipped. A message that is malformed, foreign, or for another model goes to the dead-letter
-topic with its reason, and the worker keeps going. A Triton outage is retried with backoff
-without committing, so nothing is lost.
+skipped. A message that is malformed, foreign, for another model, or made with a profile the
+tail repository has no model for goes to the dead-letter topic with its reason, and the worker
+keeps going. Each message is read by the tail its profile id names (see
+:class:`~workers.untrusted.tail_client.TailRouter`); a batch that mixes profiles is split per
+model. A Triton outage is retried with backoff without committing, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ from stream.kafka import (
 )
 from stream.wire import ActivationMessage, DetectionMessage, decode, encode_detection
 from veil import observability as obs
+from veil.detections import Detections
 from veil.detectors.base import SplitDetector
 from veil.errors import ServiceError, WireFormatError
-from workers.untrusted.tail_client import FloatArray, TritonTail
+from workers.untrusted.tail_client import FloatArray, TailRouter, TritonTail
 from workers.untrusted.triton_repo import TailManifest
 
 log = structlog.get_logger(__name__)
@@ -66,7 +69,7 @@ class DetectWorker:
     def __init__(
         self,
         bootstrap_servers: str,
-        tail: TritonTail,
+        tail: TritonTail | TailRouter,
         decoder: SplitDetector,
         manifest: TailManifest,
         *,
@@ -78,7 +81,10 @@ class DetectWorker:
         score_threshold: float = 0.5,
     ) -> None:
         self.bootstrap = bootstrap_servers
-        self.tail = tail
+        # A single tail stands for its backend: the other models of the manifest get clients.
+        self.router = (
+            tail if isinstance(tail, TailRouter) else TailRouter.from_manifest(tail, manifest)
+        )
         self.decoder = decoder
         self.manifest = manifest
         self.idempotent = idempotent
@@ -96,6 +102,7 @@ class DetectWorker:
         self.ready = False
 
     async def start(self) -> None:
+        await self.router.start()
         self._producer = await make_producer(self.bootstrap, idempotent=self.idempotent)
         self._consumer = await make_consumer(
             self.bootstrap,
@@ -116,6 +123,7 @@ class DetectWorker:
             await self._producer.flush()
             await self._producer.stop()
             self._producer = None
+        await self.router.stop()
 
     async def __aenter__(self) -> DetectWorker:
         await self.start()
@@ -167,6 +175,7 @@ class DetectWorker:
             try:
                 msg = decode(record.key, record.value, record.headers)
                 self._check_model(msg)
+                self._check_profile(msg)
             except WireFormatError as exc:
                 await publish_dead_letter(self._producer, record, str(exc), topics=self.topics)
                 self.stats.dead_letters += 1
@@ -197,12 +206,19 @@ class DetectWorker:
                 f"activation made at input {msg.placement.geometry()}, tail expects {m.geometry}"
             )
 
-    async def _infer(self, batch: FloatArray) -> tuple[FloatArray, ...]:
+    def _check_profile(self, msg: ActivationMessage) -> None:
+        if self.router.model_for(msg.profile_id) is None:
+            raise WireFormatError(
+                f"unknown profile {msg.profile_id}: the tail repository has no model for it "
+                "(export it with `veil export --bank` holding that profile)"
+            )
+
+    async def _infer(self, model: str, batch: FloatArray) -> tuple[FloatArray, ...]:
         delay = 0.2
         while True:
             started = time.perf_counter()
             try:
-                raw = await self.tail.infer(batch)
+                raw = await self.router.tails[model].infer(batch)
                 obs.TRITON_SECONDS.observe(time.perf_counter() - started)
                 return raw
             except ServiceError as exc:
@@ -213,17 +229,40 @@ class DetectWorker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    async def _detect_and_publish(self, messages: list[ActivationMessage]) -> None:
+    async def _detect(self, messages: list[ActivationMessage]) -> list[Detections]:
+        """Detections per message, in order; each profile's messages go to its own model."""
+        groups: dict[str, list[int]] = {}
+        for i, msg in enumerate(messages):
+            model = self.router.model_for(msg.profile_id)
+            assert model is not None  # _check_profile let only known profiles through
+            groups.setdefault(model, []).append(i)
+        per_group = await asyncio.gather(
+            *(
+                self._detect_group(model, [messages[i] for i in rows])
+                for model, rows in groups.items()
+            )
+        )
+        detections: dict[int, Detections] = {}
+        for rows, group_detections in zip(groups.values(), per_group, strict=True):
+            detections.update(zip(rows, group_detections, strict=True))
+        return [detections[i] for i in range(len(messages))]
+
+    async def _detect_group(
+        self, model: str, messages: list[ActivationMessage]
+    ) -> list[Detections]:
         batch = np.stack([m.payload for m in messages]).astype(np.float32, copy=False)
-        raw = await self._infer(batch)
+        raw = await self._infer(model, batch)
         g = self.manifest.geometry
-        detections = self.decoder.decode(
+        return self.decoder.decode(
             [torch.from_numpy(np.ascontiguousarray(r)) for r in raw],
             [m.placement.letterbox() for m in messages],
             g.height,
             g.width,
             score_threshold=self.score_threshold,
         )
+
+    async def _detect_and_publish(self, messages: list[ActivationMessage]) -> None:
+        detections = await self._detect(messages)
         pending = []
         now = time.time()
         for msg, dets in zip(messages, detections, strict=True):

@@ -6,6 +6,10 @@ shape, same outputs, same weights. :meth:`TritonTail.infer` returns the outputs 
 the tail returns them, whichever of the two exported models (``<name>_tail`` with ``loc``,
 ``conf``; ``<name>_tail_ts`` with ``loc__0``, ``conf__1``) it talks to.
 
+A repository exported with a profile bank serves one tail per profile that has its own;
+:class:`TailRouter` holds one :class:`TritonTail` per model and picks the one that a message's
+profile id names in the manifest (``"none"``: the clean tail).
+
 Errors: a server that is down, overloaded or too slow raises :class:`ServiceError` (retriable);
 a request the server rejects as malformed raises :class:`ConfigError`; a failure inside the
 model raises a :class:`ServiceError` marked not retriable.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -26,7 +31,11 @@ from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
 from veil.errors import ConfigError, ServiceError, VeilError
-from workers.untrusted.triton_repo import WEIGHTS_ID_PARAMETER, TailManifest
+from workers.untrusted.triton_repo import (
+    TAIL_SHA256_PARAMETER,
+    WEIGHTS_ID_PARAMETER,
+    TailManifest,
+)
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -215,8 +224,21 @@ def _signature(
                 f"model {model!r} serves weights {weights_id[:16]}…, the manifest expects "
                 f"{manifest.weights_id[:16]}… ({manifest.detector})"
             )
+        _check_tail_sha256(model, config, manifest)
         ordered = tuple(by_base[name] for name in manifest.output_names)
     return TailSignature(tensor.name, (c, h, w), ordered, int(config.max_batch_size), weights_id)
+
+
+def _check_tail_sha256(model: str, config: Any, manifest: TailManifest) -> None:
+    """The served model must be the tail the manifest names for it (not an older export)."""
+    parameter = config.parameters.get(TAIL_SHA256_PARAMETER)
+    served = parameter.string_value if parameter is not None else None
+    expected = manifest.torchscript_sha256_of(model)
+    if served and expected and served != expected:
+        raise ConfigError(
+            f"model {model!r} serves tail {served[:16]}…, the manifest expects {expected[:16]}…: "
+            "the server runs another export of the repository (reload it)"
+        )
 
 
 def _base_name(name: str) -> str:
@@ -228,3 +250,71 @@ def _output_index(name: str) -> int:
     """Position of an output in the tail's result; unindexed names keep the server's order."""
     match = _INDEXED_NAME.match(name)
     return int(match["index"]) if match else 0
+
+
+class TailRouter:
+    """Per profile id, the :class:`TritonTail` of the model that reads its activations.
+
+    ``tails`` maps model names to clients, ``routes`` profile ids to model names. Build one
+    from a repository's manifest with :meth:`from_manifest`. :meth:`start` starts every tail
+    (so a server that lacks a profile's model fails at start, not on its first frame);
+    :meth:`stop` stops only the tails the router made itself.
+    """
+
+    def __init__(
+        self,
+        tails: Mapping[str, TritonTail],
+        routes: Mapping[str, str],
+        *,
+        owned: frozenset[str] = frozenset(),
+    ) -> None:
+        missing = sorted(set(routes.values()) - set(tails))
+        if missing:
+            raise ConfigError(f"TailRouter: no tail client for model(s) {missing}")
+        self.tails = dict(tails)
+        self.routes = dict(routes)
+        self._owned = owned
+
+    @classmethod
+    def from_manifest(cls, tail: TritonTail, manifest: TailManifest) -> TailRouter:
+        """Route every profile of ``manifest`` to the models of ``tail``'s backend.
+
+        ``tail`` (one of the repository's models, e.g. the clean ``<name>_tail`` or
+        ``<name>_tail_ts``) says which backend the server runs; the other models of that
+        backend get clients like it (same URL and timeout).
+        """
+        backend = manifest.backend_of(tail.model_name)
+        if backend is None:
+            raise ConfigError(
+                f"model {tail.model_name!r} is not a tail of the repository's manifest "
+                f"(it has {manifest.models('python') + manifest.models('torchscript')})"
+            )
+        routes = {pid: r.model(backend) for pid, r in manifest.profile_routes().items()}
+        tails = {tail.model_name: tail}
+        for name in routes.values():
+            if name not in tails:
+                tails[name] = TritonTail(tail.url, name, manifest, timeout_s=tail.timeout_s)
+        return cls(tails, routes, owned=frozenset(tails) - {tail.model_name})
+
+    def model_for(self, profile_id: str) -> str | None:
+        """The model that reads ``profile_id``'s activations; None for an unknown profile."""
+        return self.routes.get(profile_id)
+
+    async def start(self) -> None:
+        results = await asyncio.gather(
+            *(tail.start() for tail in self.tails.values()), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await self.stop()
+            raise errors[0]
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(self.tails[name].stop() for name in sorted(self._owned)))
+
+    async def infer(self, profile_id: str, activations: FloatArray) -> tuple[FloatArray, ...]:
+        """Run ``activations`` (all of one profile) through that profile's tail."""
+        model = self.model_for(profile_id)
+        if model is None:
+            raise ConfigError(f"unknown profile {profile_id}: no tail model serves it")
+        return await self.tails[model].infer(activations)

@@ -8,9 +8,14 @@ Two models serve the same TorchScript of the tail:
   binds tensors by the ``<name>__<index>`` convention, so its tensors are ``activation__0``,
   ``loc__0``, ``conf__1``, ... where the Python model has ``activation``, ``loc``, ``conf``.
 
+Exported with a profile bank, the repository also holds one such pair per profile that carries
+its own fine-tuned tail, named ``<name>_tail_<profile_id>`` and ``<name>_tail_<profile_id>_ts``;
+profiles without a tail are read by the clean tail.
+
 ``veil-model.json`` at the repository root (:class:`TailManifest`) records which detector,
-weights and geometry the repository serves, so that a client can check that it talks to the
-tail it expects.
+weights and geometry the repository serves, and which model reads each profile's activations
+(``profiles``: profile id -> models, ``"none"`` -> the clean tail), so that a client can check
+that it talks to the tail it expects and route every message to its profile's tail.
 
 The TorchScript is traced from a CPU copy of the detector and frozen: freezing inlines the
 parameters the tail uses and drops the head's, which therefore never leave the trusted zone.
@@ -28,8 +33,8 @@ import shutil
 import sys
 import sysconfig
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,11 +43,14 @@ from google.protobuf import text_format
 from torch import Tensor, nn
 from tritonclient.grpc import model_config_pb2
 
+from stream.wire import CLEAN_PROFILE
 from veil.detectors.base import InputGeometry, SplitDetector, file_sha256
 from veil.errors import ConfigError
+from veil.profiles import NoiseProfile, ProfileBank
 
 MANIFEST_FILE = "veil-model.json"
-MANIFEST_FORMAT = "veil-tail-repository/1"
+MANIFEST_FORMAT = "veil-tail-repository/2"
+_READABLE_FORMATS = ("veil-tail-repository/1", MANIFEST_FORMAT)  # 1: no profiles
 TORCHSCRIPT_FILE = "tail.pt"
 LIBTORCH_MODEL_FILE = "model.pt"  # the file name the pytorch_libtorch backend loads
 INPUT_NAME = "activation"
@@ -53,6 +61,8 @@ SITE_PACKAGES_ENV = "VEIL_TRITON_SITE_PACKAGES"
 WEIGHTS_ID_PARAMETER = "veil_weights_id"
 DETECTOR_PARAMETER = "veil_detector"
 GEOMETRY_PARAMETER = "veil_geometry"
+PROFILE_PARAMETER = "veil_profile"
+TAIL_SHA256_PARAMETER = "veil_tail_sha256"
 
 DeviceKind = Literal["cpu", "gpu"]
 
@@ -61,9 +71,47 @@ _CHECK_BATCH = 3
 _TRACE_TOLERANCE = 1e-4
 
 
+Backend = Literal["python", "torchscript"]
+BACKENDS: tuple[Backend, ...] = ("python", "torchscript")
+
+
+@dataclass(frozen=True)
+class TailRoute:
+    """The two models (one per backend) that read one profile's activations."""
+
+    python: str
+    torchscript: str
+    torchscript_sha256: str
+    alpha: float = 0.0  # the profile's alpha (0 for the clean tail); for people reading the file
+
+    def model(self, backend: Backend) -> str:
+        return self.python if backend == "python" else self.torchscript
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha,
+            "python": self.python,
+            "torchscript": self.torchscript,
+            "torchscript_sha256": self.torchscript_sha256,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TailRoute:
+        return cls(
+            python=str(data["python"]),
+            torchscript=str(data["torchscript"]),
+            torchscript_sha256=str(data["torchscript_sha256"]),
+            alpha=float(data.get("alpha", 0.0)),
+        )
+
+
 @dataclass(frozen=True)
 class TailManifest:
-    """What a tail repository serves: the contents of its ``veil-model.json``."""
+    """What a tail repository serves: the contents of its ``veil-model.json``.
+
+    ``python_model`` / ``torchscript_model`` are the clean tail; ``routes`` maps every profile
+    id the repository serves (``"none"`` included) to the models that read its activations.
+    """
 
     detector: str
     weights_id: str
@@ -75,6 +123,36 @@ class TailManifest:
     python_model: str
     torchscript_model: str
     torchscript_sha256: str
+    routes: Mapping[str, TailRoute] = field(default_factory=dict)
+
+    def clean_route(self) -> TailRoute:
+        return TailRoute(self.python_model, self.torchscript_model, self.torchscript_sha256)
+
+    def profile_routes(self) -> dict[str, TailRoute]:
+        """Profile id -> models, always with ``"none"`` (the clean tail)."""
+        return {CLEAN_PROFILE: self.clean_route(), **self.routes}
+
+    def route(self, profile_id: str) -> TailRoute | None:
+        """The models for ``profile_id``, or None if the repository does not serve it."""
+        return self.profile_routes().get(profile_id)
+
+    def backend_of(self, model: str) -> Backend | None:
+        """Which backend's models ``model`` is one of (None: not a model of this repository)."""
+        for route in self.profile_routes().values():
+            for backend in BACKENDS:
+                if route.model(backend) == model:
+                    return backend
+        return None
+
+    def models(self, backend: Backend) -> list[str]:
+        """Every model of ``backend`` that the routes name, the clean tail first."""
+        return list(dict.fromkeys(r.model(backend) for r in self.profile_routes().values()))
+
+    def torchscript_sha256_of(self, model: str) -> str | None:
+        for route in self.profile_routes().values():
+            if model in (route.python, route.torchscript):
+                return route.torchscript_sha256
+        return None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -88,16 +166,18 @@ class TailManifest:
             "max_batch_size": self.max_batch_size,
             "models": {"python": self.python_model, "torchscript": self.torchscript_model},
             "torchscript_sha256": self.torchscript_sha256,
+            "profiles": {pid: r.to_json() for pid, r in self.profile_routes().items()},
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TailManifest:
-        if data.get("format") != MANIFEST_FORMAT:
+        if data.get("format") not in _READABLE_FORMATS:
             raise ConfigError(
                 f"{MANIFEST_FILE}: format {data.get('format')!r} is not {MANIFEST_FORMAT!r}"
             )
         try:
             c, h, w = (int(v) for v in data["activation_shape"])
+            profiles = data.get("profiles", {})  # format 1: the clean tail only
             return cls(
                 detector=str(data["detector"]),
                 weights_id=str(data["weights_id"]),
@@ -109,8 +189,9 @@ class TailManifest:
                 python_model=str(data["models"]["python"]),
                 torchscript_model=str(data["models"]["torchscript"]),
                 torchscript_sha256=str(data["torchscript_sha256"]),
+                routes={str(pid): TailRoute.from_json(r) for pid, r in profiles.items()},
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"{MANIFEST_FILE} is malformed: {exc!r}") from exc
 
     def write(self, repository: Path) -> Path:
@@ -151,6 +232,8 @@ def export_model_repository(
     geometry: InputGeometry,
     out_dir: Path | str,
     *,
+    bank: ProfileBank | Path | str | None = None,
+    profiles: Sequence[NoiseProfile] = (),
     max_batch_size: int = 16,
     max_queue_delay_us: int = 2000,
     instance_count: int = 1,
@@ -161,9 +244,124 @@ def export_model_repository(
     """Write a Triton model repository serving ``detector``'s tail at ``geometry``.
 
     ``model_name`` defaults to ``<detector.name>_tail``; ``output_names`` to ``loc``, ``conf``,
-    ``landmarks`` in the order the tail returns them. Re-exporting into the same folder
-    replaces the two models and the manifest. Returns ``out_dir``.
+    ``landmarks`` in the order the tail returns them. Every profile of ``bank`` (a folder or a
+    :class:`ProfileBank`) and of ``profiles`` that carries a fine-tuned tail gets its own two
+    models, ``<model_name>_<profile_id>[_ts]``; the others are read by the clean tail. A profile
+    for another model, weights or geometry is refused (:class:`ProfileError`, naming the
+    mismatch). Re-exporting into the same folder replaces the models and the manifest (and
+    removes profile models that are no longer served). Returns ``out_dir``.
     """
+    _check_export_arguments(max_batch_size, max_queue_delay_us, instance_count, device_kind)
+    detector.check_geometry(geometry)
+    name = model_name or f"{_model_name_stem(detector.name)}_tail"
+    _check_model_name(name)
+    served = _profiles_to_serve(detector, geometry, bank, profiles)
+
+    # A CPU copy leaves the caller's detector (device, training flag) untouched.
+    source = copy.deepcopy(detector).to("cpu").eval()
+    activation_shape = source.activation_shape(geometry)
+    names, output_shapes = _output_signature(source, activation_shape, output_names)
+    plan = _ExportPlan(
+        _ConfigCommon(
+            activation_shape, output_shapes, max_batch_size, max_queue_delay_us, instance_count
+        ),
+        names,
+        "KIND_GPU" if device_kind == "gpu" else "KIND_CPU",
+        {
+            WEIGHTS_ID_PARAMETER: detector.weights_id,
+            DETECTOR_PARAMETER: detector.name,
+            GEOMETRY_PARAMETER: str(geometry),
+        },
+    )
+    repository = Path(out_dir)
+    repository.mkdir(parents=True, exist_ok=True)
+    clean = _write_models(plan, source, repository, name, CLEAN_PROFILE)
+    routes = {CLEAN_PROFILE: clean}
+    for profile in served:
+        routes[profile.profile_id] = _profile_route(plan, source, repository, name, profile, clean)
+    _remove_stale_profile_models(repository, name, routes.values())
+    TailManifest(
+        detector=detector.name,
+        weights_id=detector.weights_id,
+        geometry=geometry,
+        activation_shape=activation_shape,
+        output_names=names,
+        output_shapes=output_shapes,
+        max_batch_size=max_batch_size,
+        python_model=clean.python,
+        torchscript_model=clean.torchscript,
+        torchscript_sha256=clean.torchscript_sha256,
+        routes=routes,
+    ).write(repository)
+    return repository
+
+
+@dataclass(frozen=True)
+class _ExportPlan:
+    """What every model of one repository shares: shapes, batching, instances, parameters."""
+
+    common: _ConfigCommon
+    output_names: tuple[str, ...]
+    instance_kind: str
+    parameters: dict[str, str]
+
+
+def _write_models(
+    plan: _ExportPlan, source: SplitDetector, repository: Path, name: str, profile_id: str
+) -> TailRoute:
+    """Trace ``source``'s tail and write its Python-backend and libtorch models."""
+    _check_model_name(name)
+    tail = _trace_tail(source, plan.common.activation_shape)
+    python_dir = _fresh_model_dir(repository / name)
+    torchscript_dir = _fresh_model_dir(repository / f"{name}_ts")
+    torchscript = python_dir / "1" / TORCHSCRIPT_FILE
+    with _torchscript_deprecations_silenced():
+        torch.jit.save(tail, str(torchscript))
+    shutil.copyfile(torchscript, torchscript_dir / "1" / LIBTORCH_MODEL_FILE)
+    (python_dir / "1" / "model.py").write_text(python_model_source())
+    sha256 = file_sha256(torchscript)
+    parameters = {**plan.parameters, PROFILE_PARAMETER: profile_id, TAIL_SHA256_PARAMETER: sha256}
+    python_config = plan.common.build(
+        name,
+        INPUT_NAME,
+        plan.output_names,
+        plan.instance_kind,
+        {**parameters, SITE_PACKAGES_PARAMETER: _site_packages()},
+    )
+    python_config.backend = "python"
+    torchscript_config = plan.common.build(
+        f"{name}_ts",
+        f"{INPUT_NAME}__0",
+        [f"{n}__{i}" for i, n in enumerate(plan.output_names)],
+        plan.instance_kind,
+        {**parameters, "INFERENCE_MODE": "true"},
+    )
+    torchscript_config.platform = "pytorch_libtorch"
+    for model_dir, config in ((python_dir, python_config), (torchscript_dir, torchscript_config)):
+        (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))
+    return TailRoute(name, f"{name}_ts", sha256)
+
+
+def _profile_route(
+    plan: _ExportPlan,
+    source: SplitDetector,
+    repository: Path,
+    name: str,
+    profile: NoiseProfile,
+    clean: TailRoute,
+) -> TailRoute:
+    """``<name>_<profile_id>`` for a profile with its own tail; the clean tail otherwise."""
+    if profile.tail is None:
+        return replace(clean, alpha=profile.alpha)
+    tuned = profile.detector_for(source)
+    model = f"{name}_{profile.profile_id}"
+    route = _write_models(plan, tuned, repository, model, profile.profile_id)
+    return replace(route, alpha=profile.alpha)
+
+
+def _check_export_arguments(
+    max_batch_size: int, max_queue_delay_us: int, instance_count: int, device_kind: str
+) -> None:
     if max_batch_size < 1:
         raise ConfigError(f"max_batch_size must be at least 1, got {max_batch_size}")
     if max_queue_delay_us < 0:
@@ -172,69 +370,40 @@ def export_model_repository(
         raise ConfigError(f"instance_count must be at least 1, got {instance_count}")
     if device_kind not in ("cpu", "gpu"):
         raise ConfigError(f"device_kind must be 'cpu' or 'gpu', got {device_kind!r}")
-    detector.check_geometry(geometry)
-    name = model_name or f"{_model_name_stem(detector.name)}_tail"
+
+
+def _check_model_name(name: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ConfigError(f"Triton model name {name!r} may hold only letters, digits, _ . -")
 
-    # A CPU copy leaves the caller's detector (device, training flag) untouched.
-    source = copy.deepcopy(detector).to("cpu").eval()
-    activation_shape = source.activation_shape(geometry)
-    tail = _trace_tail(source, activation_shape)
-    with torch.no_grad():
-        probe = source.tail(torch.zeros(1, *activation_shape))
-    names = _output_names(output_names, len(probe), detector.name)
-    for out_name, out in zip(names, probe, strict=True):
-        if out.dtype != torch.float32:
-            raise ConfigError(f"{detector.name}: tail output {out_name!r} is {out.dtype}, not fp32")
-    output_shapes = tuple(tuple(int(d) for d in out.shape[1:]) for out in probe)
 
-    repository = Path(out_dir)
-    repository.mkdir(parents=True, exist_ok=True)
-    python_dir = _fresh_model_dir(repository / name)
-    torchscript_dir = _fresh_model_dir(repository / f"{name}_ts")
-    torchscript = python_dir / "1" / TORCHSCRIPT_FILE
-    with _torchscript_deprecations_silenced():
-        torch.jit.save(tail, str(torchscript))
-    shutil.copyfile(torchscript, torchscript_dir / "1" / LIBTORCH_MODEL_FILE)
-    (python_dir / "1" / "model.py").write_text(python_model_source())
+def _profiles_to_serve(
+    detector: SplitDetector,
+    geometry: InputGeometry,
+    bank: ProfileBank | Path | str | None,
+    profiles: Sequence[NoiseProfile],
+) -> list[NoiseProfile]:
+    """The bank's profiles and ``profiles``, each checked against the exported model."""
+    chosen = list(profiles)
+    if bank is not None:
+        bank = bank if isinstance(bank, ProfileBank) else ProfileBank(bank)
+        if not bank.root.is_dir():
+            raise ConfigError(f"profile bank {bank.root} is not a folder")
+        chosen += bank.profiles()
+    for profile in chosen:
+        profile.check_fits(detector.name, detector.weights_id, geometry)
+    unique = {p.profile_id: p for p in chosen}
+    return sorted(unique.values(), key=lambda p: (p.alpha, p.profile_id))
 
-    veil_parameters = {
-        WEIGHTS_ID_PARAMETER: detector.weights_id,
-        DETECTOR_PARAMETER: detector.name,
-        GEOMETRY_PARAMETER: str(geometry),
-    }
-    common = _ConfigCommon(
-        activation_shape, output_shapes, max_batch_size, max_queue_delay_us, instance_count
-    )
-    kind = "KIND_GPU" if device_kind == "gpu" else "KIND_CPU"
-    python_parameters = {**veil_parameters, SITE_PACKAGES_PARAMETER: _site_packages()}
-    python_config = common.build(name, INPUT_NAME, names, kind, python_parameters)
-    python_config.backend = "python"
-    torchscript_config = common.build(
-        f"{name}_ts",
-        f"{INPUT_NAME}__0",
-        [f"{n}__{i}" for i, n in enumerate(names)],
-        kind,
-        {**veil_parameters, "INFERENCE_MODE": "true"},
-    )
-    torchscript_config.platform = "pytorch_libtorch"
-    for model_dir, config in ((python_dir, python_config), (torchscript_dir, torchscript_config)):
-        (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))
 
-    TailManifest(
-        detector=detector.name,
-        weights_id=detector.weights_id,
-        geometry=geometry,
-        activation_shape=activation_shape,
-        output_names=tuple(names),
-        output_shapes=output_shapes,
-        max_batch_size=max_batch_size,
-        python_model=name,
-        torchscript_model=f"{name}_ts",
-        torchscript_sha256=file_sha256(torchscript),
-    ).write(repository)
-    return repository
+def _remove_stale_profile_models(repository: Path, name: str, routes: Iterable[TailRoute]) -> None:
+    """Remove ``<name>_<profile id>[_ts]`` models of an earlier export that no route names."""
+    keep = {model for route in routes for model in (route.python, route.torchscript)}
+    pattern = re.compile(re.escape(name) + r"_[0-9a-f]{16}(_ts)?")
+    for path in repository.iterdir():
+        stale = path.name not in keep and pattern.fullmatch(path.name)
+        if stale and path.is_dir() and (path / "config.pbtxt").is_file():
+            shutil.rmtree(path)
 
 
 def python_model_source() -> str:
@@ -416,6 +585,21 @@ def _torchscript_deprecations_silenced() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", r"`torch\.jit\.", DeprecationWarning)
         yield
+
+
+def _output_signature(
+    source: SplitDetector,
+    activation_shape: tuple[int, int, int],
+    output_names: Sequence[str] | None,
+) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
+    """The tail's output names and per-row shapes, from one probe; fp32 outputs only."""
+    with torch.no_grad():
+        probe = source.tail(torch.zeros(1, *activation_shape))
+    names = _output_names(output_names, len(probe), source.name)
+    for out_name, out in zip(names, probe, strict=True):
+        if out.dtype != torch.float32:
+            raise ConfigError(f"{source.name}: tail output {out_name!r} is {out.dtype}, not fp32")
+    return tuple(names), tuple(tuple(int(d) for d in out.shape[1:]) for out in probe)
 
 
 def _output_names(given: Sequence[str] | None, count: int, detector: str) -> list[str]:

@@ -80,9 +80,10 @@ class TritonDistribution:
 class EmbeddedTriton:
     """A ``tritonserver`` child process on free loopback ports, loading ``models`` explicitly.
 
-    ``models`` defaults to the Python-backend model named in the repository's
-    ``veil-model.json``. Use ``async with EmbeddedTriton(repo) as server:`` or
-    :meth:`start` / :meth:`stop`; ``server.grpc_url`` is what a client connects to.
+    ``models`` defaults to the Python-backend models named in the repository's
+    ``veil-model.json``: the clean tail and one per profile that has its own tail. Use
+    ``async with EmbeddedTriton(repo) as server:`` or :meth:`start` / :meth:`stop`;
+    ``server.grpc_url`` is what a client connects to.
     """
 
     def __init__(
@@ -103,7 +104,7 @@ class EmbeddedTriton:
         self.models = (
             list(models)
             if models is not None
-            else [TailManifest.read(self.model_repository).python_model]
+            else TailManifest.read(self.model_repository).models("python")
         )
         if not self.models:
             raise ConfigError("EmbeddedTriton needs at least one model to load")
