@@ -47,7 +47,7 @@ async def triton_server(repository: Path) -> AsyncIterator[TritonTarget]:
             .with_volume_mapping(str(repository.resolve()), "/models", "ro")
             .with_command(
                 "tritonserver --model-repository=/models --model-control-mode=explicit "
-                f"--load-model={manifest.torchscript_model}"
+                + " ".join(f"--load-model={m}" for m in manifest.models("torchscript"))
             )
             .with_exposed_ports(8001)
         )

@@ -128,7 +128,9 @@ async def _pipelines(config: VeilConfig, alpha: float) -> dict[str, dict[str, An
     geometry = InputGeometry.parse(config.model.geometry or "")
     detector = load_detector(config.model.name, Path(config.model.weights or ""), "cpu")
     repo = Path(config.triton.model_repository)
-    export_tail(detector, geometry, repo)
+    # Serve the tail of every profile the edge may apply (the same set veil run exports).
+    profiles = ProfileBank(config.profile_bank).profiles() if config.profile_bank else []
+    export_tail(detector, geometry, repo, profiles)
     results: dict[str, dict[str, Any]] = {}
     async with EmbeddedBroker() as broker, EmbeddedTriton(repo) as triton:
         await ensure_topics(broker.bootstrap_servers)
