@@ -23,7 +23,7 @@ from tritonclient.grpc.aio import InferenceServerClient
 from stream.kafka import DEFAULT_TOPICS, ensure_topics
 from stream.wire import ActivationMessage, ControlMessage, decode, encode, encode_control
 from tests.fixtures_kafka import KafkaTarget, kafka_target  # noqa: F401
-from tests.fixtures_triton import TritonTarget, triton_server
+from tests.fixtures_triton import TritonTarget, triton_server, tuned_tail_state
 from veil.config import (
     BatchingConfig,
     KafkaConfig,
@@ -71,17 +71,6 @@ def detector(weights: Path) -> FaceBoxes:
 @pytest.fixture(scope="module")
 def video(data: Path) -> Path:
     return data / "videos" / "single_face.mp4"
-
-
-def tuned_tail_state(detector: FaceBoxes) -> dict[str, torch.Tensor]:
-    """The tail's conv kernels scaled by 1 + 0.1 N(0, 1) (seed 0): a tail of its own."""
-    generator = torch.Generator().manual_seed(0)
-    return {
-        k: v * (1 + 0.1 * torch.randn(v.shape, generator=generator))
-        if k.endswith("weight") and v.dim() == 4
-        else v.clone()
-        for k, v in detector.tail_state().items()
-    }
 
 
 @pytest.fixture(scope="module")

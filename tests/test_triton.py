@@ -21,6 +21,7 @@ import pytest
 import pytest_asyncio
 import torch
 
+from tests.fixtures_triton import tuned_tail_state
 from veil.cli import main
 from veil.data import data_root
 from veil.detectors.base import Frame, InputGeometry
@@ -232,18 +233,6 @@ async def test_the_libtorch_model_needs_the_ngc_image(
 
 PROFILE_GEOMETRY = InputGeometry(256, 256)
 NOISE_SEED = 7
-
-
-def tuned_tail_state(detector: FaceBoxes) -> dict[str, torch.Tensor]:
-    """The tail's conv kernels scaled by 1 + 0.1 N(0, 1) (seed 0): a tail that reads
-    noticeably differently from the clean one and still finds the faces."""
-    generator = torch.Generator().manual_seed(0)
-    return {
-        k: v * (1 + 0.1 * torch.randn(v.shape, generator=generator))
-        if k.endswith("weight") and v.dim() == 4
-        else v.clone()
-        for k, v in detector.tail_state().items()
-    }
 
 
 @pytest.fixture(scope="module")
