@@ -610,13 +610,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="distill", choices=["distill", "multibox"])
     p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS))
     p.add_argument("--max-images", type=int, default=200)
-    p.add_argument("--epochs", type=int, help="default: 8 for faceboxes, 5 otherwise")
+    p.add_argument("--epochs", type=int, help="default: 8 faceboxes, 6 retinaface, else 5")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
         "--task-weight", type=float, help="task vs noise scale (default: 5 faceboxes, 30 others)"
     )
     p.add_argument(
-        "--initial-sigma", type=float, help="x activation std (default: 1 faceboxes, 0.25 others)"
+        "--initial-sigma", type=float, help="x activation std (default: 1 faceboxes, 0.5 retinaface, else 0.25)"
     )
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--sigma-max", type=float, default=10.0, help="upper noise bound, x act. std")
