@@ -616,7 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--task-weight", type=float, help="task vs noise scale (default: 5 faceboxes, 30 others)"
     )
     p.add_argument(
-        "--initial-sigma", type=float, help="x activation std (default: 1 faceboxes, 0.5 retinaface, else 0.25)"
+        "--initial-sigma",
+        type=float,
+        help="x activation std (default: 1 faceboxes, 0.5 retinaface, else 0.25)",
     )
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--sigma-max", type=float, default=10.0, help="upper noise bound, x act. std")
