@@ -16,7 +16,7 @@ def test_the_default_is_retinaface_from_the_wheel() -> None:
     detector = load_detector()
     assert isinstance(detector, RetinaFace)
     assert detector.weights_id == ONNX_SHA256
-    assert DETECTORS == ("retinaface", "faceboxes")
+    assert DETECTORS == ("retinaface", "faceboxes", "faceboxes-stem")
 
 
 def test_retinaface_accepts_a_copy_of_its_onnx_file(tmp_path: Path) -> None:
