@@ -23,6 +23,14 @@ $VEIL privacy "${FB[@]}" --bank runs/bank-faceboxes --max-train 200 --max-eval-p
     --deployed-alpha 0.9 --out runs/privacy-faceboxes
 $VEIL privacy "${FB[@]}" --bank runs/bank-faceboxes --accuracy runs/fddb-faceboxes.json \
     --attach-accuracy-only --out runs/privacy-faceboxes
+# 3b. RetinaFace (the default detector): tuned-tail profiles for alpha 0.9 and 0.95, then the
+#     same report (reconstructions at 320x320). About 25 minutes.
+.venv/bin/python scripts/noise_sweep.py --model retinaface --geometry 640x640 --alphas 0.9 0.95 \
+    --epochs 6 --images 300 --initial-sigma 0.5 --task-weight 30 --tail-lr 1e-4 \
+    --save-bank runs/sweep-bank-retina-tw30
+$VEIL privacy --model retinaface --geometry 640x640 --bank runs/sweep-bank-retina-tw30 \
+    --max-train 200 --max-eval-per-fold 4 --distractors-per-fold 6 --epochs 8 --image-size 320 \
+    --rmle-images 20 --rmle-steps 60 --deployed-alpha 0.9 --out runs/privacy-retinaface
 # 4. Trusted-zone cost and pipeline throughput on the 1080p clip.
 # (RetinaFace's table: calibrate with --model retinaface --geometry 640x640 --max-images 100
 #  --epochs 4 --out runs/bank-retinaface, then step 2 with those flags and --draws 1.)
