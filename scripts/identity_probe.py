@@ -43,6 +43,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     root = data_root()
+    assert root is not None  # data_root raises when the data is absent
     weights = None if args.model == "retinaface" else root / "faceboxes/FaceBoxesProd.pth"
     detector = load_detector(args.model, weights)
     geometry = InputGeometry.parse(args.geometry)
@@ -58,7 +59,10 @@ def main() -> None:
     recogniser = FaceRecognizer.load()
     originals = [read_image(im.path) for im in fddb]
     gallery = np.concatenate(
-        [recogniser.embed(f, im.boxes) for f, im in zip(originals, fddb, strict=True)]
+        [
+            recogniser.embed(f, im.boxes.astype(np.float32))
+            for f, im in zip(originals, fddb, strict=True)
+        ]
     )
     truth = list(range(len(gallery)))
     shape = tuple(int(v) for v in train.activations.shape[1:])
@@ -87,9 +91,13 @@ def main() -> None:
         probes = []
         for i, (frame, im) in enumerate(zip(originals, fddb, strict=True)):
             w, h = evals.content[i]
-            pic = (recon[i, :, :h, :w].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            pic = cv2.resize(pic, (frame.shape[1], frame.shape[0]), interpolation=cv2.INTER_CUBIC)
-            probes.append(recogniser.embed(pic, im.boxes))
+            small = (recon[i, :, :h, :w].permute(1, 2, 0).numpy() * 255).round()
+            pic = cv2.resize(
+                small.astype(np.uint8),
+                (frame.shape[1], frame.shape[0]),
+                interpolation=cv2.INTER_CUBIC,
+            )
+            probes.append(recogniser.embed(np.asarray(pic, np.uint8), im.boxes.astype(np.float32)))
         scores = identification(np.concatenate(probes), gallery, truth)
         row = {
             "bank": args.bank,

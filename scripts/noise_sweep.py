@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from veil.calibrate import (
@@ -46,7 +47,9 @@ def calibration_set(
     if path.is_file():
         data: CalibrationSet = torch.load(path, weights_only=False)
         return data
-    folder = data_root() / "widerface" / "WIDER_val" / "images"
+    root = data_root()
+    assert root is not None  # data_root raises when the data is absent
+    folder = root / "widerface" / "WIDER_val" / "images"
     data = prepare(detector, list_images(folder, images), geometry, teacher=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(data, path)
@@ -55,16 +58,16 @@ def calibration_set(
 
 def fddb_set(
     detector: SplitDetector, geometry: InputGeometry, per_fold: int
-) -> tuple[torch.Tensor, list[Letterbox], list[np.ndarray]]:
+) -> tuple[torch.Tensor, list[Letterbox], list[npt.NDArray[np.float64]]]:
     path = CACHE / f"fddb-{detector.name}-{geometry}-{per_fold}.pt"
     if path.is_file():
-        cached: tuple[torch.Tensor, list[Letterbox], list[np.ndarray]] = torch.load(
+        cached: tuple[torch.Tensor, list[Letterbox], list[npt.NDArray[np.float64]]] = torch.load(
             path, weights_only=False
         )
         return cached
-    images = [
-        im for fold in load_fddb(data_root(), range(1, 11), per_fold).folds for im in fold.images
-    ]
+    root = data_root()
+    assert root is not None  # data_root raises when the data is absent
+    images = [im for fold in load_fddb(root, range(1, 11), per_fold).folds for im in fold.images]
     acts: list[torch.Tensor] = []
     lbs: list[Letterbox] = []
     with torch.no_grad():
@@ -82,7 +85,7 @@ def fddb_set(
 def fddb_ap(
     detector: SplitDetector,
     geometry: InputGeometry,
-    fddb: tuple[torch.Tensor, list[Letterbox], list[np.ndarray]],
+    fddb: tuple[torch.Tensor, list[Letterbox], list[npt.NDArray[np.float64]]],
     profile: NoiseProfile | None,
     seed: int = 1,
 ) -> float:
@@ -112,14 +115,16 @@ def main() -> None:
     p.add_argument("--initial-sigma", type=float, default=0.25)
     p.add_argument("--sigma-max", type=float, default=10.0)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--tail-lr", type=float, default=1e-3)
+    p.add_argument("--tail-lr", type=float, default=1e-4)
     p.add_argument("--tune-tail", type=int, default=1)
     p.add_argument("--leakage", default="channel")
     p.add_argument("--tag", default="")
     p.add_argument("--save-bank", default="")
     args = p.parse_args()
     torch.set_num_threads(1)
-    weights = None if args.model == "retinaface" else data_root() / "faceboxes/FaceBoxesProd.pth"
+    root = data_root()
+    assert root is not None  # data_root raises when the data is absent
+    weights = None if args.model == "retinaface" else root / "faceboxes/FaceBoxesProd.pth"
     detector = load_detector(args.model, weights)
     geometry = InputGeometry.parse(args.geometry)
     data = calibration_set(detector, geometry, args.images)
@@ -145,7 +150,7 @@ def main() -> None:
             detector.name,
             detector.weights_id,
             str(geometry),
-            tuple(data.activations.shape[1:]),
+            tuple(data.activations.shape[1:]),  # type: ignore[arg-type]
             alpha,
             0.0,
             args.sigma_max * std,
