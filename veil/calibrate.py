@@ -434,6 +434,47 @@ def train_profile(
     return profile_from_layer(trainer.layer, replace(meta, training=training), tail)
 
 
+def _profile_meta(
+    detector: SplitDetector,
+    geometry: InputGeometry,
+    data: CalibrationSet,
+    config: CalibrationConfig,
+    alpha: float,
+    run_id: str,
+    source: str,
+    act_std: float,
+) -> ProfileMeta:
+    """What a profile records of how it was made (before its loss curve is known);
+    ``act_std`` is the clean activations' standard deviation, the unit of the noise bounds."""
+    return ProfileMeta(
+        model=detector.name,
+        weights_id=detector.weights_id,
+        geometry=str(geometry),
+        activation_shape=tuple(data.activations.shape[1:]),  # type: ignore[arg-type]
+        alpha=alpha,
+        s_min=config.sigma_min_ratio * act_std,
+        s_max=config.sigma_max_ratio * act_std,
+        task_loss=config.task,
+        trained_on={"source": source} | data.description,
+        training={
+            "run_id": run_id,
+            "seed": config.seed,
+            "epochs": config.epochs,
+            "batch_size": config.batch_size,
+            "lr": config.lr,
+            "task_weight": config.task_weight,
+            "augment_shifts": config.augment_shifts,
+            "mu_lr_factor": config.mu_lr_factor,
+            "sigma_max_ratio": config.sigma_max_ratio,
+            "activation_std": act_std,
+            "initial_sigma": config.initial_sigma_ratio * act_std,
+            "leakage": config.leakage,
+            "tune_tail": config.tune_tail,
+            "tail_lr": config.tail_lr,
+        },
+    )
+
+
 def calibrate(
     detector: SplitDetector,
     images: Sequence[Path | Frame],
@@ -464,8 +505,6 @@ def calibrate(
         teacher=config.task == "distill" and not config.augment_shifts,
     )
     act_std = float(data.activations.std())
-    s_min = config.sigma_min_ratio * act_std
-    s_max = config.sigma_max_ratio * act_std
     run_id = hashlib.sha256(
         json.dumps(
             {"data": data.description, "config": repr(config), "weights": detector.weights_id},
@@ -473,45 +512,17 @@ def calibrate(
         ).encode()
     ).hexdigest()[:16]
     profiles: list[NoiseProfile] = []
+    # Read the bank once: this run only adds profiles for alphas it has not found there.
+    finished = [p for p in bank.profiles() if p.meta.training.get("run_id") == run_id]
     for alpha in config.alphas:
         alpha = check_alpha(alpha)
-        existing = [
-            p
-            for p in bank.profiles()
-            if p.alpha == alpha and p.meta.training.get("run_id") == run_id
-        ]
+        existing = [p for p in finished if p.alpha == alpha]
         if existing:
             log(f"alpha {alpha:.2f}: already calibrated ({existing[0].profile_id}), skipped")
             profiles.append(existing[0])
             continue
         t0 = time.perf_counter()
-        meta = ProfileMeta(
-            model=detector.name,
-            weights_id=detector.weights_id,
-            geometry=str(geometry),
-            activation_shape=tuple(data.activations.shape[1:]),  # type: ignore[arg-type]
-            alpha=alpha,
-            s_min=s_min,
-            s_max=s_max,
-            task_loss=config.task,
-            trained_on={"source": source} | data.description,
-            training={
-                "run_id": run_id,
-                "seed": config.seed,
-                "epochs": config.epochs,
-                "batch_size": config.batch_size,
-                "lr": config.lr,
-                "task_weight": config.task_weight,
-                "augment_shifts": config.augment_shifts,
-                "mu_lr_factor": config.mu_lr_factor,
-                "sigma_max_ratio": config.sigma_max_ratio,
-                "activation_std": act_std,
-                "initial_sigma": config.initial_sigma_ratio * act_std,
-                "leakage": config.leakage,
-                "tune_tail": config.tune_tail,
-                "tail_lr": config.tail_lr,
-            },
-        )
+        meta = _profile_meta(detector, geometry, data, config, alpha, run_id, source, act_std)
         checkpoint = out_dir / ".partial" / f"{run_id}-a{alpha:.2f}.pt"
         profile = train_profile(detector, data, alpha, config, meta, checkpoint, progress)
         seconds = time.perf_counter() - t0
@@ -525,8 +536,8 @@ def calibrate(
         log(
             f"alpha {alpha:.2f}: profile {profile.profile_id} in {seconds:.1f} s "
             f"(task loss {last['task']:.4f}, mean sigma {last['mean_sigma']:.3f} "
-            f"= {last['mean_sigma'] / act_std:.2f} activation std, leakage bound "
-            f"{last['leakage_nats']:.3f} nats/element, tail "
+            f"= {last['mean_sigma'] / act_std:.2f} activation std, leakage "
+            f"bound {last['leakage_nats']:.3f} nats/element, tail "
             f"{'tuned' if profile.tail is not None else 'frozen'})"
         )
         profiles.append(profile)
