@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from veil.calibrate import list_images
-from veil.data import data_root
+from veil.data import data_root, reference_weights
 from veil.detectors import load_detector
 from veil.detectors.base import InputGeometry
 from veil.eval import read_image
@@ -44,8 +44,7 @@ def main() -> None:
     torch.set_num_threads(1)
     root = data_root()
     assert root is not None  # data_root raises when the data is absent
-    weights = None if args.model == "retinaface" else root / "faceboxes/FaceBoxesProd.pth"
-    detector = load_detector(args.model, weights)
+    detector = load_detector(args.model, reference_weights(args.model))
     geometry = InputGeometry.parse(args.geometry)
     wider = list_images(root / "widerface" / "WIDER_val" / "images")
     train_paths = wider[::-1][: args.train_images]  # from the end: calibration takes the start

@@ -28,7 +28,7 @@ from veil.calibrate import (
     prepare,
     train_profile,
 )
-from veil.data import data_root
+from veil.data import data_root, reference_weights
 from veil.detections import Detections
 from veil.detectors import load_detector
 from veil.detectors.base import InputGeometry, Letterbox, SplitDetector
@@ -122,10 +122,7 @@ def main() -> None:
     p.add_argument("--save-bank", default="")
     args = p.parse_args()
     torch.set_num_threads(1)
-    root = data_root()
-    assert root is not None  # data_root raises when the data is absent
-    weights = None if args.model == "retinaface" else root / "faceboxes/FaceBoxesProd.pth"
-    detector = load_detector(args.model, weights)
+    detector = load_detector(args.model, reference_weights(args.model))
     geometry = InputGeometry.parse(args.geometry)
     data = calibration_set(detector, geometry, args.images)
     fddb = fddb_set(detector, geometry, args.fddb_per_fold)

@@ -468,14 +468,11 @@ def cmd_alpha_set(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from veil.bench import BenchSettings, run_bench, save
-    from veil.data import data_root
+    from veil.data import data_root, reference_weights
     from veil.detectors.base import InputGeometry
 
-    root = None if (args.video and (args.weights or args.model != "faceboxes")) else data_root()
-    video = Path(args.video) if args.video else root / "videos" / "street_1080p.mp4"  # type: ignore[operator]
-    weights = Path(args.weights) if args.weights else None
-    if weights is None and args.model == "faceboxes":
-        weights = root / "faceboxes" / "FaceBoxesProd.pth"  # type: ignore[operator]
+    video = Path(args.video) if args.video else data_root() / "videos" / "street_1080p.mp4"  # type: ignore[operator]
+    weights = Path(args.weights) if args.weights else reference_weights(args.model)
     settings = BenchSettings(
         video=video,
         model=args.model,

@@ -24,3 +24,13 @@ def data_root(required: bool = True) -> Path | None:
             f"widerface/, faceboxes/ and videos/ (tried {', '.join(map(str, candidates))})"
         )
     return None
+
+
+def reference_weights(model: str) -> Path | None:
+    """The reference data's checkpoint for ``model`` (every FaceBoxes split reads
+    ``faceboxes/FaceBoxesProd.pth``), or None for a model whose weights ship with veil."""
+    if not model.strip().lower().startswith("faceboxes"):
+        return None
+    root = data_root()
+    assert root is not None  # data_root raises when the data is absent
+    return root / "faceboxes" / "FaceBoxesProd.pth"
