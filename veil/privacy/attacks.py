@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -332,6 +333,48 @@ class TrainedDecoder:
         return torch.cat(parts)
 
 
+def fit_one_cycle(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch_loss: Callable[[Tensor], Tensor],
+    count: int,
+    batch_size: int,
+    epochs: int,
+    lr: float,
+    generator: torch.Generator,
+    tqdm_args: dict[str, Any],
+) -> list[float]:
+    """Train ``model`` on shuffled mini-batches of ``count`` items with a one-cycle schedule.
+
+    ``batch_loss(index)`` gives the loss of the items ``index`` (an attack draws its fresh
+    noise there, from ``generator``). Returns the mean loss of each epoch; leaves the model in
+    eval mode.
+    """
+    steps = -(-count // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=epochs * steps, pct_start=0.15
+    )
+    losses: list[float] = []
+    bar = tqdm(total=epochs * steps, **tqdm_args)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(count, generator=generator)
+        total = 0.0
+        for step in range(steps):
+            loss = batch_loss(order[step * batch_size : (step + 1) * batch_size])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            schedule.step()
+            total += float(loss.detach())
+            bar.update(1)
+            bar.set_postfix(loss=f"{total / (step + 1):.3f}")
+        losses.append(total / steps)
+    bar.close()
+    model.eval()
+    return losses
+
+
 def train_decoder(
     train: AttackSet,
     noise: NoiseModel,
@@ -361,37 +404,22 @@ def train_decoder(
     upsamplings = round(math.log2(train.target_size[0] / act_h))
     decoder = InversionDecoder(2 * int(train.activations.shape[1]), upsamplings, width)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=lr)
-    n = len(train)
-    steps_per_epoch = -(-n // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
+
+    def batch_loss(index: Tensor) -> Tensor:
+        observed = noise.observe(train.activations[index], generator)
+        return F.l1_loss(decoder(view.features(observed)), train.unit_targets(index))
+
+    losses = fit_one_cycle(
+        decoder,
+        optimizer,
+        batch_loss,
+        len(train),
+        batch_size,
+        epochs,
+        lr,
+        generator,
+        tqdm_args={"desc": f"decoder ({noise.label})", "disable": not progress, "unit": "step"},
     )
-    losses: list[float] = []
-    bar = tqdm(
-        total=epochs * steps_per_epoch,
-        desc=f"decoder ({noise.label})",
-        disable=not progress,
-        unit="step",
-    )
-    decoder.train()
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
-        total = 0.0
-        for step in range(steps_per_epoch):
-            index = order[step * batch_size : (step + 1) * batch_size]
-            observed = noise.observe(train.activations[index], generator)
-            predicted = decoder(view.features(observed))
-            loss = F.l1_loss(predicted, train.unit_targets(index))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            schedule.step()
-            total += float(loss.detach())
-            bar.update(1)
-            bar.set_postfix(loss=f"{total / (step + 1):.3f}")
-        losses.append(total / steps_per_epoch)
-    bar.close()
-    decoder.eval()
     return TrainedDecoder(decoder, view, losses, time.perf_counter() - started)
 
 

@@ -28,10 +28,9 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from veil.errors import ConfigError
-from veil.privacy.attacks import AttackerView, NoiseModel
+from veil.privacy.attacks import AttackerView, NoiseModel, fit_one_cycle
 from veil.privacy.identity import DLIB_EMBEDDING_NORM, EMBEDDING_DIM
 
 BOX_GROWTH = 1.1  # boxes are widened and heightened by 10% around their centre before pooling
@@ -273,30 +272,23 @@ def train_linkage(
         2 * int(clean_activations.shape[1]), norm=float(target.norm(dim=1).mean())
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = -(-len(boxes) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=epochs * steps, pct_start=0.15
+
+    def batch_loss(faces: Tensor) -> Tensor:
+        rois = _observed_rois(
+            clean_activations, owners[faces], boxes[faces], view, stride, generator
+        )
+        loss: Tensor = ((model(rois) - target[faces]) ** 2).sum(1).mean()
+        return loss
+
+    losses = fit_one_cycle(
+        model,
+        optimizer,
+        batch_loss,
+        len(boxes),
+        batch_size,
+        epochs,
+        lr,
+        generator,
+        tqdm_args={"desc": f"linkage ({noise.label})", "disable": not progress},
     )
-    losses: list[float] = []
-    bar = tqdm(total=epochs * steps, desc=f"linkage ({noise.label})", disable=not progress)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(boxes), generator=generator)
-        total = 0.0
-        for step in range(steps):
-            faces = order[step * batch_size : (step + 1) * batch_size]
-            rois = _observed_rois(
-                clean_activations, owners[faces], boxes[faces], view, stride, generator
-            )
-            loss = ((model(rois) - target[faces]) ** 2).sum(1).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            schedule.step()
-            total += float(loss.detach())
-            bar.update(1)
-            bar.set_postfix(loss=f"{total / (step + 1):.3f}")
-        losses.append(total / steps)
-    bar.close()
-    model.eval()
     return TrainedLinkage(model, view, time.perf_counter() - started, losses)
