@@ -209,7 +209,8 @@ class VideoSource:
         self._dropped = 0
         self._reconnects = 0
 
-        self._stopping = threading.Event()
+        self._stopping = threading.Event()  # the decoder must stop (stop() and finish())
+        self._discard = False  # stop(): buffered frames are dropped; finish(): handed out
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = asyncio.Event()
@@ -231,6 +232,7 @@ class VideoSource:
         """Stop decoding; frames still buffered are discarded and :meth:`get` returns None."""
         self._stopping.set()
         with self._state:
+            self._discard = True
             self._finished = True
             self._state.notify_all()
         self._ready.set()
@@ -252,6 +254,14 @@ class VideoSource:
     ) -> None:
         await self.stop()
 
+    def finish(self) -> None:
+        """Stop decoding, keep what was decoded: :meth:`get` hands out every buffered frame
+        (the one being decoded included), then None. A graceful stop of a lossless stream."""
+        self._stopping.set()
+        with self._state:
+            self._state.notify_all()
+        self._wake_consumer()
+
     # --- consumer side ---------------------------------------------------------------------
 
     @property
@@ -268,12 +278,12 @@ class VideoSource:
             raise RuntimeError(f"{self._label} is not started; use 'async with' or start()")
         while True:
             with self._state:
-                if self._buffer and not self._stopping.is_set():
+                if self._buffer and not self._discard:
                     frame = self._buffer.popleft()
                     self._state.notify_all()  # a lossless decoder may wait for room
                     return frame
                 if self._finished:
-                    if self._error is not None and not self._stopping.is_set():
+                    if self._error is not None and not self._discard:
                         raise self._error
                     return None
                 # Cleared under the lock, so a frame put after this check sets it again.
@@ -391,9 +401,9 @@ class VideoSource:
             else:
                 while len(self._buffer) >= self.queue_size and not self._stopping.is_set():
                     self._state.wait()
-            if self._stopping.is_set():
+            if self._discard:
                 return
-            self._buffer.append(frame)
+            self._buffer.append(frame)  # after finish() too: a decoded frame is never lost
         self._wake_consumer()
 
     def _run_file(self) -> None:

@@ -1,0 +1,376 @@
+"""The supervised stage runtime every role runs on (edge, detect, ``veil run``).
+
+A role is a graph of **stages**, asyncio tasks joined by bounded :class:`Channel` s, under one
+:class:`Supervisor` (after Savant's Kafka adapters and aiokafka's long-lived objects):
+
+* the first error wins: the stage that raised is named in the error, every other stage is
+  cancelled and awaited, :attr:`Supervisor.ready` turns false (``/readyz`` 503) and
+  :meth:`Supervisor.run` raises it, so the process exits non-zero with one line;
+* a graceful stop (:meth:`Supervisor.request_stop`, e.g. on SIGTERM) asks the sources to stop
+  reading; what they already read flows through the graph, each channel is closed behind its
+  last item, and :meth:`Supervisor.run` returns when every foreground stage has ended;
+* background stages (control readers, watchdogs) never keep a graph alive: they are cancelled
+  once the foreground has ended;
+* work that blocks (PyAV decode, torch, NMS, video encode) goes through :func:`blocking`, which
+  runs it in a thread and names it, and a loop watchdog logs whenever the loop stalled anyway;
+* transient faults (broker, Triton, network) are retried by :func:`retry` with exponential
+  backoff and jitter, forever unless told otherwise, each attempt logged; while a lossless
+  stage retries, its input channel fills and its upstream waits (backpressure to the source).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
+
+import structlog
+
+from veil.errors import ConfigError, ServiceError, VeilError
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+_CLOSED: Final = object()  # the sentinel a closed channel hands out after its last item
+_LOOP_STALL_S: Final = 0.5  # a loop that did not run for this long is reported
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with jitter.
+
+    Attempt ``n`` (from 1) waits ``min(max_s, initial_s * 2**(n-1))`` scaled by a random factor
+    in ``[1 - jitter, 1]`` (``jitter=1``: full jitter, which spreads many clients retrying at
+    once). ``max_attempts=None`` retries forever; a success resets the count.
+    """
+
+    initial_s: float = 0.2
+    max_s: float = 10.0
+    jitter: float = 1.0
+    max_attempts: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.initial_s <= 0 or self.max_s < self.initial_s:
+            raise ConfigError(
+                f"backoff needs 0 < initial_s <= max_s, got {self.initial_s} and {self.max_s}"
+            )
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ConfigError(f"backoff jitter must be within [0, 1], got {self.jitter}")
+        if self.max_attempts is not None and self.max_attempts < 0:
+            raise ConfigError(f"backoff max_attempts must be >= 0, got {self.max_attempts}")
+
+    def delay_s(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait before attempt ``attempt`` (1-based)."""
+        # The exponent is capped so that retrying forever never overflows a float.
+        ceiling = min(self.max_s, self.initial_s * 2.0 ** min(attempt - 1, 60))
+        return ceiling * (1.0 - self.jitter * (rng or random).random())
+
+
+DEFAULT_BACKOFF: Final = Backoff()
+
+
+class StageFailed(VeilError):
+    """A stage raised something that is not a :class:`VeilError`: a bug or a library error."""
+
+
+class Channel(Generic[T]):
+    """A bounded queue between stages that ends: ``async for item in channel``.
+
+    Each producer calls :meth:`close` once when done; the consumer's iteration ends after the
+    last item of the last producer. :meth:`put` waits while the channel is full (backpressure).
+    """
+
+    def __init__(self, name: str, capacity: int, producers: int = 1) -> None:
+        if capacity < 1 or producers < 1:
+            raise ConfigError(f"channel {name}: capacity and producers must be >= 1")
+        self.name = name
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=capacity)
+        self._open_producers = producers
+
+    async def put(self, item: T) -> None:
+        await self._queue.put(item)
+
+    async def close(self) -> None:
+        """This producer is done; the last one to close ends the channel."""
+        self._open_producers -= 1
+        if self._open_producers == 0:
+            await self._queue.put(_CLOSED)
+
+    async def get(self) -> T | None:
+        """The next item; None once the channel has ended (and keeps answering None)."""
+        item = await self._queue.get()
+        if item is _CLOSED:
+            self._queue.put_nowait(_CLOSED)  # a closed channel stays closed
+            return None
+        return item  # type: ignore[no-any-return]
+
+    def get_nowait(self) -> T | None:
+        """An item already waiting, else None (also once the channel has ended)."""
+        try:
+            item = self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+        if item is _CLOSED:
+            self._queue.put_nowait(_CLOSED)
+            return None
+        return item  # type: ignore[no-any-return]
+
+    @property
+    def closed(self) -> bool:
+        return self._open_producers <= 0
+
+    def qsize(self) -> int:
+        return self._queue.qsize()
+
+    def __aiter__(self) -> AsyncIterator[T]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[T]:
+        while (item := await self.get()) is not None:
+            yield item
+
+
+async def blocking(what: str, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(*args)`` in a worker thread: the event loop keeps serving heartbeats, health
+    and the other stages meanwhile. ``what`` names the work in the logs when it is slow."""
+    started = time.perf_counter()
+    result = await asyncio.to_thread(fn, *args)
+    elapsed = time.perf_counter() - started
+    if elapsed > 5.0:
+        log.warning("runtime.slow_blocking_call", what=what, seconds=round(elapsed, 2))
+    return result
+
+
+async def retry(
+    operation: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    transient: Callable[[BaseException], bool],
+    backoff: Backoff = DEFAULT_BACKOFF,
+    on_retry: Callable[[BaseException, float], None] | None = None,
+    stopping: asyncio.Event | None = None,
+) -> T:
+    """``await operation()`` until it succeeds; transient failures wait and try again.
+
+    A failure that ``transient`` rejects is raised at once; so is the last transient one when
+    ``backoff.max_attempts`` is reached. ``stopping`` cuts the wait short (the error is raised)
+    so that a stop is never held up by a service that is gone.
+    """
+    attempt = 0
+    while True:
+        try:
+            return await operation()
+        except Exception as exc:
+            if not transient(exc):
+                raise
+            attempt += 1
+            limit = backoff.max_attempts
+            if (limit is not None and attempt > limit) or (stopping and stopping.is_set()):
+                raise
+            delay = backoff.delay_s(attempt)
+            log.warning(
+                "runtime.retry",
+                what=what,
+                attempt=attempt,
+                delay_s=round(delay, 3),
+                error=_one_line(exc),
+            )
+            if on_retry is not None:
+                on_retry(exc, delay)
+            if stopping is None:
+                await asyncio.sleep(delay)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), delay)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+@dataclass
+class _Stage:
+    name: str
+    factory: Callable[[], Awaitable[None]]
+    background: bool
+
+
+class Supervisor:
+    """Runs a role's stages; the first error wins. See the module docstring.
+
+    ``add`` stages, then ``await run()`` once. :attr:`stopping` is the event sources watch
+    for a graceful stop; :attr:`ready` is what ``/readyz`` answers.
+    """
+
+    def __init__(self, name: str, *, cancel_timeout_s: float = 10.0) -> None:
+        self.name = name
+        self.cancel_timeout_s = cancel_timeout_s
+        self.stopping = asyncio.Event()
+        self.error: BaseException | None = None
+        self.failed_stage: str | None = None
+        self._stages: list[_Stage] = []
+        self._running = False
+        self._gates: list[Callable[[], bool]] = []
+
+    def add(
+        self, name: str, factory: Callable[[], Awaitable[None]], *, background: bool = False
+    ) -> None:
+        """A stage: ``factory()`` is awaited as its own task once :meth:`run` starts."""
+        if self._running:
+            raise ConfigError(f"{self.name}: stage {name} added after the graph started")
+        self._stages.append(_Stage(name, factory, background))
+
+    def ready_when(self, gate: Callable[[], bool]) -> None:
+        """Readiness also needs ``gate()`` (e.g. at least one source up)."""
+        self._gates.append(gate)
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self._running
+            and self.error is None
+            and not self.stopping.is_set()
+            and all(gate() for gate in self._gates)
+        )
+
+    def request_stop(self) -> None:
+        """Stop reading input; what was read is still processed (graceful)."""
+        if not self.stopping.is_set():
+            log.info("runtime.stop_requested", graph=self.name)
+            self.stopping.set()
+
+    def fail(self, stage: str, error: BaseException) -> None:
+        """Record the first error (later ones are logged only)."""
+        if self.error is None:
+            self.error, self.failed_stage = error, stage
+            log.error("runtime.stage_failed", graph=self.name, stage=stage, error=_one_line(error))
+        else:
+            log.info("runtime.later_error", graph=self.name, stage=stage, error=_one_line(error))
+
+    async def run(self) -> None:
+        """Run every stage until the foreground ends; raise the first error."""
+        if self._running:
+            raise ConfigError(f"{self.name}: run() called twice")
+        self._running = True
+        tasks = {
+            asyncio.create_task(_named(stage), name=f"{self.name}:{stage.name}"): stage
+            for stage in self._stages
+        }
+        tasks[asyncio.create_task(_watch_loop(), name=f"{self.name}:loop-watchdog")] = _Stage(
+            "loop-watchdog", _watch_loop, background=True
+        )
+        try:
+            await self._until_done(tasks)
+        finally:
+            await self._cancel(t for t in tasks if not t.done())
+            self._running = False
+        if self.error is not None:
+            raise self.error
+
+    async def _until_done(self, tasks: dict[asyncio.Task[None], _Stage]) -> None:
+        foreground = {t for t, s in tasks.items() if not s.background}
+        pending = set(tasks)
+        while foreground & pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                stage = tasks[task]
+                if task.cancelled():
+                    continue
+                error = task.exception()
+                if error is not None:
+                    self.fail(stage.name, _as_veil_error(stage.name, error))
+                    return
+                if stage.background:
+                    log.info("runtime.background_stage_ended", graph=self.name, stage=stage.name)
+
+    async def _cancel(self, tasks: Iterable[asyncio.Task[None]]) -> None:
+        pending = list(tasks)
+        for task in pending:
+            task.cancel()
+        if pending:
+            _, stuck = await asyncio.wait(pending, timeout=self.cancel_timeout_s)
+            for task in stuck:
+                log.error("runtime.stage_stuck", graph=self.name, stage=task.get_name())
+
+
+async def _named(stage: _Stage) -> None:
+    await stage.factory()
+
+
+def _as_veil_error(stage: str, error: BaseException) -> BaseException:
+    if isinstance(error, VeilError):
+        return error
+    wrapped = StageFailed(f"stage {stage} failed: {_one_line(error)}")
+    wrapped.__cause__ = error
+    return wrapped
+
+
+async def _watch_loop() -> None:
+    """Log when the event loop did not run for a while: some stage blocked it."""
+    interval = 0.1
+    while True:
+        before = time.monotonic()
+        await asyncio.sleep(interval)
+        stalled = time.monotonic() - before - interval
+        if stalled > _LOOP_STALL_S:
+            log.warning("runtime.loop_stalled", seconds=round(stalled, 2))
+
+
+@contextlib.contextmanager
+def stop_on_signals(supervisor: Supervisor) -> Any:
+    """SIGINT/SIGTERM ask ``supervisor`` to stop gracefully; a second one cancels at once."""
+    loop = asyncio.get_running_loop()
+    current = asyncio.current_task()
+
+    def on_signal() -> None:
+        if supervisor.stopping.is_set() and current is not None:
+            log.warning("runtime.second_signal", graph=supervisor.name)
+            current.cancel()
+        supervisor.request_stop()
+
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal)
+            installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+# -- child processes ---------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for a child server: the kernel kills it (SIGKILL) when its parent dies,
+    even by kill -9, so that no broker or tritonserver is left orphaned on its port."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+async def watch_child(
+    name: str, process: subprocess.Popen[bytes], log_tail: Callable[[], str]
+) -> None:
+    """A background stage: raises ServiceError as soon as the child ``process`` exits."""
+    while process.poll() is None:
+        await asyncio.sleep(0.25)
+    last = [line for line in log_tail().splitlines() if line.strip()][-1:] or ["(no output)"]
+    raise ServiceError(
+        f"{name} (pid {process.pid}) exited with status {process.returncode}; its log ends "
+        f"with: {last[0].strip()[:300]}"
+    )

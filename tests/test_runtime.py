@@ -1,0 +1,195 @@
+"""The supervised stage runtime: first error wins, graceful drains, retries, child servers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from stream.runtime import (
+    Backoff,
+    Channel,
+    StageFailed,
+    Supervisor,
+    blocking,
+    retry,
+    watch_child,
+)
+from veil.errors import ConfigError, ServiceError
+
+
+async def test_the_first_error_wins_cancels_the_other_stages_and_is_raised() -> None:
+    sup = Supervisor("t")
+    cancelled: list[str] = []
+    channel: Channel[int] = Channel("c", 1)
+
+    async def producer() -> None:
+        try:
+            for i in range(1000):
+                await channel.put(i)  # blocks once the consumer is gone: must not hang
+        except asyncio.CancelledError:
+            cancelled.append("producer")
+            raise
+
+    async def consumer() -> None:
+        async for item in channel:
+            if item == 3:
+                raise ServiceError("publish failed for good")
+
+    async def control() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append("control")
+            raise
+
+    sup.add("produce", producer)
+    sup.add("consume", consumer)
+    sup.add("control", control, background=True)
+    started = time.monotonic()
+    with pytest.raises(ServiceError, match="publish failed for good"):
+        await sup.run()
+    assert time.monotonic() - started < 2.0
+    assert sorted(cancelled) == ["control", "producer"]
+    assert sup.failed_stage == "consume" and not sup.ready
+
+
+async def test_a_bug_in_a_stage_is_named_and_not_swallowed() -> None:
+    sup = Supervisor("t")
+
+    async def broken() -> None:
+        raise KeyError("frame")
+
+    sup.add("head+noise", broken)
+    with pytest.raises(StageFailed, match="stage head\\+noise failed: KeyError"):
+        await sup.run()
+
+
+async def test_a_graceful_stop_drains_everything_already_read() -> None:
+    sup = Supervisor("t")
+    first: Channel[int] = Channel("a", 4)
+    second: Channel[int] = Channel("b", 4)
+    out: list[int] = []
+    readiness: list[bool] = []
+
+    async def source() -> None:
+        i = 0
+        while not sup.stopping.is_set():
+            await first.put(i)
+            i += 1
+            await asyncio.sleep(0.001)
+        await first.close()
+
+    async def double() -> None:
+        async for item in first:
+            await second.put(2 * item)
+        await second.close()
+
+    async def sink() -> None:
+        async for item in second:
+            await asyncio.sleep(0.002)  # slower than the source: the channels fill
+            out.append(item)
+
+    async def stop_soon() -> None:
+        await asyncio.sleep(0.2)
+        readiness.append(sup.ready)
+        sup.request_stop()
+        readiness.append(sup.ready)
+
+    for name, fn in (("source", source), ("double", double), ("sink", sink)):
+        sup.add(name, fn)
+    sup.add("stopper", stop_soon, background=True)
+    await sup.run()
+    assert out == [2 * i for i in range(len(out))] and len(out) > 10  # nothing lost, in order
+    assert readiness == [True, False]
+
+
+async def test_transient_failures_are_retried_with_backoff_and_others_raised() -> None:
+    calls: list[int] = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 4:
+            raise ServiceError("broker restarting")
+        return "sent"
+
+    fast = Backoff(initial_s=0.01, max_s=0.02)
+    result = await retry(flaky, what="send", transient=lambda e: True, backoff=fast)
+    assert result == "sent" and len(calls) == 4
+
+    async def wrong() -> None:
+        raise ConfigError("record too large")
+
+    with pytest.raises(ConfigError):
+        await retry(wrong, what="send", transient=lambda e: False, backoff=fast)
+    limited = Backoff(initial_s=0.01, max_s=0.02, max_attempts=2)
+    calls.clear()
+    with pytest.raises(ServiceError):
+        await retry(lambda: flaky(), what="send", transient=lambda e: True, backoff=limited)
+    assert len(calls) == 3
+    with pytest.raises(ConfigError, match="jitter"):
+        Backoff(jitter=2.0)
+
+
+async def test_blocking_work_runs_off_the_event_loop() -> None:
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    await blocking("nms", time.sleep, 0.3)
+    task.cancel()
+    assert ticks >= 10
+
+
+async def test_a_child_that_dies_is_noticed_with_its_last_log_line() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", "print('bind: address in use'); exit(3)"], stdout=subprocess.PIPE
+    )
+    out = child.stdout.read().decode() if child.stdout else ""
+    with pytest.raises(ServiceError, match="exited with status 3.*address in use"):
+        await asyncio.wait_for(watch_child("tansu", child, lambda: out), 5)
+
+
+def test_a_child_server_dies_with_its_parent_even_on_kill_9(tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    parent_code = textwrap.dedent(
+        f"""
+        import subprocess, sys, time
+        from stream.runtime import die_with_parent
+        child = subprocess.Popen(["sleep", "60"], preexec_fn=die_with_parent)
+        open({str(pid_file)!r}, "w").write(str(child.pid))
+        time.sleep(60)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], cwd=Path(__file__).parents[1])
+    deadline = time.monotonic() + 20
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "the parent did not start its child"
+        time.sleep(0.05)
+    child_pid = int(pid_file.read_text())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while _alive(child_pid):
+        assert time.monotonic() < deadline, "the child outlived its parent"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
