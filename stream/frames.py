@@ -7,25 +7,33 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from stream.wire import Envelope
+
 
 # eq=False: equality would compare pixel arrays element-wise, which is neither cheap nor a bool.
 @dataclass(frozen=True, eq=False)
 class Frame:
-    """One decoded picture of one stream.
+    """One decoded picture of one stream, in its :class:`~stream.wire.Envelope`.
 
-    ``sequence`` counts decoded frames of this stream from 0, across reconnects and file loops,
-    and is never reused: a gap between two frames a consumer sees is frames it missed (dropped
-    by the realtime policy). ``pts`` is the source's presentation time in seconds (None when the
-    source gives none); it restarts when a live source reconnects, while ``capture_time`` (unix
-    seconds at decode) always moves forward. ``pixels`` is HxWx3 uint8 BGR, the layout OpenCV and
-    the detectors expect; treat it as read-only, since consumers may share one frame.
+    The envelope's ``sequence`` counts decoded frames of this stream from 0, across
+    reconnects and file loops, and is never reused: a gap between two frames a consumer sees is
+    frames it missed (dropped by the realtime policy). ``pts`` is the source's presentation time
+    in seconds (None when the source gives none); it restarts when a live source reconnects,
+    while ``capture_time`` (unix seconds at decode) always moves forward. ``pixels`` is HxWx3
+    uint8 BGR, the layout OpenCV and the detectors expect; treat it as read-only, since
+    consumers may share one frame.
     """
 
-    stream_id: str
-    sequence: int
-    pts: float | None
-    capture_time: float
+    envelope: Envelope
     pixels: npt.NDArray[np.uint8]
+
+    @property
+    def stream_id(self) -> str:
+        return self.envelope.stream_id
+
+    @property
+    def sequence(self) -> int:
+        return self.envelope.sequence
 
     @property
     def height(self) -> int:

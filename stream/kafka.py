@@ -9,6 +9,7 @@ deduper is what removes duplicates from producer retries.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -17,12 +18,14 @@ from typing import Any, Final
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
-from stream.wire import HEADER_ERROR, decode_control
-from veil.errors import ConfigError, ServiceError, WireFormatError
+from stream.runtime import DEFAULT_BACKOFF, Backoff, retry
+from stream.wire import HEADER_ERROR, Headers, decode_control
+from veil.errors import ConfigError, ServiceError, VeilError, WireFormatError
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +40,79 @@ _TOPIC_EXISTS: Final = 36  # Kafka error code TOPIC_ALREADY_EXISTS
 HEADER_SOURCE_TOPIC: Final = "veil-source-topic"
 HEADER_SOURCE_PARTITION: Final = "veil-source-partition"
 HEADER_SOURCE_OFFSET: Final = "veil-source-offset"
+
+
+# Failures that trying again cannot cure: the request itself is wrong or not allowed.
+_FATAL_KAFKA_ERRORS: Final = (
+    kafka_errors.MessageSizeTooLargeError,
+    kafka_errors.RecordTooLargeError,
+    kafka_errors.RecordListTooLargeError,
+    kafka_errors.AuthenticationFailedError,
+    kafka_errors.TopicAuthorizationFailedError,
+    kafka_errors.GroupAuthorizationFailedError,
+    kafka_errors.ClusterAuthorizationFailedError,
+    kafka_errors.UnsupportedVersionError,
+    kafka_errors.UnsupportedSaslMechanismError,
+    kafka_errors.InvalidTopicError,
+    kafka_errors.IllegalArgumentError,
+    kafka_errors.ProducerClosed,
+)
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a broker failure may go away by itself (a broker restarting, a leader moving,
+    the network): every KafkaError but the ones that say the request is wrong or forbidden.
+    aiokafka's own ``retriable`` flag is too narrow here: a restarting broker surfaces as
+    UnknownError or NodeNotReadyError."""
+    if isinstance(exc, VeilError):
+        return exc.retriable
+    if isinstance(exc, _FATAL_KAFKA_ERRORS):
+        return False
+    return isinstance(exc, KafkaError | OSError | TimeoutError)
+
+
+@dataclass(frozen=True)
+class OutgoingRecord:
+    """One record to send: its topic, key, value, headers and (optionally) partition."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    partition: int | None = None
+
+
+async def send_all(
+    producer: Any,
+    records: Sequence[OutgoingRecord],
+    *,
+    what: str,
+    backoff: Backoff = DEFAULT_BACKOFF,
+    on_retry: Any = None,
+) -> None:
+    """Send ``records`` and wait for every ack (``acks=all``); a transient failure re-sends
+    the records not yet acknowledged, with backoff, forever by default. A record may so be
+    stored twice (non-idempotent producers): consumers drop repeats by (stream, sequence)."""
+    waiting = list(records)
+
+    async def attempt() -> None:
+        futures = [
+            await producer.send(
+                r.topic, value=r.value, key=r.key, headers=r.headers, partition=r.partition
+            )
+            for r in waiting
+        ]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        failed = [
+            (r, res)
+            for r, res in zip(waiting, results, strict=True)
+            if isinstance(res, BaseException)
+        ]
+        waiting[:] = [r for r, _ in failed]
+        if failed:
+            raise failed[0][1]
+
+    await retry(attempt, what=what, transient=transient, backoff=backoff, on_retry=on_retry)
 
 
 @dataclass(frozen=True)
@@ -251,38 +327,76 @@ async def close_consumer(consumer: Any) -> None:
 
 
 async def publish_dead_letter(
-    producer: Any, record: Any, reason: str, *, topics: TopicNames = DEFAULT_TOPICS
-) -> Any:
-    """Send a record that could not be handled to the dead-letter topic, unchanged.
+    producer: Any,
+    record: Any,
+    reason: str,
+    *,
+    topics: TopicNames = DEFAULT_TOPICS,
+    max_bytes: int = DEFAULT_MAX_REQUEST_SIZE,
+    prefix_bytes: int = 64 * 1024,
+    header_value_bytes: int = 4 * 1024,
+    headers_bytes: int = 32 * 1024,
+    backoff: Backoff = DEFAULT_BACKOFF,
+) -> bool:
+    """Send a record that could not be handled to the dead-letter topic; True if truncated.
 
     Key, value and headers are the original bytes; ``veil-error`` says why, and
     ``veil-source-{topic,partition,offset}`` say where it came from so it can be replayed.
-    Returns the RecordMetadata of the dead letter.
+    A dead letter over ``max_bytes`` (or one the producer or broker refuses as too large) is
+    sent truncated, marked ``veil-truncated: 1``: the first ``prefix_bytes`` of the value,
+    ``veil-original-size``, key and header values cut to ``header_value_bytes`` each, headers
+    to ``headers_bytes`` in all. Transient broker failures are retried forever (``backoff``);
+    any other failure raises a ServiceError that is not retriable.
     """
+    key = None if record.key is None else bytes(record.key)
+    value = None if record.value is None else bytes(record.value)
     original = [(str(k), bytes(v) if v is not None else b"") for k, v in (record.headers or ())]
-    headers = [
-        *original,
+    ours: Headers = [
         (HEADER_ERROR, reason[:_ERROR_REASON_MAX_CHARS].encode("utf-8", errors="replace")),
         (HEADER_SOURCE_TOPIC, str(record.topic).encode()),
         (HEADER_SOURCE_PARTITION, str(record.partition).encode()),
         (HEADER_SOURCE_OFFSET, str(record.offset).encode()),
     ]
-    log.warning(
-        "dead letter",
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        reason=reason,
+    full = OutgoingRecord(topics.dead_letter, key, value, [*original, *ours])
+    size = len(key or b"") + len(value or b"") + sum(len(n) + len(v) for n, v in full.headers)
+
+    def truncated() -> OutgoingRecord:
+        kept: Headers = []
+        room = headers_bytes
+        for name, raw in original:
+            cut = (name[:256], raw[:header_value_bytes])
+            room -= len(cut[0].encode()) + len(cut[1])
+            if room < 0:
+                break
+            kept.append(cut)
+        original_size = str(len(value or b"")).encode()
+        marks: Headers = [("veil-truncated", b"1"), ("veil-original-size", original_size)]
+        if len(kept) < len(original):
+            marks.append(("veil-headers-dropped", str(len(original) - len(kept)).encode()))
+        short_key = None if key is None else key[:header_value_bytes]
+        short_value = None if value is None else value[:prefix_bytes]
+        return OutgoingRecord(topics.dead_letter, short_key, short_value, [*kept, *marks, *ours])
+
+    where = f"{record.topic}[{record.partition}]@{record.offset}"
+    log.warning("dead letter", source=where, size=size, reason=reason[:500])
+    too_large = (
+        kafka_errors.MessageSizeTooLargeError,
+        kafka_errors.RecordTooLargeError,
+        kafka_errors.RecordListTooLargeError,
     )
     try:
-        return await producer.send_and_wait(
-            topics.dead_letter, value=record.value, key=record.key, headers=headers
-        )
+        if size <= max_bytes:
+            try:
+                await send_all(producer, [full], what=f"dead letter {where}", backoff=backoff)
+                return False
+            except too_large as exc:
+                log.warning("dead letter too large, truncating it", source=where, error=repr(exc))
+        await send_all(producer, [truncated()], what=f"dead letter {where}", backoff=backoff)
+        return True
     except KafkaError as exc:
-        raise ServiceError(
-            f"cannot publish a dead letter for {record.topic}[{record.partition}]@"
-            f"{record.offset}: {exc!r}"
-        ) from exc
+        error = ServiceError(f"cannot publish a dead letter for {where}: {exc!r}")
+        error.retriable = False
+        raise error from exc
 
 
 async def read_control_table(

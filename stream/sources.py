@@ -44,6 +44,7 @@ import numpy.typing as npt
 import structlog
 
 from stream.frames import Frame, StreamStats
+from stream.wire import Envelope
 from veil.errors import ConfigError, SourceError
 
 log = structlog.get_logger(__name__)
@@ -393,7 +394,7 @@ class VideoSource:
             sequence = self._next_sequence
             self._next_sequence += 1
             self._decoded += 1
-            frame = Frame(self.stream_id, sequence, pts, time.time(), pixels)
+            frame = Frame(Envelope(self.stream_id, sequence, pts, time.time()), pixels)
             if self.policy == "realtime":
                 while len(self._buffer) >= self.queue_size:
                     self._buffer.popleft()

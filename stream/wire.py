@@ -35,6 +35,8 @@ MAGIC: Final = b"VEIL"
 PREFIX: Final = struct.Struct(">4sHI")
 # A header of a few hundred bytes is normal; a bigger one means a corrupt length prefix.
 MAX_HEADER_BYTES: Final = 64 * 1024
+# Any other JSON document on the wire (detection and control values) is refused beyond this.
+MAX_JSON_BYTES: Final = 1024 * 1024
 
 Quantisation = Literal["float16", "int8"]
 QUANTISATIONS: Final[tuple[str, ...]] = get_args(Quantisation)
@@ -71,8 +73,12 @@ def _finite(value: Any, name: str) -> float:
         isinstance(value, numbers.Real) and not isinstance(value, bool),
         f"{name} must be a number, got {value!r}",
     )
-    _require(math.isfinite(value), f"{name} must be finite, got {value!r}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the float range
+        number = math.inf
+    _require(math.isfinite(number), f"{name} must be finite, got {value!r:.40}")
+    return number
 
 
 def _text(value: Any, name: str) -> str:
@@ -108,13 +114,21 @@ def _dumps(obj: dict[str, Any]) -> bytes:
         raise WireFormatError(f"cannot encode a non-finite number: {exc}") from exc
 
 
-def _loads(data: bytes, what: str) -> dict[str, Any]:
+def _loads(data: bytes, what: str, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    """``data`` as a JSON object, or WireFormatError with a one-line reason: too large, not
+    UTF-8, not JSON, nested too deeply, or numbers Python refuses to read."""
+    _require(len(data) <= max_bytes, f"{what} is {len(data)} bytes, more than {max_bytes}")
     try:
         obj = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
     except UnicodeDecodeError as exc:
         raise WireFormatError(f"{what} is not UTF-8: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise WireFormatError(f"{what} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise WireFormatError(f"{what} is nested too deeply to be read") from exc
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WireFormatError(f"{what} is not valid JSON: {first[:200]}") from exc
     _require(isinstance(obj, dict), f"{what} must be a JSON object, got {type(obj).__name__}")
     return dict(obj)
 
@@ -145,13 +159,114 @@ def _check_mirrors(
             )
 
 
-def _frame_fields(
+@dataclass(frozen=True)
+class Envelope:
+    """A frame's identity and times, made once by its source and carried unchanged by every
+    record made from it (activation, detection, dead letter): ``stream_id`` and ``sequence``
+    (from 0, never reused) name the frame, ``pts`` is the source's presentation time in seconds
+    (None when it gives none), ``capture_time`` unix seconds at decode."""
+
+    stream_id: str
+    sequence: int
+    pts: float | None
+    capture_time: float
+
+    def __post_init__(self) -> None:
+        # Plain Python values: numpy scalars are accepted but would not serialise to JSON.
+        object.__setattr__(self, "stream_id", _text(self.stream_id, "stream_id"))
+        object.__setattr__(self, "sequence", _count(self.sequence, "sequence", 0))
+        object.__setattr__(self, "pts", None if self.pts is None else _finite(self.pts, "pts"))
+        object.__setattr__(self, "capture_time", _finite(self.capture_time, "capture_time"))
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What made an activation, and so its detections: the detector, its weights, the noise
+    profile applied (``"none"``: clean) and that profile's alpha. Set once by head+noise."""
+
+    model: str
+    weights_id: str
+    profile_id: str
+    alpha: float
+
+    def __post_init__(self) -> None:
+        for name in ("model", "weights_id", "profile_id"):
+            object.__setattr__(self, name, _text(getattr(self, name), name))
+        object.__setattr__(self, "alpha", _check_alpha(self.alpha))
+
+
+class _Enveloped:
+    """Read access to the envelope's and provenance's fields of a per-frame message."""
+
+    envelope: Envelope
+    provenance: Provenance
+
+    @property
+    def stream_id(self) -> str:
+        return self.envelope.stream_id
+
+    @property
+    def sequence(self) -> int:
+        return self.envelope.sequence
+
+    @property
+    def pts(self) -> float | None:
+        return self.envelope.pts
+
+    @property
+    def capture_time(self) -> float:
+        return self.envelope.capture_time
+
+    @property
+    def model(self) -> str:
+        return self.provenance.model
+
+    @property
+    def weights_id(self) -> str:
+        return self.provenance.weights_id
+
+    @property
+    def profile_id(self) -> str:
+        return self.provenance.profile_id
+
+    @property
+    def alpha(self) -> float:
+        return self.provenance.alpha
+
+
+def _frame_fields(msg: _Enveloped) -> dict[str, Any]:
+    """The per-frame fields, as they travel in JSON."""
+    e, p = msg.envelope, msg.provenance
+    return {
+        "stream_id": e.stream_id,
+        "sequence": e.sequence,
+        "pts": e.pts,
+        "capture_time": e.capture_time,
+        "model": p.model,
+        "weights_id": p.weights_id,
+        "profile_id": p.profile_id,
+        "alpha": p.alpha,
+    }
+
+
+def _frame_headers(msg: _Enveloped, kind: str) -> Headers:
+    """The Kafka headers that mirror routing fields of the body."""
+    return [
+        (HEADER_VERSION, str(WIRE_VERSION).encode()),
+        (HEADER_KIND, kind.encode()),
+        (HEADER_STREAM, msg.stream_id.encode()),
+        (HEADER_SEQUENCE, str(msg.sequence).encode()),
+        (HEADER_PROFILE, msg.profile_id.encode()),
+    ]
+
+
+def _read_frame_fields(
     h: dict[str, Any],
     key: bytes | None,
     headers: Sequence[tuple[str, bytes]],
     kind: str,
     what: str,
-) -> dict[str, Any]:
+) -> tuple[Envelope, Provenance]:
     """The per-frame fields activation and detection messages share, checked against the
     Kafka key and headers that mirror them."""
     stream_id = _text(_field(h, "stream_id", what), "stream_id")
@@ -170,29 +285,25 @@ def _frame_fields(
         kind,
     )
     pts = _field(h, "pts", what)
-    return {
-        "stream_id": stream_id,
-        "sequence": sequence,
-        "pts": None if pts is None else _finite(pts, "pts"),
-        "capture_time": _finite(_field(h, "capture_time", what), "capture_time"),
-        "model": _text(_field(h, "model", what), "model"),
-        "weights_id": _text(_field(h, "weights_id", what), "weights_id"),
-        "profile_id": profile_id,
-        "alpha": _check_alpha(_field(h, "alpha", what)),
-    }
+    envelope = Envelope(
+        stream_id,
+        sequence,
+        None if pts is None else _finite(pts, "pts"),
+        _finite(_field(h, "capture_time", what), "capture_time"),
+    )
+    provenance = Provenance(
+        _text(_field(h, "model", what), "model"),
+        _text(_field(h, "weights_id", what), "weights_id"),
+        profile_id,
+        _check_alpha(_field(h, "alpha", what)),
+    )
+    return envelope, provenance
 
 
-def _normalise_frame_fields(msg: ActivationMessage | DetectionMessage) -> None:
-    """Check the fields both per-frame messages share and store them as plain Python values:
-    numpy scalars are accepted from callers but would not serialise to JSON."""
-    _require(msg.version == WIRE_VERSION, f"unsupported wire version {msg.version}")
-    object.__setattr__(msg, "stream_id", _text(msg.stream_id, "stream_id"))
-    object.__setattr__(msg, "sequence", _count(msg.sequence, "sequence", 0))
-    object.__setattr__(msg, "pts", None if msg.pts is None else _finite(msg.pts, "pts"))
-    object.__setattr__(msg, "capture_time", _finite(msg.capture_time, "capture_time"))
-    for name in ("model", "weights_id", "profile_id"):
-        object.__setattr__(msg, name, _text(getattr(msg, name), name))
-    object.__setattr__(msg, "alpha", _check_alpha(msg.alpha))
+def _check_enveloped(msg: _Enveloped, version: int) -> None:
+    _require(version == WIRE_VERSION, f"unsupported wire version {version}")
+    _require(isinstance(msg.envelope, Envelope), "envelope must be an Envelope")
+    _require(isinstance(msg.provenance, Provenance), "provenance must be a Provenance")
 
 
 # --------------------------------------------------------------------------- activations
@@ -242,7 +353,7 @@ class FramePlacement:
 
 
 @dataclass(frozen=True, eq=False)
-class ActivationMessage:
+class ActivationMessage(_Enveloped):
     """One frame's (noisy) head activation, ``payload`` ``[C, H, W]``.
 
     ``quantisation`` is how the payload travels: ``float16`` (default; relative error about
@@ -251,21 +362,15 @@ class ActivationMessage:
     ``profile_id`` is the noise profile applied, or ``"none"`` for a clean activation.
     """
 
-    stream_id: str
-    sequence: int
-    pts: float | None
-    capture_time: float
-    model: str
-    weights_id: str
-    profile_id: str
-    alpha: float
+    envelope: Envelope
+    provenance: Provenance
     placement: FramePlacement
     payload: npt.NDArray[np.floating[Any]]
     quantisation: Quantisation = "float16"
     version: int = WIRE_VERSION
 
     def __post_init__(self) -> None:
-        _normalise_frame_fields(self)
+        _check_enveloped(self, self.version)
         _require(isinstance(self.placement, FramePlacement), "placement must be a FramePlacement")
         _require(
             self.quantisation in QUANTISATIONS,
@@ -349,14 +454,7 @@ def encode(msg: ActivationMessage) -> tuple[bytes, bytes, Headers]:
     """ActivationMessage -> (key, value, headers) for ``veil.activations``."""
     p = msg.placement
     header = {
-        "stream_id": msg.stream_id,
-        "sequence": msg.sequence,
-        "pts": msg.pts,
-        "capture_time": msg.capture_time,
-        "model": msg.model,
-        "weights_id": msg.weights_id,
-        "profile_id": msg.profile_id,
-        "alpha": msg.alpha,
+        **_frame_fields(msg),
         "shape": list(msg.shape),
         "dtype": msg.wire_dtype,
         "quantisation": msg.quantisation,
@@ -369,13 +467,7 @@ def encode(msg: ActivationMessage) -> tuple[bytes, bytes, Headers]:
     header_bytes = _dumps(header)
     value = PREFIX.pack(MAGIC, WIRE_VERSION, len(header_bytes)) + header_bytes
     value += _payload_bytes(msg)
-    headers: Headers = [
-        (HEADER_VERSION, str(WIRE_VERSION).encode()),
-        (HEADER_KIND, KIND_ACTIVATION.encode()),
-        (HEADER_STREAM, msg.stream_id.encode()),
-        (HEADER_SEQUENCE, str(msg.sequence).encode()),
-        (HEADER_PROFILE, msg.profile_id.encode()),
-    ]
+    headers = _frame_headers(msg, KIND_ACTIVATION)
     return msg.stream_id.encode(), value, headers
 
 
@@ -411,7 +503,7 @@ def decode(
         f"activation message truncated inside its header: {len(value)} bytes, header ends at "
         f"{body_start}",
     )
-    h = _loads(value[PREFIX.size : body_start], "activation header")
+    h = _loads(value[PREFIX.size : body_start], "activation header", MAX_HEADER_BYTES)
     what = "activation header"
 
     shape_field = _field(h, "shape", what)
@@ -448,7 +540,7 @@ def decode(
     payload = _decode_payload(payload_raw, quantisation, shape)
 
     return ActivationMessage(
-        **_frame_fields(h, key, headers, KIND_ACTIVATION, what),
+        *_read_frame_fields(h, key, headers, KIND_ACTIVATION, what),
         placement=FramePlacement(
             frame_width=_count(_field(h, "frame_width", what), "frame_width", 1),
             frame_height=_count(_field(h, "frame_height", what), "frame_height", 1),
@@ -476,34 +568,35 @@ def _decode_payload(
         bool(np.isfinite(scale).all() and (scale > 0).all()),
         "activation int8 scales must be finite and positive",
     )
-    return dequantise_int8(quantised, scale, zero_point)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below
+        values = dequantise_int8(quantised, scale, zero_point)
+    _require(
+        bool(np.isfinite(values).all()),
+        "activation int8 payload overflows float32: its scales are absurd "
+        f"(largest {float(scale.max()):.3g})",
+    )
+    return values
 
 
 # --------------------------------------------------------------------------- detections
 
 
 @dataclass(frozen=True, eq=False)
-class DetectionMessage:
+class DetectionMessage(_Enveloped):
     """The tail's face detections for one frame, in that frame's pixels.
 
     Boxes travel rounded to 0.01 px and scores to 1e-4 (``Detections.to_json``); landmarks are
     not sent.
     """
 
-    stream_id: str
-    sequence: int
-    pts: float | None
-    capture_time: float
+    envelope: Envelope
+    provenance: Provenance
     detections: Detections
-    model: str
-    weights_id: str
-    profile_id: str
-    alpha: float
     produced_time: float
     version: int = WIRE_VERSION
 
     def __post_init__(self) -> None:
-        _normalise_frame_fields(self)
+        _check_enveloped(self, self.version)
         object.__setattr__(self, "produced_time", _finite(self.produced_time, "produced_time"))
         _require(isinstance(self.detections, Detections), "detections must be a Detections")
         _require(
@@ -518,25 +611,11 @@ def encode_detection(msg: DetectionMessage) -> tuple[bytes, bytes, Headers]:
     body = {
         "format": "veil.detection",
         "version": WIRE_VERSION,
-        "stream_id": msg.stream_id,
-        "sequence": msg.sequence,
-        "pts": msg.pts,
-        "capture_time": msg.capture_time,
-        "model": msg.model,
-        "weights_id": msg.weights_id,
-        "profile_id": msg.profile_id,
-        "alpha": msg.alpha,
+        **_frame_fields(msg),
         "produced_time": msg.produced_time,
         **msg.detections.to_json(),
     }
-    headers: Headers = [
-        (HEADER_VERSION, str(WIRE_VERSION).encode()),
-        (HEADER_KIND, KIND_DETECTION.encode()),
-        (HEADER_STREAM, msg.stream_id.encode()),
-        (HEADER_SEQUENCE, str(msg.sequence).encode()),
-        (HEADER_PROFILE, msg.profile_id.encode()),
-    ]
-    return msg.stream_id.encode(), _dumps(body), headers
+    return msg.stream_id.encode(), _dumps(body), _frame_headers(msg, KIND_DETECTION)
 
 
 def decode_detection(
@@ -561,7 +640,7 @@ def decode_detection(
     except ValueError as exc:
         raise WireFormatError(f"{what}: {exc}") from exc
     return DetectionMessage(
-        **_frame_fields(body, key, headers, KIND_DETECTION, what),
+        *_read_frame_fields(body, key, headers, KIND_DETECTION, what),
         detections=detections,
         produced_time=_finite(_field(body, "produced_time", what), "produced_time"),
     )

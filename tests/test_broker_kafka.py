@@ -36,7 +36,9 @@ from stream.wire import (
     HEADER_STREAM,
     ActivationMessage,
     ControlMessage,
+    Envelope,
     FramePlacement,
+    Provenance,
     decode,
     encode,
     encode_control,
@@ -49,14 +51,8 @@ pytestmark = pytest.mark.services
 
 def _activation(stream: str, sequence: int, rng: np.random.Generator) -> ActivationMessage:
     return ActivationMessage(
-        stream_id=stream,
-        sequence=sequence,
-        pts=sequence / 25.0,
-        capture_time=1_700_000_000.0 + sequence / 25.0,
-        model="faceboxes",
-        weights_id="w" * 64,
-        profile_id="p1",
-        alpha=0.5,
+        Envelope(stream, sequence, sequence / 25.0, 1_700_000_000.0 + sequence / 25.0),
+        Provenance("faceboxes", "w" * 64, "p1", 0.5),
         placement=FramePlacement(640, 360, 1.0, 640, 384),
         payload=rng.standard_normal((8, 12, 20)).astype(np.float32),
     )

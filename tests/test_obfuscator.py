@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from stream.frames import Frame
+from stream.wire import Envelope
 from tests.tiny_detector import TinyDetector
 from veil.errors import ProfileError
 from veil.noise import NoiseLayer
@@ -30,7 +31,7 @@ def test_each_frame_of_a_mixed_batch_gets_its_own_streams_noise() -> None:
     obf.generator = torch.Generator().manual_seed(0)  # a fixed seed: tests only
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
-    frames = [Frame(f"s{i}", i, None, 0.0, pixels) for i in range(3)]
+    frames = [Frame(Envelope(f"s{i}", i, None, 0.0), pixels) for i in range(3)]
     out = obf.run(frames, [0.0, 0.2, 0.9])
     clean = det.head(det.preprocess([pixels], det.default_geometry)[0])[0].numpy()
     assert [o.profile_id for o in out] == [
@@ -58,7 +59,8 @@ def test_frames_of_any_size_are_letterboxed_and_mapped_back() -> None:
     obf = Obfuscator(det, det.default_geometry, table, torch.device("cpu"))
     sizes = [(1080, 1920), (720, 1280), (480, 640)]
     frames = [
-        Frame("s", i, None, 0.0, np.zeros((h, w, 3), np.uint8)) for i, (h, w) in enumerate(sizes)
+        Frame(Envelope("s", i, None, 0.0), np.zeros((h, w, 3), np.uint8))
+        for i, (h, w) in enumerate(sizes)
     ]
     out = obf.run(frames, [0.0] * 3)
     assert {o.activation.shape for o in out} == {det.activation_shape(det.default_geometry)}

@@ -21,7 +21,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from tritonclient.grpc.aio import InferenceServerClient
 
 from stream.kafka import DEFAULT_TOPICS, ensure_topics
-from stream.wire import ActivationMessage, ControlMessage, decode, encode, encode_control
+from stream.wire import (
+    ActivationMessage,
+    ControlMessage,
+    Envelope,
+    Provenance,
+    decode,
+    encode,
+    encode_control,
+)
 from tests.fixtures_kafka import KafkaTarget, kafka_target  # noqa: F401
 from tests.fixtures_triton import TritonTarget, triton_server, tuned_tail_state
 from veil.config import (
@@ -321,14 +329,8 @@ async def test_malformed_and_foreign_messages_go_to_the_dead_letter_topic(
 
     def message(seq: int, model: str = "faceboxes") -> ActivationMessage:
         return ActivationMessage(
-            stream_id="dlq",
-            sequence=seq,
-            pts=None,
-            capture_time=0.0,
-            model=model,
-            weights_id=detector.weights_id,
-            profile_id="none",
-            alpha=0.0,
+            Envelope("dlq", seq, None, 0.0),
+            Provenance(model, detector.weights_id, "none", 0.0),
             placement=FramePlacement.from_letterbox(letterboxes[seq % 2], GEOMETRY),
             payload=acts[seq % 2],
         )

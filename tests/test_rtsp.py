@@ -153,7 +153,9 @@ async def test_rtsp_source_reconnects_after_the_server_restarts(rtsp_server: Rts
             after: list[Frame] = []
             while len(after) < 5:
                 frame = await _next(frames)
-                if frame.capture_time > restarted_at:  # skip a frame buffered before the outage
+                if (
+                    frame.envelope.capture_time > restarted_at
+                ):  # skip a frame buffered before the outage
                     after.append(frame)
             stats = source.stats
 

@@ -158,7 +158,7 @@ async def test_a_child_that_dies_is_noticed_with_its_last_log_line() -> None:
         [sys.executable, "-c", "print('bind: address in use'); exit(3)"], stdout=subprocess.PIPE
     )
     out = child.stdout.read().decode() if child.stdout else ""
-    with pytest.raises(ServiceError, match="exited with status 3.*address in use"):
+    with pytest.raises(ServiceError, match=r"exited with status 3.*address in use"):
         await asyncio.wait_for(watch_child("tansu", child, lambda: out), 5)
 
 

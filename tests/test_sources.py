@@ -80,12 +80,12 @@ async def test_lossless_file_yields_every_frame_in_order(single_face: Path) -> N
     assert error is None
     assert [f.sequence for f in frames] == list(range(SINGLE_FACE_FRAMES))
     assert all(f.stream_id == "cam0" for f in frames)
-    pts = [f.pts for f in frames]
+    pts = [f.envelope.pts for f in frames]
     assert pts[0] == 0.0
     assert all(b is not None and a is not None and b > a for a, b in pairwise(pts))
     assert pts[-1] == pytest.approx((SINGLE_FACE_FRAMES - 1) / 30, abs=1e-6)
     assert all(f.pixels.shape == (360, 640, 3) and f.pixels.dtype == np.uint8 for f in frames)
-    assert all(b.capture_time >= a.capture_time for a, b in pairwise(frames))
+    assert all(b.envelope.capture_time >= a.envelope.capture_time for a, b in pairwise(frames))
     assert (stats.decoded, stats.dropped, stats.reconnects) == (SINGLE_FACE_FRAMES, 0, 0)
     # Channel order is BGR: OpenCV's own decoder (BGR by definition) sees the same picture.
     capture = cv2.VideoCapture(str(single_face))
@@ -262,7 +262,7 @@ async def test_http_stream_that_ends_is_reconnected(tmp_path: Path) -> None:
         server.server_close()
     # A live source that ends is an outage: the second connection starts the clip again.
     assert [f.sequence for f in frames] == list(range(15))
-    assert [f.pts for f in frames] == pytest.approx(
+    assert [f.envelope.pts for f in frames] == pytest.approx(
         [i / 10 for i in range(10)] + [0.0, 0.1, 0.2, 0.3, 0.4]
     )
     np.testing.assert_array_equal(frames[10].pixels, frames[0].pixels)
@@ -281,7 +281,7 @@ async def test_looped_file_continues_sequence_and_pts(tmp_path: Path) -> None:
             if len(frames) == 25:
                 break
     assert [f.sequence for f in frames] == list(range(25))
-    pts = [f.pts for f in frames]
+    pts = [f.envelope.pts for f in frames]
     assert pts == pytest.approx([i / 10 for i in range(25)])
     # The second pass shows the first picture again.
     np.testing.assert_array_equal(frames[10].pixels, frames[0].pixels)
@@ -304,7 +304,7 @@ async def test_demo_clip_decodes_to_the_rendered_frames(tmp_path: Path) -> None:
     assert error is None
     assert len(frames) == 40  # 4 s at 10 fps
     assert all(f.pixels.shape == (540, 960, 3) for f in frames)
-    assert [f.pts for f in frames] == pytest.approx([i / 10 for i in range(40)])
+    assert [f.envelope.pts for f in frames] == pytest.approx([i / 10 for i in range(40)])
     # The encoded clip is faithful to the rendering (PSNR above 30 dB) ...
     for index in (0, 20, 39):
         rendered = render_demo_frame(index / 39, (960, 540)).astype(np.float64)

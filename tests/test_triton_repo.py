@@ -17,7 +17,14 @@ from google.protobuf import text_format
 from torch import Tensor, nn
 from tritonclient.grpc import model_config_pb2
 
-from stream.wire import ActivationMessage, FramePlacement, decode_detection, encode
+from stream.wire import (
+    ActivationMessage,
+    Envelope,
+    FramePlacement,
+    Provenance,
+    decode_detection,
+    encode,
+)
 from veil.detectors.base import InputGeometry, Letterbox, SplitDetector
 from veil.detectors.boxes import decode_ssd
 from veil.errors import ConfigError, ProfileError
@@ -460,7 +467,9 @@ class FakeProducer:
     async def send_and_wait(self, topic: str, value: bytes, key: bytes, headers: Any) -> None:
         self.sent.append((topic, key, value, list(headers)))
 
-    async def send(self, topic: str, value: bytes, key: bytes, headers: Any) -> Any:
+    async def send(
+        self, topic: str, value: bytes, key: bytes, headers: Any, partition: int | None = None
+    ) -> Any:
         await self.send_and_wait(topic, value, key, headers)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         done.set_result(None)
@@ -477,14 +486,8 @@ class FakeConsumer:
 
 def activation_record(seq: int, profile_id: str) -> FakeRecord:
     msg = ActivationMessage(
-        stream_id="s",
-        sequence=seq,
-        pts=None,
-        capture_time=0.0,
-        model="stand-in",
-        weights_id="0" * 64,
-        profile_id=profile_id,
-        alpha=0.0 if profile_id == "none" else 0.5,
+        Envelope("s", seq, None, 0.0),
+        Provenance("stand-in", "0" * 64, profile_id, 0.0 if profile_id == "none" else 0.5),
         placement=FramePlacement.from_letterbox(Letterbox(1.0, 128, 96), GEOMETRY),
         payload=np.full(ACTIVATION, float(seq), dtype=np.float32),
     )

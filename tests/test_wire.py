@@ -26,7 +26,9 @@ from stream.wire import (
     ActivationMessage,
     ControlMessage,
     DetectionMessage,
+    Envelope,
     FramePlacement,
+    Provenance,
     Quantisation,
     decode,
     decode_control,
@@ -63,7 +65,16 @@ def _message(
         "quantisation": quantisation,
     }
     fields.update(overrides)
-    return ActivationMessage(**fields)
+    return ActivationMessage(*_envelope_and_provenance(fields), **fields)
+
+
+def _envelope_and_provenance(fields: dict[str, Any]) -> tuple[Envelope, Provenance]:
+    """Take the per-frame fields out of ``fields`` into the two types that carry them."""
+    envelope = Envelope(*(fields.pop(k) for k in ("stream_id", "sequence", "pts", "capture_time")))
+    provenance = Provenance(
+        *(fields.pop(k) for k in ("model", "weights_id", "profile_id", "alpha"))
+    )
+    return envelope, provenance
 
 
 def _rng_payload(seed: int, shape: tuple[int, int, int] = (6, 12, 20)) -> np.ndarray[Any, Any]:
@@ -379,7 +390,7 @@ def _detections_message(**overrides: Any) -> DetectionMessage:
         "produced_time": 1_731_000_000.300,
     }
     fields.update(overrides)
-    return DetectionMessage(**fields)
+    return DetectionMessage(*_envelope_and_provenance(fields), **fields)
 
 
 def test_detection_round_trip() -> None:

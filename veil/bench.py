@@ -69,6 +69,7 @@ def micro_timings(
     alpha: float,
 ) -> dict[str, Any]:
     from stream.frames import Frame as StreamFrame
+    from stream.wire import Envelope
 
     obfuscator = Obfuscator(detector, geometry, table, device, lanes=1)
     row = torch.tensor([table.row(alpha)])
@@ -76,7 +77,7 @@ def micro_timings(
     def timed(noise: bool) -> list[float]:
         out = []
         for i, pixels in enumerate(frames):
-            frame = StreamFrame("bench", i, None, 0.0, pixels)
+            frame = StreamFrame(Envelope("bench", i, None, 0.0), pixels)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()

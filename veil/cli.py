@@ -4,11 +4,10 @@ the lightweight roles start fast."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -227,40 +226,20 @@ def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return config
 
 
-@contextlib.asynccontextmanager
-async def _serving(config: Any, ready: Callable[[], bool]) -> AsyncIterator[None]:
-    """/metrics, /healthz and /readyz on observability.http_port, if set."""
-    from veil.observability import StatusServer
+async def _until_stopped(name: str, watch: Callable[[], Awaitable[None]], say: str) -> None:
+    """Serve a child server until SIGINT/SIGTERM; its death ends this with an error."""
+    from stream.runtime import Supervisor, stop_on_signals
 
-    if config.observability.http_port is None:
-        yield
-        return
-    server = StatusServer(config.observability.http_port, ready, host="0.0.0.0")
-    await server.start()
-    print(f"metrics and health on port {server.port}", flush=True)
-    try:
-        yield
-    finally:
-        await server.stop()
+    supervisor = Supervisor(name)
+    supervisor.add(name, watch, background=True)
 
+    async def until_stop() -> None:
+        await supervisor.stopping.wait()
 
-async def _until_signal_or(work: Awaitable[Any]) -> None:
-    """Run ``work`` until it ends or SIGINT/SIGTERM arrives."""
-    import asyncio
-    import signal
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    task = asyncio.ensure_future(work)
-    waiter = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    waiter.cancel()
-    if task.done():
-        task.result()
-    else:
-        task.cancel()
+    supervisor.add("serve", until_stop)
+    print(say, flush=True)
+    with stop_on_signals(supervisor):
+        await supervisor.run()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -316,30 +295,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_forever(start_msg: str) -> None:
-    import asyncio
-    import signal
-
-    async def wait() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        print(start_msg, flush=True)
-        await stop.wait()
-
-    asyncio.run(wait())
-
-
 def cmd_broker(args: argparse.Namespace) -> int:
     import asyncio
 
     from stream.broker import EmbeddedBroker
     from stream.kafka import ensure_topics
 
-    with EmbeddedBroker(port=args.port) as broker:
-        asyncio.run(ensure_topics(broker.bootstrap_servers))
-        _serve_forever(f"embedded Kafka-compatible broker (tansu) on {broker.bootstrap_servers}")
+    async def serve() -> None:
+        async with EmbeddedBroker(port=args.port) as broker:
+            await ensure_topics(broker.bootstrap_servers)
+            await _until_stopped(
+                "broker",
+                broker.watch,
+                f"embedded Kafka-compatible broker (tansu) on {broker.bootstrap_servers}",
+            )
+
+    asyncio.run(serve())
     return 0
 
 
@@ -350,13 +321,9 @@ def cmd_triton(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         async with EmbeddedTriton(Path(args.repository), grpc_port=args.grpc_port) as server:
-            print(f"tritonserver on {server.grpc_url} serving {server.models}", flush=True)
-            import signal
-
-            stop = asyncio.Event()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-            await stop.wait()
+            await _until_stopped(
+                "triton", server.watch, f"tritonserver on {server.grpc_url} serving {server.models}"
+            )
 
     asyncio.run(serve())
     return 0
@@ -365,72 +332,32 @@ def cmd_triton(args: argparse.Namespace) -> int:
 def cmd_edge(args: argparse.Namespace) -> int:
     import asyncio
 
-    from veil.runner import build_obfuscator
-    from workers.trusted.edge import EdgeWorker
+    from veil.runner import build_obfuscator, serve
 
     config = _config(args)
     obfuscator = build_obfuscator(config)
-    device = obfuscator.device
-
-    async def serve() -> None:
-        idem = config.kafka.idempotent if config.kafka.idempotent is not None else True
-        edge = EdgeWorker(
-            config.streams,
-            obfuscator,
-            config.kafka.bootstrap,
-            idempotent=idem,
-            quantisation=config.kafka.payload,
-            batching=config.batching,
-            max_request_size=config.kafka.max_request_size,
-        )
-        async with _serving(config, lambda: edge.ready), edge:
-            print(f"edge worker: {len(config.streams)} streams on {device}", flush=True)
-            # SIGTERM stops reading; leaving the block drains the queue and flushes Kafka.
-            await _until_signal_or(edge.run())
-            print(edge.stats)
-
-    asyncio.run(serve())
-    return 0
+    print(f"edge worker: {len(config.streams)} streams on {obfuscator.device}", flush=True)
+    graph = asyncio.run(serve(config, frozenset({"edge"}), obfuscator=obfuscator))
+    assert graph.edge is not None
+    stats = graph.edge.stats
+    print(
+        f"edge: {stats.frames_in} frames read, {stats.frames_published} published, "
+        f"{stats.publish_retries} publish retries",
+        flush=True,
+    )
+    for stream_id, error in stats.source_errors.items():
+        print(f"veil: stream {stream_id} failed: {error}", file=sys.stderr)
+    return 1 if stats.source_errors else 0
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
     import asyncio
 
-    from veil.detectors import load_decoder
-    from workers.untrusted.detect import DetectWorker
-    from workers.untrusted.tail_client import TritonTail
-    from workers.untrusted.triton_repo import TailManifest
+    from veil.runner import serve
 
     config = _config(args)
-    manifest = TailManifest.read(Path(config.triton.model_repository))
-    # The outside needs the architecture only, for anchors and box decoding: no weights.
-    decoder = load_decoder(manifest.detector)
-
-    async def serve() -> None:
-        idem = config.kafka.idempotent if config.kafka.idempotent is not None else True
-        tail = TritonTail(
-            config.triton.url,
-            config.triton.model or manifest.python_model,
-            manifest,
-            timeout_s=config.triton.timeout_s,
-        )
-        worker = DetectWorker(
-            config.kafka.bootstrap,
-            tail,
-            decoder,
-            manifest,
-            idempotent=idem,
-            group_id=config.kafka.group_id,
-            max_batch=config.batching.max_batch,
-        )
-        async with _serving(config, lambda: worker.ready), tail, worker:
-            print(
-                f"detect worker: {manifest.detector} tail {tail.model_name} on {config.triton.url}",
-                flush=True,
-            )
-            await _until_signal_or(worker.run())
-
-    asyncio.run(serve())
+    graph = asyncio.run(serve(config, frozenset({"detect"})))
+    print(f"detect: {graph.detect.stats}", flush=True)
     return 0
 
 

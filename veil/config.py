@@ -46,6 +46,7 @@ class KafkaConfig:
     payload: Literal["float16", "int8"] = "float16"
     group_id: str = "veil-detect"
     max_request_size: int = 4 * 1024 * 1024
+    topic_prefix: str = "veil"  # topics <prefix>.activations, .detections, .control, .deadletter
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class ObservabilityConfig:
     log_format: Literal["console", "json"] = "console"
     log_level: str = "info"
     http_port: int | None = None  # /metrics, /healthz, /readyz; None = off
+    http_host: str = "127.0.0.1"  # where they listen; 0.0.0.0 only when asked for
 
 
 @dataclass(frozen=True)

@@ -11,17 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from stream.kafka import DEFAULT_TOPICS, close_consumer, ensure_topics, make_consumer
+from stream.frames import Frame
+from stream.kafka import TopicNames, close_consumer, ensure_topics, make_consumer
+from stream.runtime import Supervisor, stop_on_signals
 from stream.wire import CLEAN_PROFILE, DetectionMessage, decode_detection
 from veil.config import EMBEDDED, StreamConfig, VeilConfig
 from veil.detectors import load_decoder, load_detector
@@ -140,16 +142,23 @@ def build_obfuscator(
 
 
 @contextlib.asynccontextmanager
-async def broker_for(config: VeilConfig) -> AsyncIterator[tuple[str, bool]]:
-    """(bootstrap servers, idempotent producers?)"""
+async def broker_for(config: VeilConfig, supervisor: Supervisor) -> AsyncIterator[tuple[str, bool]]:
+    """(bootstrap servers, idempotent producers?). An embedded broker is a supervised child:
+    its death fails the graph (and it dies with this process)."""
     if config.kafka.bootstrap == EMBEDDED:
         from stream.broker import EmbeddedBroker
 
         async with EmbeddedBroker() as broker:
+            supervisor.add("broker", broker.watch, background=True)
+            await ensure_topics(broker.bootstrap_servers, topics=topics_of(config))
             yield broker.bootstrap_servers, False  # tansu refuses idempotent producers
     else:
         idem = True if config.kafka.idempotent is None else config.kafka.idempotent
         yield config.kafka.bootstrap, idem
+
+
+def topics_of(config: VeilConfig) -> TopicNames:
+    return TopicNames(config.kafka.topic_prefix)
 
 
 def export_tail(
@@ -177,11 +186,13 @@ def export_tail(
 
 
 @contextlib.asynccontextmanager
-async def triton_for(config: VeilConfig, repo: Path) -> AsyncIterator[str]:
+async def triton_for(config: VeilConfig, repo: Path, supervisor: Supervisor) -> AsyncIterator[str]:
+    """Triton's gRPC URL; an embedded tritonserver is a supervised child like the broker."""
     if config.triton.url == EMBEDDED:
         from workers.untrusted.triton_server import EmbeddedTriton
 
         async with EmbeddedTriton(repo) as server:
+            supervisor.add("triton", server.watch, background=True)
             yield server.grpc_url
     else:
         yield config.triton.url
@@ -189,20 +200,18 @@ async def triton_for(config: VeilConfig, repo: Path) -> AsyncIterator[str]:
 
 async def collect_detections(
     bootstrap: str,
+    topics: TopicNames,
     streams: set[str],
     sink: list[DetectionMessage],
     on_message: Callable[[DetectionMessage], None],
-    stop: asyncio.Event,
 ) -> None:
+    """A background stage of ``veil run``: the detections of ``streams``, once each."""
     consumer = await make_consumer(
-        bootstrap,
-        f"veil-sink-{time.time_ns()}",
-        [DEFAULT_TOPICS.detections],
-        client_id="veil-sink",
+        bootstrap, f"veil-sink-{time.time_ns()}", [topics.detections], client_id="veil-sink"
     )
     seen: set[tuple[str, int]] = set()
     try:
-        while not stop.is_set():
+        while True:
             batches = await consumer.getmany(timeout_ms=100)
             for records in batches.values():
                 for r in records:
@@ -234,6 +243,177 @@ def describe(msg: DetectionMessage) -> str:
     )
 
 
+@dataclass
+class Graph:
+    """What :func:`serve` built: the supervisor and the workers of the roles asked for."""
+
+    supervisor: Supervisor
+    edge: EdgeWorker | None = None
+    detect: Any = None  # DetectWorker (imported lazily: the outside's module)
+    detections: list[DetectionMessage] = field(default_factory=list)
+
+
+async def serve(
+    config: VeilConfig,
+    roles: frozenset[str],
+    *,
+    obfuscator: Obfuscator | None = None,
+    say: Callable[[str], None] = print,
+    on_detection: Callable[[DetectionMessage], None] | None = None,
+    settle_timeout_s: float = 60.0,
+    frame_hook: Callable[[Frame], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> Graph:
+    """The one graph builder: ``{"edge"}`` (``veil edge``), ``{"detect"}`` (``veil detect``) or
+    ``{"edge", "detect", "sink"}`` (``veil run``: then, once the sources end, the detect
+    worker runs until every published frame came back, ``settle_timeout_s`` at most).
+
+    Runs until the graph ends; raises the first stage error. Returns the graph for its stats.
+    """
+    graph = Graph(Supervisor("veil-" + "+".join(sorted(roles))))
+    sup = graph.supervisor
+    async with contextlib.AsyncExitStack() as stack:
+        bootstrap, idempotent = await stack.enter_async_context(broker_for(config, sup))
+        if "detect" in roles:
+            # Under veil run the detect worker outlives the edge (it stops once drained).
+            graph.detect = await _detect_role(
+                config, stack, sup, bootstrap, idempotent, own_stop="sink" in roles
+            )
+            say(f"detect worker: {graph.detect.manifest.detector} tail on {bootstrap}")
+        if "edge" in roles:
+            assert obfuscator is not None, "the edge role needs the trusted zone's obfuscator"
+            graph.edge = EdgeWorker(
+                config.streams,
+                obfuscator,
+                bootstrap,
+                idempotent=idempotent,
+                quantisation=config.kafka.payload,
+                batching=config.batching,
+                topics=topics_of(config),
+                max_request_size=config.kafka.max_request_size,
+                frame_hook=frame_hook,
+            )
+            await stack.enter_async_context(graph.edge)
+            graph.edge.attach(sup)
+        if "sink" in roles:
+            _attach_sink(config, graph, bootstrap, say, on_detection, settle_timeout_s)
+        await stack.enter_async_context(_status(config, sup, say))
+        if stop is not None:
+            sup.add("stop", partial(_stop_on, stop, sup), background=True)
+        with stop_on_signals(sup):
+            await sup.run()
+    return graph
+
+
+async def _stop_on(event: asyncio.Event, supervisor: Supervisor) -> None:
+    await event.wait()
+    supervisor.request_stop()
+
+
+async def _detect_role(
+    config: VeilConfig,
+    stack: contextlib.AsyncExitStack,
+    supervisor: Supervisor,
+    bootstrap: str,
+    idempotent: bool,
+    *,
+    own_stop: bool,
+) -> Any:
+    from workers.untrusted.detect import DetectWorker
+    from workers.untrusted.tail_client import TritonTail
+    from workers.untrusted.triton_repo import TailManifest
+
+    repo = Path(config.triton.model_repository)
+    manifest = TailManifest.read(repo)
+    # The outside needs the architecture only, for anchors and box decoding: no weights.
+    decoder = load_decoder(manifest.detector)
+    url = await stack.enter_async_context(triton_for(config, repo, supervisor))
+    tail = TritonTail(
+        url,
+        config.triton.model or manifest.python_model,
+        manifest,
+        timeout_s=config.triton.timeout_s,
+    )
+    worker = DetectWorker(
+        bootstrap,
+        tail,
+        decoder,
+        manifest,
+        idempotent=idempotent,
+        group_id=config.kafka.group_id,
+        topics=topics_of(config),
+        max_batch=config.batching.max_batch,
+    )
+    await stack.enter_async_context(worker)
+    worker.attach(supervisor, stop=asyncio.Event() if own_stop else None)
+    return worker
+
+
+def _attach_sink(
+    config: VeilConfig,
+    graph: Graph,
+    bootstrap: str,
+    say: Callable[[str], None],
+    on_detection: Callable[[DetectionMessage], None] | None,
+    settle_timeout_s: float,
+) -> None:
+    def on_message(msg: DetectionMessage) -> None:
+        if on_detection is not None:
+            on_detection(msg)
+
+    streams = {s.id for s in config.streams}
+    graph.supervisor.add(
+        "sink",
+        partial(
+            collect_detections,
+            bootstrap,
+            topics_of(config),
+            streams,
+            graph.detections,
+            on_message,
+        ),
+        background=True,
+    )
+    graph.supervisor.add("settle", partial(_settle, graph, settle_timeout_s, say))
+
+
+async def _settle(graph: Graph, timeout_s: float, say: Callable[[str], None]) -> None:
+    """Once the edge has published its last frame, wait for every detection, then stop the
+    detect worker (a foreground stage of ``veil run``)."""
+    assert graph.edge is not None and graph.detect is not None
+    await graph.edge.finished.wait()
+    deadline = time.monotonic() + timeout_s
+    while len(graph.detections) < graph.edge.stats.frames_published:
+        if time.monotonic() > deadline:
+            say(
+                f"gave up waiting after {timeout_s:.0f} s: "
+                f"{graph.edge.stats.frames_published - len(graph.detections)} frames have no "
+                "detections"
+            )
+            break
+        await asyncio.sleep(0.05)
+    graph.detect.request_stop()
+
+
+@contextlib.asynccontextmanager
+async def _status(
+    config: VeilConfig, supervisor: Supervisor, say: Callable[[str], None]
+) -> AsyncIterator[None]:
+    """/metrics, /healthz and /readyz (the supervisor's readiness), if a port is set."""
+    if config.observability.http_port is None:
+        yield
+        return
+    server = StatusServer(
+        config.observability.http_port, lambda: supervisor.ready, config.observability.http_host
+    )
+    await server.start()
+    say(f"metrics and health on http://{server.host}:{server.port}/metrics")
+    try:
+        yield
+    finally:
+        await server.stop()
+
+
 async def run_pipeline(
     config: VeilConfig,
     *,
@@ -244,24 +424,17 @@ async def run_pipeline(
     stop: asyncio.Event | None = None,
     on_detection: Callable[[DetectionMessage], None] | None = None,
 ) -> RunSummary:
-    """Run every role until the (file) sources end, then drain and stop. SIGTERM/SIGINT stop
-    reading at once; what was already read is still published and detected."""
-    from workers.untrusted.detect import DetectWorker
-    from workers.untrusted.tail_client import TritonTail
-
+    """``veil run``: every role on one host until the (file) sources end, then drain and
+    stop. SIGTERM/SIGINT stop reading at once; what was already read is still published and
+    detected. Missing profiles are calibrated on the first file source."""
     started = time.perf_counter()
     if not config.streams:
         raise ProfileError("no streams configured")
     first_file = next((s.source for s in config.streams if "://" not in s.source), None)
     obfuscator = build_obfuscator(config, first_file if calibrate_missing else None, say)
-    detector, geometry = obfuscator.detector, obfuscator.geometry
-    device = obfuscator.device
     repo = Path(config.triton.model_repository)
     # Every profile the zone may apply gets its tail served, so live alpha changes keep working.
-    manifest = export_tail(detector, geometry, repo, obfuscator.table.profiles)
-    decoder = load_decoder(config.model.name)  # outside: architecture only, no weights
-    detections: list[DetectionMessage] = []
-
+    export_tail(obfuscator.detector, obfuscator.geometry, repo, obfuscator.table.profiles)
     annotator = None
     if config.outputs.annotated_dir:
         from workers.trusted.annotate import AnnotatedWriter
@@ -276,89 +449,28 @@ async def run_pipeline(
         if on_detection is not None:
             on_detection(msg)
 
-    async with broker_for(config) as (bootstrap, idempotent):
-        await ensure_topics(bootstrap)
-        async with triton_for(config, repo) as triton_url:
-            say(
-                f"broker {bootstrap}; triton {triton_url}; tail {manifest.python_model}; "
-                f"device {device}; profiles {obfuscator.table.alphas}"
-            )
-            stop_sink = asyncio.Event()
-            sink = asyncio.create_task(
-                collect_detections(
-                    bootstrap, {s.id for s in config.streams}, detections, on_message, stop_sink
-                )
-            )
-            tail_model = config.triton.model or manifest.python_model
-            async with TritonTail(triton_url, tail_model, manifest) as tail:
-                worker = DetectWorker(
-                    bootstrap,
-                    tail,
-                    decoder,
-                    manifest,
-                    idempotent=idempotent,
-                    group_id=config.kafka.group_id,
-                    max_batch=config.batching.max_batch,
-                )
-                await worker.start()
-                detect_task = asyncio.create_task(worker.run())
-                edge = EdgeWorker(
-                    config.streams,
-                    obfuscator,
-                    bootstrap,
-                    idempotent=idempotent,
-                    quantisation=config.kafka.payload,
-                    batching=config.batching,
-                    max_request_size=config.kafka.max_request_size,
-                    frame_hook=annotator.keep if annotator is not None else None,
-                )
-                await edge.start()
-                status: StatusServer | None = None
-                if config.observability.http_port is not None:
-                    status = StatusServer(
-                        config.observability.http_port, lambda: edge.ready and worker.ready
-                    )
-                    await status.start()
-                    say(f"metrics and health on http://127.0.0.1:{status.port}/metrics")
-                loop = asyncio.get_running_loop()
-                stop_requested = stop or asyncio.Event()
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    with contextlib.suppress(NotImplementedError, RuntimeError):
-                        loop.add_signal_handler(sig, stop_requested.set)
-                run_task = asyncio.create_task(edge.run())
-                waiter = asyncio.create_task(stop_requested.wait())
-                await asyncio.wait({run_task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                await edge.stop()
-                error = run_task.exception() if run_task.done() else None
-                if not run_task.done():
-                    run_task.cancel()
-                # Wait until every published frame has come back as detections.
-                deadline = time.monotonic() + settle_timeout_s
-                while (
-                    len(detections) < edge.stats.frames_published
-                    and time.monotonic() < deadline
-                    and not detect_task.done()
-                ):
-                    await asyncio.sleep(0.1)
-                worker.request_stop()
-                if status is not None:
-                    await status.stop()
-                await asyncio.gather(detect_task, return_exceptions=True)
-                await worker.stop()
-                stop_sink.set()
-                await asyncio.gather(sink, return_exceptions=True)
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    with contextlib.suppress(NotImplementedError, RuntimeError):
-                        loop.remove_signal_handler(sig)
-                if error is not None:
-                    raise error
+    say(f"device {obfuscator.device}; profiles {obfuscator.table.alphas}")
+    graph = await serve(
+        config,
+        frozenset({"edge", "detect", "sink"}),
+        obfuscator=obfuscator,
+        say=say,
+        on_detection=on_message,
+        settle_timeout_s=settle_timeout_s,
+        frame_hook=annotator.keep if annotator is not None else None,
+        stop=stop,
+    )
     if annotator is not None:
         annotator.close()
         for sid, count in annotator.written.items():
             say(f"annotated video: {annotator.path(sid)} ({count} frames)")
-    summary = RunSummary(edge.stats, detections, time.perf_counter() - started, str(device))
-    return summary
+    assert graph.edge is not None
+    return RunSummary(
+        graph.edge.stats,
+        graph.detections,
+        time.perf_counter() - started,
+        str(obfuscator.device),
+    )
 
 
 def demo_streams(alpha: float = 0.8) -> tuple[StreamConfig, ...]:

@@ -1,10 +1,7 @@
 """The trusted-zone worker: sources -> batches -> head + noise -> Kafka.
 
-Stages are asyncio tasks joined by bounded queues (Savant's adapters): one reader per stream,
-one batcher that runs :class:`Obfuscator` in a thread, and a control reader that applies live
-alpha changes. The first error wins: it stops every stage and :meth:`EdgeWorker.run` raises it.
-A sentinel drains the batch queue on stop (SIGTERM), and the producer is flushed, so frames
-already read are published before exit.
+Its stages run on the supervised runtime (:mod:`stream.runtime`): the first error wins and
+ends the worker; a graceful stop (SIGTERM) publishes every frame already decoded.
 """
 
 from __future__ import annotations
@@ -14,25 +11,41 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from stream.frames import Frame
-from stream.kafka import DEFAULT_TOPICS, TopicNames, make_producer
+from stream.kafka import (
+    DEFAULT_TOPICS,
+    OutgoingRecord,
+    TopicNames,
+    make_producer,
+    send_all,
+    transient,
+)
+from stream.runtime import (
+    DEFAULT_BACKOFF,
+    Backoff,
+    Channel,
+    Supervisor,
+    blocking,
+    retry,
+    stop_on_signals,
+)
 from stream.sources import ReconnectPolicy, VideoSource
 from stream.wire import ActivationMessage, FramePlacement, Quantisation, decode_control, encode
 from veil import observability as obs
 from veil.config import BatchingConfig, StreamConfig
 from veil.errors import ProfileError, SourceError, VeilError
-from workers.trusted.obfuscator import Obfuscator, ProfileTable
+from workers.trusted.obfuscator import ObfuscatedFrame, Obfuscator, ProfileTable
 
 log = structlog.get_logger(__name__)
-
-_END = object()  # sentinel: no more frames will come
 
 
 def _leakage_text(leakage: dict[str, Any]) -> str:
@@ -106,11 +119,30 @@ class EdgeStats:
     frames_published: int = 0
     bytes_published: int = 0
     batches: int = 0
+    publish_retries: int = 0
     source_errors: dict[str, str] = field(default_factory=dict)
     alpha_changes: list[tuple[str, float]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Encoded:
+    """A batch ready to publish: its frames (for the in-zone hooks) and its records."""
+
+    frames: list[Frame]
+    records: list[OutgoingRecord]
+
+
 class EdgeWorker:
+    """The trusted zone's stages on a :class:`~stream.runtime.Supervisor`.
+
+    ``async with EdgeWorker(...) as edge: await edge.run()`` runs alone; :meth:`attach` adds
+    the stages to a supervisor shared with other roles (``veil run``). Stages: one reader per
+    stream -> batch -> head+noise (in a thread) -> publish (acks awaited, transient broker
+    failures retried forever: the queues fill and lossless sources stop reading) and, in the
+    background, the control reader. A graceful stop lets every source hand out the frames it
+    already decoded; they are all published before :meth:`run` returns.
+    """
+
     def __init__(
         self,
         streams: Sequence[StreamConfig],
@@ -126,6 +158,7 @@ class EdgeWorker:
         follow_control: bool = True,
         queue_size: int = 64,
         frame_hook: Callable[[Frame], None] | None = None,
+        backoff: Backoff = DEFAULT_BACKOFF,
     ) -> None:
         self.streams = list(streams)
         self.obfuscator = obfuscator
@@ -137,66 +170,69 @@ class EdgeWorker:
         self.max_request_size = max_request_size
         self.reconnect = reconnect
         self.follow_control = follow_control
+        self.queue_size = queue_size
         self.frame_hook = frame_hook  # e.g. the annotated-video writer, inside the zone
+        self.backoff = backoff
         self.stats = EdgeStats()
         # Refuse a stream whose configured alpha has no profile before anything starts.
         for s in self.streams:
             obfuscator.table.row(s.alpha)
         self.alphas = {s.id: s.alpha for s in self.streams}
-        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=queue_size)
+        self.partitions: dict[str, int] = {}
         self._producer: Any = None
         self._sources: list[VideoSource] = []
-        self._tasks: list[asyncio.Task[None]] = []
-        self._control_task: asyncio.Task[None] | None = None
-        self._error: BaseException | None = None
-        self._done = asyncio.Event()
-        self.ready = False
+        self._supervisor: Supervisor | None = None
+        self.finished = asyncio.Event()  # set once the last frame is published
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._producer = await make_producer(
-            self.bootstrap, idempotent=self.idempotent, max_request_size=self.max_request_size
+        self._producer = await retry(
+            lambda: make_producer(
+                self.bootstrap, idempotent=self.idempotent, max_request_size=self.max_request_size
+            ),
+            what=f"kafka producer on {self.bootstrap}",
+            transient=transient,
+            backoff=self.backoff,
         )
+        self.partitions = await self._spread_partitions()
         for s in self.streams:
             source = VideoSource(
                 s.id, s.source, policy=s.policy, reconnect=self.reconnect, loop_file=s.loop
             )
             await source.start()
             self._sources.append(source)
-        self._tasks = [
-            asyncio.create_task(self._read(src), name=f"read:{src.stream_id}")
-            for src in self._sources
-        ]
-        batcher = asyncio.create_task(self._batch_loop(), name="batcher")
-        batcher.add_done_callback(self._on_batcher_done)
-        self._tasks.append(batcher)
-        if self.follow_control:
-            self._control_task = asyncio.create_task(self._control_loop(), name="control")
-        self.ready = True
-        log.info("edge.started", streams=[s.id for s in self.streams], alphas=self.alphas)
+        log.info(
+            "edge.started",
+            streams=[s.id for s in self.streams],
+            alphas=self.alphas,
+            partitions=self.partitions,
+        )
         for note in profile_notes(self.streams, self.obfuscator.table):
             log.info("edge.profile", **note)
 
+    async def _spread_partitions(self) -> dict[str, int]:
+        """Streams round robin over the activation partitions (hashing a handful of ids puts
+        several on one partition and none on another). One stream keeps one partition, so
+        its frames stay in order."""
+        found = await retry(
+            lambda: self._producer.partitions_for(self.topics.activations),
+            what=f"partitions of {self.topics.activations}",
+            transient=transient,
+            backoff=self.backoff,
+        )
+        ordered = sorted(found)
+        return {s.id: ordered[i % len(ordered)] for i, s in enumerate(self.streams)}
+
     async def stop(self) -> None:
-        """Stop reading, publish what was already read, flush the producer."""
-        self.ready = False
+        """Stop the sources and the producer (after :meth:`run`, everything read is sent)."""
         for src in self._sources:
             await src.stop()
-        readers = self._tasks[:-1]
-        for t in readers:
-            t.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-        if self._tasks and not self._tasks[-1].done():
-            await self._queue.put(_END)
-            await asyncio.gather(self._tasks[-1], return_exceptions=True)
-        if self._control_task is not None:
-            self._control_task.cancel()
-            await asyncio.gather(self._control_task, return_exceptions=True)
         if self._producer is not None:
-            await self._producer.flush()
-            await self._producer.stop()
-            self._producer = None
+            producer, self._producer = self._producer, None
+            with contextlib.suppress(TimeoutError, KafkaError):
+                await asyncio.wait_for(producer.flush(), 10.0)
+            await producer.stop()
         log.info("edge.stopped", **self.stats.__dict__)
 
     async def __aenter__(self) -> EdgeWorker:
@@ -208,31 +244,37 @@ class EdgeWorker:
     ) -> None:
         await self.stop()
 
+    @property
+    def ready(self) -> bool:
+        return self._supervisor is not None and self._supervisor.ready
+
+    def attach(self, supervisor: Supervisor) -> None:
+        """Add this worker's stages to ``supervisor`` (after :meth:`start`)."""
+        self._supervisor = supervisor
+        frames: Channel[Frame] = Channel("frames", self.queue_size, producers=len(self._sources))
+        batches: Channel[list[Frame]] = Channel("batches", 1)
+        encoded: Channel[_Encoded] = Channel("encoded", 2)
+        for src in self._sources:
+            supervisor.add(f"read:{src.stream_id}", partial(self._read, src, frames, supervisor))
+        supervisor.add("batch", partial(self._batch, frames, batches))
+        supervisor.add("head+noise", partial(self._head_noise, batches, encoded))
+        supervisor.add("publish", partial(self._publish, encoded))
+        if self.follow_control:
+            supervisor.add("control", self._control_loop, background=True)
+        supervisor.ready_when(lambda: len(self.stats.source_errors) < len(self._sources))
+
     async def run(self) -> EdgeStats:
-        """Until every source has ended (files) or a stage failed (first error wins)."""
-        readers = self._tasks[:-1]
-        await asyncio.gather(*readers, return_exceptions=True)
-        if not self._tasks[-1].done():
-            await self._queue.put(_END)
-        await self._done.wait()
-        if self._error is not None:
-            raise self._error
+        """Until every source has ended (files), a stop was asked, or a stage failed."""
+        supervisor = Supervisor("edge")
+        self.attach(supervisor)
+        with stop_on_signals(supervisor):
+            await supervisor.run()
         return self.stats
-
-    def _fail(self, error: BaseException) -> None:
-        if self._error is None:
-            self._error = error
-            log.error("edge.failed", error=repr(error))
-        self._done.set()
-
-    def _on_batcher_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self._fail(task.exception())  # type: ignore[arg-type]
-        self._done.set()
 
     # -- stages ------------------------------------------------------------------------------
 
-    async def _read(self, source: VideoSource) -> None:
+    async def _read(self, source: VideoSource, out: Channel[Frame], supervisor: Supervisor) -> None:
+        stopper = asyncio.create_task(_finish_on_stop(supervisor, source))
         dropped_seen = 0
         try:
             async for frame in source.frames():
@@ -242,78 +284,80 @@ class EdgeWorker:
                 if dropped > dropped_seen:
                     obs.FRAMES_DROPPED.labels(source.stream_id).inc(dropped - dropped_seen)
                     dropped_seen = dropped
-                await self._queue.put(frame)
+                await out.put(frame)
         except SourceError as exc:
             # One broken camera must not stop the others: record it, keep serving the rest.
             self.stats.source_errors[source.stream_id] = str(exc)
             log.error("edge.source_failed", stream=source.stream_id, error=str(exc))
+        finally:
+            stopper.cancel()
+        await out.close()
 
-    async def _next_batch(self) -> tuple[list[Frame], bool]:
-        first = await self._queue.get()
-        if first is _END:
-            return [], True
-        batch: list[Frame] = [first]
-        deadline = time.monotonic() + self.batching.max_wait_ms / 1000
-        while len(batch) < self.batching.max_batch:
-            remaining = deadline - time.monotonic()
-            try:
-                item = (
-                    self._queue.get_nowait()
-                    if remaining <= 0
-                    else await asyncio.wait_for(self._queue.get(), remaining)
-                )
-            except (TimeoutError, asyncio.QueueEmpty):
-                break
-            if item is _END:
-                return batch, True
-            batch.append(item)
-        return batch, False
+    async def _batch(self, frames: Channel[Frame], out: Channel[list[Frame]]) -> None:
+        """Frames from every stream, grouped up to ``max_batch`` or ``max_wait_ms``."""
+        while (first := await frames.get()) is not None:
+            batch = [first]
+            deadline = time.monotonic() + self.batching.max_wait_ms / 1000
+            while len(batch) < self.batching.max_batch:
+                item = frames.get_nowait()
+                if item is None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or frames.closed:
+                        break
+                    try:
+                        item = await asyncio.wait_for(frames.get(), remaining)
+                    except TimeoutError:
+                        break
+                    if item is None:
+                        break
+                batch.append(item)
+            await out.put(batch)
+        await out.close()
 
-    async def _batch_loop(self) -> None:
-        ended = False
-        while not ended:
-            batch, ended = await self._next_batch()
-            if batch:
-                await self._publish_batch(batch)
+    async def _head_noise(self, batches: Channel[list[Frame]], out: Channel[_Encoded]) -> None:
+        async for batch in batches:
+            alphas = [self.alphas[f.stream_id] for f in batch]
+            started = time.perf_counter()
+            results = await blocking("head+noise", self.obfuscator.run, batch, alphas)
+            obs.HEAD_NOISE_SECONDS.observe(time.perf_counter() - started)
+            obs.BATCH_SIZE.observe(len(batch))
+            await out.put(_Encoded(batch, [self._record(r) for r in results]))
+        await out.close()
 
-    async def _publish_batch(self, batch: list[Frame]) -> None:
-        alphas = [self.alphas[f.stream_id] for f in batch]
-        started = time.perf_counter()
-        results = await asyncio.to_thread(self.obfuscator.run, batch, alphas)
-        obs.HEAD_NOISE_SECONDS.observe(time.perf_counter() - started)
-        obs.BATCH_SIZE.observe(len(batch))
-        geometry = self.obfuscator.geometry
-        detector = self.obfuscator.detector
-        pending = []
-        for r in results:
-            message = ActivationMessage(
-                stream_id=r.stream_id,
-                sequence=r.sequence,
-                pts=r.pts,
-                capture_time=r.capture_time,
-                model=detector.name,
-                weights_id=detector.weights_id,
-                profile_id=r.profile_id,
-                alpha=r.alpha,
-                placement=FramePlacement.from_letterbox(r.letterbox, geometry),
-                payload=r.activation,
-                quantisation=self.quantisation,
+    def _record(self, r: ObfuscatedFrame) -> OutgoingRecord:
+        message = ActivationMessage(
+            r.envelope,
+            r.provenance,
+            placement=FramePlacement.from_letterbox(r.letterbox, self.obfuscator.geometry),
+            payload=r.activation,
+            quantisation=self.quantisation,
+        )
+        key, value, headers = encode(message)
+        partition = self.partitions.get(r.envelope.stream_id)
+        return OutgoingRecord(self.topics.activations, key, value, headers, partition)
+
+    async def _publish(self, encoded: Channel[_Encoded]) -> None:
+        async for item in encoded:
+            await send_all(
+                self._producer,
+                item.records,
+                what=f"publish {len(item.records)} activations",
+                backoff=self.backoff,
+                on_retry=self._count_retry,
             )
-            key, value, headers = encode(message)
-            pending.append(
-                await self._producer.send(
-                    self.topics.activations, value=value, key=key, headers=headers
-                )
-            )
-            self.stats.bytes_published += len(value)
-            obs.BYTES_PUBLISHED.inc(len(value))
-        await asyncio.gather(*pending)  # acks=all for the whole batch
-        obs.MESSAGES_PUBLISHED.inc(len(results))
-        if self.frame_hook is not None:
-            for frame in batch:
-                self.frame_hook(frame)
-        self.stats.frames_published += len(results)
-        self.stats.batches += 1
+            size = sum(len(r.value or b"") for r in item.records)
+            self.stats.bytes_published += size
+            obs.BYTES_PUBLISHED.inc(size)
+            obs.MESSAGES_PUBLISHED.inc(len(item.records))
+            if self.frame_hook is not None:
+                for frame in item.frames:
+                    self.frame_hook(frame)
+            self.stats.frames_published += len(item.records)
+            self.stats.batches += 1
+        self.finished.set()
+
+    def _count_retry(self, _error: BaseException, _delay: float) -> None:
+        self.stats.publish_retries += 1
 
     # -- live alpha --------------------------------------------------------------------------
 
@@ -328,7 +372,12 @@ class EdgeWorker:
             log.info("edge.alpha_changed", stream=stream_id, alpha=alpha)
 
     async def _control_loop(self) -> None:
-        """Follow the compacted control topic from its beginning, forever."""
+        """Follow the compacted control topic from its beginning, forever (reconnecting)."""
+        await retry(
+            self._follow_control, what="control topic", transient=transient, backoff=self.backoff
+        )
+
+    async def _follow_control(self) -> None:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
             group_id=None,
@@ -369,3 +418,9 @@ class EdgeWorker:
             self.set_alpha(msg.stream_id, alpha)
         except ProfileError as exc:
             log.error("edge.alpha_refused", stream=msg.stream_id, alpha=alpha, reason=str(exc))
+
+
+async def _finish_on_stop(supervisor: Supervisor, source: VideoSource) -> None:
+    """On a graceful stop the source stops decoding and hands out what it has decoded."""
+    await supervisor.stopping.wait()
+    source.finish()

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from stream.frames import Frame
+from stream.wire import Envelope, Provenance
 from veil.detectors.base import InputGeometry, Letterbox, SplitDetector
 from veil.errors import ConfigError, ProfileError
 from veil.noise import entropy_generator
@@ -33,14 +34,18 @@ CLEAN_PROFILE_ID = "none"
 class ObfuscatedFrame:
     """One frame's noisy activation and what the outside needs to decode its boxes."""
 
-    stream_id: str
-    sequence: int
-    pts: float | None
-    capture_time: float
+    envelope: Envelope  # the frame's, unchanged
+    provenance: Provenance  # detector, weights, the profile applied and its alpha
     activation: npt.NDArray[np.float32]  # (C, H, W), noise already added
     letterbox: Letterbox
-    profile_id: str
-    alpha: float
+
+    @property
+    def profile_id(self) -> str:
+        return self.provenance.profile_id
+
+    @property
+    def alpha(self) -> float:
+        return self.provenance.alpha
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -137,6 +142,11 @@ class Obfuscator:
         )
         self.lanes = max(1, lanes)
         self.last_timing: dict[str, float] = {}
+        # One provenance per table row, made once: every activation of that row carries it.
+        self._provenance = [
+            Provenance(detector.name, detector.weights_id, table.profile_id(r), table.alpha(r))
+            for r in range(len(table.profiles) + 1)
+        ]
 
     @contextlib.contextmanager
     def _lane(self, i: int) -> Iterator[None]:
@@ -187,15 +197,6 @@ class Obfuscator:
             arr = host.float().numpy()
             for j, i in enumerate(idx):
                 f, row = frames[int(i)], rows[int(i)]
-                results[int(i)] = ObfuscatedFrame(
-                    stream_id=f.stream_id,
-                    sequence=f.sequence,
-                    pts=f.pts,
-                    capture_time=f.capture_time,
-                    activation=arr[j],
-                    letterbox=lbs[j],
-                    profile_id=self.table.profile_id(row),
-                    alpha=self.table.alpha(row),
-                )
+                results[int(i)] = ObfuscatedFrame(f.envelope, self._provenance[row], arr[j], lbs[j])
         self.last_timing = {"batch": len(frames), "seconds": time.perf_counter() - started}
         return [r for r in results if r is not None]

@@ -1,32 +1,44 @@
 """The outside worker: activations from Kafka -> Triton tail -> detections to Kafka.
 
 It never sees pixels: only noisy activations and where each frame sits in the model input.
-Delivery is at least once: offsets are committed only after the batch's detections are
-acknowledged by the broker; a redelivered activation is recognised by (stream, sequence) and
-skipped. A message that is malformed, foreign, for another model, or made with a profile the
-tail repository has no model for goes to the dead-letter topic with its reason, and the worker
-keeps going. Each message is read by the tail its profile id names (see
+Its stages run on the supervised runtime (:mod:`stream.runtime`), joined by bounded channels::
+
+    consume -> parse -> infer -> decode -> publish -> commit
+
+Delivery is at least once: a batch's offsets are committed only after its detections and dead
+letters are acknowledged by the broker; a redelivered activation is recognised by (stream,
+sequence) and skipped. Failures of one record are data, not exceptions: a record that is
+malformed, foreign, for another model, made with a profile the tail repository has no model
+for, or that Triton rejects becomes a dead letter with its reason, and the rest of its batch
+goes on. Each message is read by the tail its profile id names (see
 :class:`~workers.untrusted.tail_client.TailRouter`); a batch that mixes profiles is split per
-model. A Triton outage is retried with backoff without committing, so nothing is lost.
+model. Transient faults (the broker restarting, Triton down, at start or later) are retried
+with backoff forever, without committing, so nothing is lost; box decoding runs in a thread so
+that the event loop keeps serving Kafka heartbeats.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import structlog
 import torch
 from aiokafka import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka import errors as kafka_errors
+from aiokafka.errors import KafkaError
 
 from stream.kafka import (
+    DEFAULT_MAX_REQUEST_SIZE,
     DEFAULT_TOPICS,
+    OutgoingRecord,
     SequenceDeduper,
     TopicNames,
     close_consumer,
@@ -34,27 +46,96 @@ from stream.kafka import (
     make_consumer,
     make_producer,
     publish_dead_letter,
+    send_all,
+    transient,
+)
+from stream.runtime import (
+    DEFAULT_BACKOFF,
+    Backoff,
+    Channel,
+    Supervisor,
+    blocking,
+    retry,
+    stop_on_signals,
 )
 from stream.wire import ActivationMessage, DetectionMessage, decode, encode_detection
 from veil import observability as obs
 from veil.detections import Detections
 from veil.detectors.base import SplitDetector
-from veil.errors import ServiceError, WireFormatError
+from veil.errors import ConfigError, ServiceError, WireFormatError
 from workers.untrusted.tail_client import FloatArray, TailRouter, TritonTail
 from workers.untrusted.triton_repo import TailManifest
 
 log = structlog.get_logger(__name__)
 
+# The producer may send requests this large: a dead letter carries a record as large as the
+# consumer fetched (4 MiB) and more; publish_dead_letter truncates what the broker refuses.
+DETECT_MAX_REQUEST_SIZE: Final = 16 * 1024 * 1024
+_CHANNEL_CAPACITY: Final = 2  # batches in flight between two stages
+# A commit that fails with these lost its partitions to a rebalance: the next owner re-reads
+# from the last commit and the dedupe downstream drops the repeats. Retrying cannot help.
+_COMMIT_LOST: Final = (
+    kafka_errors.CommitFailedError,
+    kafka_errors.IllegalStateError,
+    kafka_errors.IllegalGenerationError,
+    kafka_errors.UnknownMemberIdError,
+    kafka_errors.RebalanceInProgressError,
+)
+
 
 @dataclass
 class DetectStats:
     consumed: int = 0
+    batches: int = 0
     published: int = 0
     duplicates: int = 0
     dead_letters: int = 0
+    truncated_dead_letters: int = 0
+    triton_rejected: int = 0
     commits: int = 0
     commit_failures: int = 0
     triton_retries: int = 0
+    broker_retries: int = 0
+
+
+@dataclass
+class _Item:
+    """One polled record on its way through the stages: its outcome so far.
+
+    ``reason`` set: it goes to the dead-letter topic with that reason; ``duplicate``: it was
+    already handled; else it is ok and gathers its tail outputs, then its detection record.
+    """
+
+    record: Any
+    message: ActivationMessage | None = None
+    reason: str | None = None
+    duplicate: bool = False
+    raw: tuple[FloatArray, ...] | None = None  # its rows of the tail's outputs
+    out: OutgoingRecord | None = None  # its detection record
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None and not self.duplicate and self.message is not None
+
+    @property
+    def activation(self) -> ActivationMessage:
+        if self.message is None:
+            raise ConfigError(f"record at offset {self.record.offset} has no activation")
+        return self.message
+
+
+@dataclass
+class _Batch:
+    """One poll's records, in order, each with its outcome."""
+
+    items: list[_Item]
+
+    def ok(self) -> list[_Item]:
+        return [i for i in self.items if i.ok]
+
+    @property
+    def records(self) -> list[Any]:
+        return [i.record for i in self.items]
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -65,7 +146,38 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info("detect.partitions_assigned", partitions=sorted(str(tp) for tp in assigned))
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _triton_down(exc: BaseException) -> bool:
+    """Triton unreachable, overloaded or too slow: the same request may pass later."""
+    return isinstance(exc, ServiceError) and exc.retriable
+
+
+def _commit_transient(exc: BaseException) -> bool:
+    return transient(exc) and not isinstance(exc, _COMMIT_LOST)
+
+
+async def _map(
+    inp: Channel[_Batch], out: Channel[_Batch], step: Callable[[_Batch], Awaitable[None]]
+) -> None:
+    """A stage that applies ``step`` to every batch, in order, and hands it on."""
+    async for batch in inp:
+        await step(batch)
+        await out.put(batch)
+    await out.close()
+
+
 class DetectWorker:
+    """The outside role's stages on a :class:`~stream.runtime.Supervisor`.
+
+    ``async with DetectWorker(...) as worker: await worker.run()`` runs alone; :meth:`attach`
+    adds the stages to a supervisor shared with other roles. :meth:`handle` runs one list of
+    records through every stage (tests).
+    """
+
     def __init__(
         self,
         bootstrap_servers: str,
@@ -79,6 +191,9 @@ class DetectWorker:
         max_batch: int = 8,
         poll_timeout_ms: int = 50,
         score_threshold: float = 0.5,
+        backoff: Backoff = DEFAULT_BACKOFF,
+        max_request_size: int = DETECT_MAX_REQUEST_SIZE,
+        dead_letter_max_bytes: int = DEFAULT_MAX_REQUEST_SIZE,
     ) -> None:
         self.bootstrap = bootstrap_servers
         # A single tail stands for its backend: the other models of the manifest get clients.
@@ -93,37 +208,69 @@ class DetectWorker:
         self.max_batch = max_batch
         self.poll_timeout_ms = poll_timeout_ms
         self.score_threshold = score_threshold
+        self.backoff = backoff
+        self.max_request_size = max_request_size
+        self.dead_letter_max_bytes = dead_letter_max_bytes
         self.stats = DetectStats()
         self.deduper = SequenceDeduper()
         self.lag: dict[int, int] = {}
         self._consumer: Any = None
         self._producer: Any = None
-        self._stopping = asyncio.Event()
-        self.ready = False
+        self._supervisor: Supervisor | None = None
+        # What the stages stop on: the supervisor's stopping, or an event of the worker's own
+        # (see attach); until attached, this one remembers an early request_stop.
+        self._stop: asyncio.Event = asyncio.Event()
+        self._idle_timeout_s: float | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.router.start()
-        self._producer = await make_producer(self.bootstrap, idempotent=self.idempotent)
-        self._consumer = await make_consumer(
-            self.bootstrap,
-            self.group_id,
-            [self.topics.activations],
-            client_id="veil-detect",
-            listener=_Rebalance(),
-        )
-        self.ready = True
+        """Triton's tails, then the producer and the consumer, each waited for while down."""
+        try:
+            await retry(
+                self.router.start,
+                what=f"triton tails {sorted(self.router.tails)}",
+                transient=_triton_down,
+                backoff=self.backoff,
+                on_retry=self._count_triton_retry,
+            )
+            self._producer = await self._retry_broker(
+                lambda: make_producer(
+                    self.bootstrap,
+                    idempotent=self.idempotent,
+                    max_request_size=self.max_request_size,
+                    client_id="veil-detect",
+                ),
+                f"kafka producer on {self.bootstrap}",
+            )
+            self._consumer = await self._retry_broker(
+                lambda: make_consumer(
+                    self.bootstrap,
+                    self.group_id,
+                    [self.topics.activations],
+                    client_id="veil-detect",
+                    listener=_Rebalance(),
+                ),
+                f"kafka consumer (group {self.group_id}) on {self.bootstrap}",
+            )
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("detect.started", group=self.group_id, models=sorted(self.router.tails))
 
     async def stop(self) -> None:
-        self.ready = False
-        self._stopping.set()
-        if self._consumer is not None:
-            await close_consumer(self._consumer)
-            self._consumer = None
-        if self._producer is not None:
-            await self._producer.flush()
-            await self._producer.stop()
-            self._producer = None
+        """Leave the group, flush and stop the producer, stop the tails the router made."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            with contextlib.suppress(KafkaError, OSError):
+                await close_consumer(consumer)
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(TimeoutError, KafkaError):
+                await asyncio.wait_for(producer.flush(), 10.0)
+            await producer.stop()
         await self.router.stop()
+        log.info("detect.stopped", **self.stats.__dict__)
 
     async def __aenter__(self) -> DetectWorker:
         await self.start()
@@ -134,25 +281,109 @@ class DetectWorker:
     ) -> None:
         await self.stop()
 
+    @property
+    def ready(self) -> bool:
+        return self._supervisor is not None and self._supervisor.ready
+
+    @property
+    def _stopping(self) -> asyncio.Event:
+        return self._stop
+
     def request_stop(self) -> None:
-        self._stopping.set()
+        """Stop polling; what was polled is still handled and committed (graceful)."""
+        if self._supervisor is not None and self._stop is self._supervisor.stopping:
+            self._supervisor.request_stop()
+        else:
+            self._stop.set()
+
+    def attach(
+        self,
+        supervisor: Supervisor,
+        *,
+        stop: asyncio.Event | None = None,
+        idle_timeout_s: float | None = None,
+    ) -> None:
+        """Add this worker's stages to ``supervisor`` (after :meth:`start`).
+
+        The stages stop on ``supervisor.stopping``, or, given ``stop``, on that event only
+        (``veil run``: the worker outlives the edge; :meth:`request_stop` sets it). With
+        ``idle_timeout_s``, a stop is asked after that long without input.
+        """
+        asked = self._stop.is_set()
+        self._supervisor = supervisor
+        self._stop = stop if stop is not None else supervisor.stopping
+        self._idle_timeout_s = idle_timeout_s
+        polled: Channel[list[Any]] = Channel("polled", _CHANNEL_CAPACITY)
+        parsed, inferred, decoded, published = (
+            Channel[_Batch](name, _CHANNEL_CAPACITY)
+            for name in ("parsed", "inferred", "decoded", "published")
+        )
+        supervisor.add("consume", partial(self._consume, polled))
+        supervisor.add("parse", partial(self._parse_stage, polled, parsed))
+        supervisor.add("infer", partial(_map, parsed, inferred, self._infer))
+        supervisor.add("decode", partial(_map, inferred, decoded, self._decode))
+        supervisor.add("publish", partial(_map, decoded, published, self._publish))
+        supervisor.add("commit", partial(self._commit_stage, published))
+        supervisor.ready_when(lambda: self._consumer is not None)
+        if asked:
+            self.request_stop()
 
     async def run(self, idle_timeout_s: float | None = None) -> DetectStats:
-        """Consume until asked to stop (or, if given, after ``idle_timeout_s`` with no input)."""
+        """Until a stop is asked (SIGTERM, :meth:`request_stop`, ``idle_timeout_s`` without
+        input) or a stage fails; returns the stats."""
+        supervisor = Supervisor("detect")
+        self.attach(supervisor, idle_timeout_s=idle_timeout_s)
+        with stop_on_signals(supervisor):
+            await supervisor.run()
+        return self.stats
+
+    async def handle(self, records: Sequence[Any]) -> None:
+        """One list of records through every stage: parse, infer, decode, publish, commit."""
+        batch = await self._parse(records)
+        await self._infer(batch)
+        await self._decode(batch)
+        await self._publish(batch)
+        await self._commit(batch)
+
+    # -- consume -----------------------------------------------------------------------------
+
+    async def _consume(self, out: Channel[list[Any]]) -> None:
+        """Poll until a stop is asked, then close the channel behind the last batch."""
         last_input = time.monotonic()
         while not self._stopping.is_set():
-            batches = await self._consumer.getmany(
-                timeout_ms=self.poll_timeout_ms, max_records=self.max_batch
-            )
-            records = [r for tp in sorted(batches, key=lambda t: t.partition) for r in batches[tp]]
+            records = await self._poll()
+            if records is None:
+                break  # a stop was asked while the broker was away
             if not records:
-                if idle_timeout_s is not None and time.monotonic() - last_input > idle_timeout_s:
-                    break
+                idle = time.monotonic() - last_input
+                if self._idle_timeout_s is not None and idle > self._idle_timeout_s:
+                    log.info("detect.idle_stop", idle_s=round(idle, 1))
+                    self.request_stop()
                 continue
             last_input = time.monotonic()
-            await self.handle(records)
+            await out.put(records)
             await self._observe_lag()
-        return self.stats
+        await out.close()
+
+    async def _poll(self) -> list[Any] | None:
+        """The next records (maybe none), retried while the broker is away; None on a stop."""
+        try:
+            batches = await retry(
+                lambda: self._consumer.getmany(
+                    timeout_ms=self.poll_timeout_ms, max_records=self.max_batch
+                ),
+                what="poll activations",
+                transient=transient,
+                backoff=self.backoff,
+                on_retry=self._count_broker_retry,
+                stopping=self._stopping,
+            )
+        except Exception as exc:
+            if self._stopping.is_set() and transient(exc):
+                return None
+            raise
+        ordered = sorted(batches, key=lambda t: (t.topic, t.partition))
+        return [r for tp in ordered for r in batches[tp]]
 
     async def _observe_lag(self) -> None:
         """Consumer lag per partition: the broker's high watermark minus our position."""
@@ -163,32 +394,44 @@ class DetectWorker:
             try:
                 position = await self._consumer.position(tp)
             except KafkaError:
-                continue  # revoked in a rebalance meanwhile
+                continue  # revoked in a rebalance meanwhile, or the broker is away
             self.lag[tp.partition] = highwater - position
             obs.CONSUMER_LAG.labels(str(tp.partition)).set(highwater - position)
 
-    async def handle(self, records: Sequence[Any]) -> None:
-        """One polled batch: decode, infer, publish, then commit."""
-        self.stats.consumed += len(records)
-        messages: list[ActivationMessage] = []
-        for record in records:
-            try:
-                msg = decode(record.key, record.value, record.headers)
-                self._check_model(msg)
-                self._check_profile(msg)
-            except WireFormatError as exc:
-                await publish_dead_letter(self._producer, record, str(exc), topics=self.topics)
-                self.stats.dead_letters += 1
-                obs.DEAD_LETTERS.inc()
-                continue
-            if not self.deduper.accept(msg.stream_id, msg.sequence):
+    # -- parse -------------------------------------------------------------------------------
+
+    async def _parse_stage(self, inp: Channel[list[Any]], out: Channel[_Batch]) -> None:
+        async for records in inp:
+            await out.put(await self._parse(records))
+        await out.close()
+
+    async def _parse(self, records: Sequence[Any]) -> _Batch:
+        """Decode and check every record (in a thread), then drop redeliveries."""
+        items = await blocking("decode activations", self._parse_all, list(records))
+        self.stats.consumed += len(items)
+        self.stats.batches += 1
+        for item in items:
+            msg = item.message
+            if msg is not None and item.ok and not self.deduper.accept(msg.stream_id, msg.sequence):
+                item.duplicate = True
                 self.stats.duplicates += 1
                 obs.DUPLICATES.inc()
-                continue
-            messages.append(msg)
-        if messages:
-            await self._detect_and_publish(messages)
-        await self._commit(records)
+        return _Batch(items)
+
+    def _parse_all(self, records: list[Any]) -> list[_Item]:
+        return [self._parse_one(record) for record in records]
+
+    def _parse_one(self, record: Any) -> _Item:
+        try:
+            msg = decode(record.key, record.value, record.headers)
+            self._check_model(msg)
+            self._check_profile(msg)
+        except WireFormatError as exc:
+            return _Item(record, reason=str(exc))
+        except Exception as exc:  # one record must never fail its batch
+            log.warning("detect.undecodable", offset=record.offset, error=_first_line(exc))
+            return _Item(record, reason=f"cannot decode the activation: {_first_line(exc)}")
+        return _Item(record, message=msg)
 
     def _check_model(self, msg: ActivationMessage) -> None:
         m = self.manifest
@@ -213,88 +456,180 @@ class DetectWorker:
                 "(export it with `veil export --bank` holding that profile)"
             )
 
-    async def _infer(self, model: str, batch: FloatArray) -> tuple[FloatArray, ...]:
-        delay = 0.2
-        while True:
+    # -- infer -------------------------------------------------------------------------------
+
+    async def _infer(self, batch: _Batch) -> None:
+        """Each profile's messages through its own model, the models concurrently."""
+        groups: dict[str, list[_Item]] = {}
+        for item in batch.ok():
+            model = self.router.model_for(item.activation.profile_id)
+            if model is None:  # _check_profile let only known profiles through
+                raise ConfigError(f"no tail model for profile {item.activation.profile_id}")
+            groups.setdefault(model, []).append(item)
+        await asyncio.gather(*(self._infer_group(m, items) for m, items in groups.items()))
+
+    async def _infer_group(self, model: str, items: list[_Item]) -> None:
+        """A rejected request is retried message by message: only the messages Triton still
+        rejects become dead letters (with Triton's reason)."""
+        stacked = np.stack([i.activation.payload for i in items]).astype(np.float32, copy=False)
+        try:
+            raw = await self._infer_retrying(model, stacked)
+        except ConfigError as exc:
+            if len(items) > 1:
+                log.warning(
+                    "detect.triton_rejected_batch", model=model, size=len(items), error=str(exc)
+                )
+                for item in items:
+                    await self._infer_group(model, [item])
+                return
+            self.stats.triton_rejected += 1
+            items[0].reason = f"Triton rejected the request: {exc}"
+            return
+        for row, item in enumerate(items):
+            item.raw = tuple(np.ascontiguousarray(output[row]) for output in raw)
+
+    async def _infer_retrying(self, model: str, batch: FloatArray) -> tuple[FloatArray, ...]:
+        tail = self.router.tails[model]
+
+        async def once() -> tuple[FloatArray, ...]:
             started = time.perf_counter()
-            try:
-                raw = await self.router.tails[model].infer(batch)
-                obs.TRITON_SECONDS.observe(time.perf_counter() - started)
-                return raw
-            except ServiceError as exc:
-                if not exc.retriable or self._stopping.is_set():
-                    raise
-                self.stats.triton_retries += 1
-                log.warning("detect.triton_retry", error=str(exc), delay_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+            raw = await tail.infer(batch)
+            obs.TRITON_SECONDS.observe(time.perf_counter() - started)
+            return raw
 
-    async def _detect(self, messages: list[ActivationMessage]) -> list[Detections]:
-        """Detections per message, in order; each profile's messages go to its own model."""
-        groups: dict[str, list[int]] = {}
-        for i, msg in enumerate(messages):
-            model = self.router.model_for(msg.profile_id)
-            assert model is not None  # _check_profile let only known profiles through
-            groups.setdefault(model, []).append(i)
-        per_group = await asyncio.gather(
-            *(
-                self._detect_group(model, [messages[i] for i in rows])
-                for model, rows in groups.items()
-            )
+        return await retry(
+            once,
+            what=f"triton {model}",
+            transient=_triton_down,
+            backoff=self.backoff,
+            on_retry=self._count_triton_retry,
+            stopping=self._stopping,
         )
-        detections: dict[int, Detections] = {}
-        for rows, group_detections in zip(groups.values(), per_group, strict=True):
-            detections.update(zip(rows, group_detections, strict=True))
-        return [detections[i] for i in range(len(messages))]
 
-    async def _detect_group(
-        self, model: str, messages: list[ActivationMessage]
-    ) -> list[Detections]:
-        batch = np.stack([m.payload for m in messages]).astype(np.float32, copy=False)
-        raw = await self._infer(model, batch)
+    # -- decode ------------------------------------------------------------------------------
+
+    async def _decode(self, batch: _Batch) -> None:
+        """Boxes and NMS in a thread (seconds on noisy logits), then the detection records."""
+        items = [i for i in batch.ok() if i.raw is not None]
+        if not items:
+            return
+        detections = await blocking("box decoding", self._decode_isolated, items)
+        produced = time.time()
+        for item, dets in zip(items, detections, strict=True):
+            if isinstance(dets, str):
+                item.reason = dets
+                continue
+            try:
+                item.out = self._detection_record(item.activation, dets, produced)
+            except WireFormatError as exc:
+                item.reason = f"the tail's detections cannot be published: {exc}"
+
+    def _decode_isolated(self, items: list[_Item]) -> list[Detections | str]:
+        """Detections per item; when the batch fails, item by item, a failure's reason."""
+        try:
+            return list(self._decode_boxes(items))
+        except Exception as exc:
+            if len(items) == 1:
+                log.warning("detect.decode_failed", error=_first_line(exc))
+                return [f"box decoding failed: {_first_line(exc)}"]
+        return [d for item in items for d in self._decode_isolated([item])]
+
+    def _decode_boxes(self, items: list[_Item]) -> list[Detections]:
+        raws = [i.raw for i in items if i.raw is not None]
+        outputs = [torch.from_numpy(np.stack([r[k] for r in raws])) for k in range(len(raws[0]))]
         g = self.manifest.geometry
         return self.decoder.decode(
-            [torch.from_numpy(np.ascontiguousarray(r)) for r in raw],
-            [m.placement.letterbox() for m in messages],
+            outputs,
+            [i.activation.placement.letterbox() for i in items],
             g.height,
             g.width,
             score_threshold=self.score_threshold,
         )
 
-    async def _detect_and_publish(self, messages: list[ActivationMessage]) -> None:
-        detections = await self._detect(messages)
-        pending = []
-        now = time.time()
-        for msg, dets in zip(messages, detections, strict=True):
-            out = DetectionMessage(
-                stream_id=msg.stream_id,
-                sequence=msg.sequence,
-                pts=msg.pts,
-                capture_time=msg.capture_time,
-                detections=dets,
-                model=msg.model,
-                weights_id=msg.weights_id,
-                profile_id=msg.profile_id,
-                alpha=msg.alpha,
-                produced_time=now,
-            )
-            key, value, headers = encode_detection(out)
-            pending.append(
-                await self._producer.send(
-                    self.topics.detections, value=value, key=key, headers=headers
-                )
-            )
-            obs.END_TO_END_SECONDS.observe(max(0.0, now - msg.capture_time))
-        await asyncio.gather(*pending)
-        self.stats.published += len(messages)
-        obs.DETECTIONS_PUBLISHED.inc(len(messages))
+    def _detection_record(
+        self, msg: ActivationMessage, dets: Detections, produced: float
+    ) -> OutgoingRecord:
+        out = DetectionMessage(msg.envelope, msg.provenance, dets, produced)
+        key, value, headers = encode_detection(out)
+        return OutgoingRecord(self.topics.detections, key, value, headers)
 
-    async def _commit(self, records: Sequence[Any]) -> None:
+    # -- publish and commit ------------------------------------------------------------------
+
+    async def _publish(self, batch: _Batch) -> None:
+        """Detections and dead letters, every ack awaited (transient failures re-sent)."""
+        done = [i for i in batch.ok() if i.out is not None]
+        dead = [i for i in batch.items if i.reason is not None]
+        await asyncio.gather(self._send_detections(done), *(self._dead_letter(i) for i in dead))
+
+    async def _send_detections(self, items: list[_Item]) -> None:
+        if not items:
+            return
+        await send_all(
+            self._producer,
+            [i.out for i in items if i.out is not None],
+            what=f"publish {len(items)} detections",
+            backoff=self.backoff,
+            on_retry=self._count_broker_retry,
+        )
+        now = time.time()
+        for item in items:
+            obs.END_TO_END_SECONDS.observe(max(0.0, now - item.activation.capture_time))
+        self.stats.published += len(items)
+        obs.DETECTIONS_PUBLISHED.inc(len(items))
+
+    async def _dead_letter(self, item: _Item) -> None:
+        truncated = await publish_dead_letter(
+            self._producer,
+            item.record,
+            item.reason or "unknown",
+            topics=self.topics,
+            max_bytes=self.dead_letter_max_bytes,
+            backoff=self.backoff,
+        )
+        self.stats.dead_letters += 1
+        self.stats.truncated_dead_letters += int(truncated)
+        obs.DEAD_LETTERS.inc()
+
+    async def _commit_stage(self, inp: Channel[_Batch]) -> None:
+        async for batch in inp:
+            await self._commit(batch)
+
+    async def _commit(self, batch: _Batch) -> None:
+        """Every record of the batch (dead letters and duplicates too), after its publishes."""
+        offsets = committable(batch.records)
+        if not offsets:
+            return
         try:
-            await self._consumer.commit(committable(records))
+            await retry(
+                lambda: self._consumer.commit(offsets),
+                what="commit offsets",
+                transient=_commit_transient,
+                backoff=self.backoff,
+                on_retry=self._count_broker_retry,
+                stopping=self._stopping,
+            )
             self.stats.commits += 1
-        except (CommitFailedError, KafkaError) as exc:
-            # A rebalance took the partition: the next owner re-reads from the last commit and
-            # the (stream, sequence) dedupe downstream recognises the repeats. Not fatal.
+        except Exception as exc:
+            if not isinstance(exc, _COMMIT_LOST) and not transient(exc):
+                raise
+            # Lost to a rebalance, or the broker was away at a stop: the next owner re-reads
+            # from the last commit and the (stream, sequence) dedupe drops the repeats.
             self.stats.commit_failures += 1
-            log.warning("detect.commit_failed", error=repr(exc))
+            log.warning("detect.commit_failed", error=_first_line(exc))
+
+    # -- counters ----------------------------------------------------------------------------
+
+    async def _retry_broker(self, make: Callable[[], Awaitable[Any]], what: str) -> Any:
+        return await retry(
+            make,
+            what=what,
+            transient=transient,
+            backoff=self.backoff,
+            on_retry=self._count_broker_retry,
+        )
+
+    def _count_broker_retry(self, _error: BaseException, _delay: float) -> None:
+        self.stats.broker_retries += 1
+
+    def _count_triton_retry(self, _error: BaseException, _delay: float) -> None:
+        self.stats.triton_retries += 1

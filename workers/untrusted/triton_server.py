@@ -41,6 +41,7 @@ from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
 from stream.broker import free_loopback_port
+from stream.runtime import die_with_parent, watch_child
 from veil.errors import ConfigError, ServiceError
 from workers.untrusted.triton_repo import SITE_PACKAGES_ENV, TailManifest
 
@@ -176,6 +177,7 @@ class EmbeddedTriton:
                 stderr=subprocess.STDOUT,
                 env=self._environment(),
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         try:
             await self._wait_ready(started + self.startup_timeout_s)
@@ -202,6 +204,12 @@ class EmbeddedTriton:
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
+
+    async def watch(self) -> None:
+        """A stage for the runtime: raises ServiceError when the server process exits."""
+        if self._process is None:
+            raise ServiceError("EmbeddedTriton is not started")
+        await watch_child(f"tritonserver on {self.grpc_url}", self._process, self.log_tail)
 
     def log_tail(self, chars: int = _LOG_TAIL_CHARS) -> str:
         """The end of the server's combined stdout and stderr."""
