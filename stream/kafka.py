@@ -98,7 +98,11 @@ async def send_all(
     async def attempt() -> None:
         futures = [
             await producer.send(
-                r.topic, value=r.value, key=r.key, headers=r.headers, partition=r.partition
+                r.topic,
+                value=r.value,
+                key=r.key,
+                headers=r.headers,
+                partition=await _existing_partition(producer, r),
             )
             for r in waiting
         ]
@@ -113,6 +117,17 @@ async def send_all(
             raise failed[0][1]
 
     await retry(attempt, what=what, transient=transient, backoff=backoff, on_retry=on_retry)
+
+
+async def _existing_partition(producer: Any, record: OutgoingRecord) -> int | None:
+    """The record's partition, mapped into the topic's partitions as the broker has them now:
+    a broker that came back without its data may have re-created a topic with fewer."""
+    if record.partition is None:
+        return None
+    known = sorted(await producer.partitions_for(record.topic))
+    if record.partition in known or not known:
+        return record.partition
+    return int(known[record.partition % len(known)])
 
 
 @dataclass(frozen=True)

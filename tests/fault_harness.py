@@ -9,12 +9,14 @@ the matrix tests delivery, not privacy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -112,10 +114,13 @@ class Site:
         self.roles.append(role)
         return role
 
-    def broker(self) -> Role:
-        role = self.start("broker", "broker", "--port", str(self.broker_port))
+    def broker(self, port: int | None = None, data_dir: Path | None = None) -> Role:
+        """``veil broker`` on ``port`` (default: the site's), in memory or on ``data_dir``."""
+        port = port or self.broker_port
+        extra = ["--data-dir", str(data_dir)] if data_dir is not None else []
+        role = self.start("broker", "broker", "--port", str(port), *extra)
         deadline = time.monotonic() + 30
-        while not kafka_api_versions_ok("127.0.0.1", self.broker_port):
+        while not kafka_api_versions_ok("127.0.0.1", port):
             assert role.alive and time.monotonic() < deadline, role.log()[-2000:]
             time.sleep(0.1)
         return role
@@ -186,6 +191,7 @@ async def _read_all(bootstrap: str, topic: str, idle_s: float) -> list[Any]:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
+        await consumer.topics()  # fetch metadata: the partitions are known after this
         parts = [
             TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])
         ]
@@ -204,7 +210,9 @@ async def _read_all(bootstrap: str, topic: str, idle_s: float) -> list[Any]:
                 records.extend(rs)
         return records
     finally:
-        await consumer.stop()
+        # aiokafka's stop can surface the cancel of its own offset-reset task.
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer.stop()
 
 
 def records(bootstrap: str, topic: str, timeout_s: float = 20) -> list[Any]:
@@ -226,7 +234,7 @@ class Tally:
         return sum(n - 1 for n in self.seen.values())
 
 
-def detections(bootstrap: str, prefix: str) -> Tally:
+def detections(bootstrap: str, prefix: str = "veil") -> Tally:
     seen: Counter[tuple[str, int]] = Counter()
     for r in records(bootstrap, TopicNames(prefix).detections):
         msg = decode_detection(r.key, r.value, r.headers)
@@ -273,3 +281,42 @@ class Row:
         if target:
             with open(target, "a") as fh:
                 fh.write(json.dumps(self.__dict__) + "\n")
+
+
+class Collector:
+    """A downstream reader of the detections topic that keeps what it got across a broker
+    outage (the broker may come back without its records): a thread with its own loop."""
+
+    def __init__(self, bootstrap: str, prefix: str = "veil") -> None:
+        self.bootstrap, self.topic = bootstrap, TopicNames(prefix).detections
+        self.seen: Counter[tuple[str, int]] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self._thread.start()
+
+    async def _run(self) -> None:
+        consumer = AIOKafkaConsumer(
+            self.topic,
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            metadata_max_age_ms=1000,
+        )
+        await consumer.start()
+        try:
+            while not self._stop.is_set():
+                batch = await consumer.getmany(timeout_ms=200)
+                for rs in batch.values():
+                    for r in rs:
+                        msg = decode_detection(r.key, r.value, r.headers)
+                        self.seen[(msg.stream_id, msg.sequence)] += 1
+        finally:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await consumer.stop()
+
+    def tally(self) -> Tally:
+        return Tally(Counter(self.seen))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)

@@ -32,6 +32,7 @@ from tests.fault_harness import (
     GEOMETRY,
     MODEL,
     ROOT,
+    Collector,
     Role,
     Row,
     Site,
@@ -178,12 +179,17 @@ def test_kill_9_of_triton_is_waited_for_and_loses_nothing(
     stalled = _count(site, prefix)
     time.sleep(3)
     assert detect.alive, detect.log()[-3000:]
+    # A detect worker that starts while Triton is down waits for it too.
+    detect.kill9()
+    detect = site.detect(config)
+    time.sleep(5)
+    assert detect.alive and "triton tails" in detect.log(), detect.log()[-3000:]
     restarted = site.triton()  # same port
     recovery = _until_more(site, prefix, stalled + 4)
     row = _finish(
         site,
         prefix,
-        "kill -9 Triton, 3 s + restart",
+        "kill -9 Triton; detect restarted while it is down",
         published,
         recovery,
         "Triton ready to next detection",
@@ -222,6 +228,10 @@ def test_two_detect_workers_share_the_work_and_one_takes_over_from_the_other(
     )
     assert first.terminate() == 0
     assert row.lost == 0 and read == published == 600
+    spread: dict[int, set[str]] = {}
+    for r in records(site.bootstrap, TopicNames(prefix).activations):
+        spread.setdefault(r.partition, set()).add(r.key.decode())
+    assert sorted(len(streams) for streams in spread.values()) == [1, 1, 1], spread
 
 
 @pytest.fixture(scope="module")
@@ -471,3 +481,70 @@ def test_a_camera_that_goes_away_and_returns_is_reconnected_and_nothing_read_is_
     assert detect.terminate() == 0
     assert "source.reconnect" in edge.log()
     assert read == published and row.lost == 0
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["memory", "data-dir"])
+def test_kill_9_of_the_broker_for_10_s(site: Site, triton: Role, clip: Path, durable: bool) -> None:
+    """Memory: what the broker held is lost (counted) and the pipeline resumes by itself.
+    On a data_dir: nothing is lost."""
+    port = free_loopback_port()
+    bootstrap = f"127.0.0.1:{port}"
+    data_dir = site.root / "broker-data" if durable else None
+    broker = site.broker(port, data_dir)  # creates the default topics (prefix veil)
+    config = site.config(
+        f"broker-{'durable' if durable else 'memory'}",
+        "veil",
+        [_stream(clip, loop=True)],
+        kafka={"bootstrap": bootstrap, "group_id": f"broker-{durable}"},
+    )
+    collector = Collector(bootstrap)
+    detect = site.detect(config)
+    edge = site.edge(config)
+
+    def count() -> int:
+        return collector.tally().unique
+
+    wait_until("30 detections", lambda: count() > 30, 120, 0.2)
+    broker.kill9()
+    time.sleep(10)
+    assert edge.alive and detect.alive, (edge.log()[-2000:], detect.log()[-2000:])
+    broker = site.broker(port, data_dir)
+    before = count()
+    recovery = wait_until("detections after the restart", lambda: count() > before, 120, 0.2)
+    wait_until("30 more detections", lambda: count() > before + 30, 120, 0.2)
+    assert edge.terminate(60) == 0
+    read, published = edge_summary(edge)
+    if durable:
+        wait_until("every frame detected", lambda: count() >= published, 120)
+    else:
+        _until_stable(count, 5.0, 60)
+    collector.close()
+    tally = collector.tally()
+    lost = published - tally.unique
+    Row(
+        f"kill -9 broker 10 s ({'data_dir' if durable else 'memory'})",
+        read,
+        tally.unique,
+        lost,
+        tally.duplicated,
+        round(recovery, 1),
+        "restart to next detection; "
+        + ("nothing lost" if durable else "what the broker held was lost; resumed by itself"),
+    ).save()
+    assert detect.terminate() == 0 and broker.terminate(30) == 0
+    assert read == published
+    if durable:
+        assert lost == 0
+    else:
+        assert 0 <= lost < published and tally.unique > before + 30
+
+
+def _until_stable(count: Any, quiet_s: float, timeout_s: float) -> None:
+    """Until ``count()`` has not changed for ``quiet_s``."""
+    deadline = time.monotonic() + timeout_s
+    last, since = count(), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < quiet_s:
+        time.sleep(0.5)
+        now = count()
+        if now != last:
+            last, since = now, time.monotonic()

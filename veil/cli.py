@@ -302,7 +302,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from stream.kafka import ensure_topics
 
     async def serve() -> None:
-        async with EmbeddedBroker(port=args.port) as broker:
+        data_dir = Path(args.data_dir) if args.data_dir else None
+        async with EmbeddedBroker(port=args.port, data_dir=data_dir) as broker:
             await ensure_topics(broker.bootstrap_servers)
             await _until_stopped(
                 "broker",
@@ -605,7 +606,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("broker", help="run the embedded Kafka-compatible broker")
-    p.add_argument("--port", type=int)
+    p.add_argument("--port", type=int, help="default: a free loopback port")
+    p.add_argument(
+        "--data-dir",
+        help="keep topics, records and committed offsets in files here (survive a restart); "
+        "default: in memory, lost when the broker stops",
+    )
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("triton", help="run the bundled tritonserver on a model repository")

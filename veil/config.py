@@ -46,7 +46,8 @@ class KafkaConfig:
     payload: Literal["float16", "int8"] = "float16"
     group_id: str = "veil-detect"
     max_request_size: int = 4 * 1024 * 1024
-    topic_prefix: str = "veil"  # topics <prefix>.activations, .detections, .control, .deadletter
+    topic_prefix: str = "veil"
+    data_dir: str | None = None  # embedded broker only: topics and records in files, not memory  # topics <prefix>.activations, .detections, .control, .deadletter
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class ObservabilityConfig:
     log_level: str = "info"
     http_port: int | None = None  # /metrics, /healthz, /readyz; None = off
     http_host: str = "127.0.0.1"  # where they listen; 0.0.0.0 only when asked for
+    failure_linger_s: float = 1.0  # after a fatal error /readyz answers 503 this long, then exit
 
 
 @dataclass(frozen=True)

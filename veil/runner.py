@@ -148,7 +148,8 @@ async def broker_for(config: VeilConfig, supervisor: Supervisor) -> AsyncIterato
     if config.kafka.bootstrap == EMBEDDED:
         from stream.broker import EmbeddedBroker
 
-        async with EmbeddedBroker() as broker:
+        data_dir = Path(config.kafka.data_dir) if config.kafka.data_dir else None
+        async with EmbeddedBroker(data_dir=data_dir) as broker:
             supervisor.add("broker", broker.watch, background=True)
             await ensure_topics(broker.bootstrap_servers, topics=topics_of(config))
             yield broker.bootstrap_servers, False  # tansu refuses idempotent producers
@@ -273,6 +274,8 @@ async def serve(
     graph = Graph(Supervisor("veil-" + "+".join(sorted(roles))))
     sup = graph.supervisor
     async with contextlib.AsyncExitStack() as stack:
+        # First in, last out: /readyz answers 503 while the rest stops after a failure.
+        await stack.enter_async_context(_status(config, sup, say))
         bootstrap, idempotent = await stack.enter_async_context(broker_for(config, sup))
         if "detect" in roles:
             # Under veil run the detect worker outlives the edge (it stops once drained).
@@ -297,7 +300,6 @@ async def serve(
             graph.edge.attach(sup)
         if "sink" in roles:
             _attach_sink(config, graph, bootstrap, say, on_detection, settle_timeout_s)
-        await stack.enter_async_context(_status(config, sup, say))
         if stop is not None:
             sup.add("stop", partial(_stop_on, stop, sup), background=True)
         with stop_on_signals(sup):
@@ -399,18 +401,20 @@ async def _settle(graph: Graph, timeout_s: float, say: Callable[[str], None]) ->
 async def _status(
     config: VeilConfig, supervisor: Supervisor, say: Callable[[str], None]
 ) -> AsyncIterator[None]:
-    """/metrics, /healthz and /readyz (the supervisor's readiness), if a port is set."""
-    if config.observability.http_port is None:
+    """/metrics, /healthz and /readyz (the supervisor's readiness), if a port is set. After a
+    failure /readyz answers 503 for ``failure_linger_s`` more, so that probes see it."""
+    obs_config = config.observability
+    if obs_config.http_port is None:
         yield
         return
-    server = StatusServer(
-        config.observability.http_port, lambda: supervisor.ready, config.observability.http_host
-    )
+    server = StatusServer(obs_config.http_port, lambda: supervisor.ready, obs_config.http_host)
     await server.start()
     say(f"metrics and health on http://{server.host}:{server.port}/metrics")
     try:
         yield
     finally:
+        if supervisor.error is not None:
+            await asyncio.sleep(obs_config.failure_linger_s)
         await server.stop()
 
 
