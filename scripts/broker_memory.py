@@ -89,11 +89,12 @@ async def consume(bootstrap: str, stop: asyncio.Event, run: Run) -> None:
 async def one_mode(mode: str, args: argparse.Namespace) -> Run:
     run = Run(mode)
     data_dir = Path(tempfile.mkdtemp(prefix="veil-bench-")) if mode == "durable" else None
-    settings: dict[str, Any] = {
+    modes: dict[str, dict[str, Any]] = {
         "memory": {"storage_engine": "memory://tansu/"},
         "store": {},
         "durable": {"data_dir": data_dir},
-    }[mode]
+    }
+    settings = modes[mode]
     try:
         async with EmbeddedBroker(**settings) as broker:
             await ensure_topics(broker.bootstrap_servers)

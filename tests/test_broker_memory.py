@@ -19,8 +19,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from stream.broker import EmbeddedBroker, StoreStats
+from stream.broker import EmbeddedBroker
 from stream.kafka import TopicNames, ensure_topics, make_producer
+from stream.objectstore import StoreStats
 from veil.errors import ConfigError
 
 pytestmark = pytest.mark.services

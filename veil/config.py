@@ -46,8 +46,8 @@ class KafkaConfig:
     payload: Literal["float16", "int8"] = "float16"
     group_id: str = "veil-detect"
     max_request_size: int = 4 * 1024 * 1024
-    topic_prefix: str = "veil"
-    data_dir: str | None = None  # embedded broker only: topics and records in files, not memory  # topics <prefix>.activations, .detections, .control, .deadletter
+    topic_prefix: str = "veil"  # topics <prefix>.activations, .detections, .control, ...
+    data_dir: str | None = None  # embedded broker only: topics and records in files, not memory
 
 
 @dataclass(frozen=True)
