@@ -10,7 +10,7 @@ hands frames to the event loop through a small buffer whose behaviour is the sou
 
 Live sources (rtsp, rtsps, http, https) survive outages: a failed connection, a broken or
 silent stream, or a stream that simply ends is retried with exponential backoff and full jitter,
-forever unless ``ReconnectPolicy.max_attempts`` is set, each attempt logged. A file ends the
+forever unless ``Backoff.max_attempts`` is set, each attempt logged. A file ends the
 stream at its end (or starts over with ``loop_file``).
 
 Every failure reaches the consumer as :class:`SourceError`, naming the source and the cause,
@@ -30,10 +30,9 @@ import struct
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Final, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import av
@@ -44,6 +43,7 @@ import numpy.typing as npt
 import structlog
 
 from stream.frames import Frame, StreamStats
+from stream.runtime import Backoff
 from stream.wire import Envelope
 from veil.errors import ConfigError, SourceError
 
@@ -59,38 +59,8 @@ _STOP_JOIN_S = 2.0
 _ISO_BMFF_FIRST_BOXES = frozenset({b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pdin"})
 
 
-@dataclass(frozen=True)
-class ReconnectPolicy:
-    """Exponential backoff with jitter for live sources.
-
-    Attempt ``n`` (from 1) waits ``min(max_backoff_s, initial_backoff_s * 2**(n-1))`` scaled by
-    a random factor in ``[1 - jitter, 1]``: ``jitter=1`` is full jitter (anywhere from 0 to the
-    ceiling, which spreads many cameras reconnecting at once), ``jitter=0`` is plain backoff.
-    ``max_attempts=None`` retries forever; otherwise the source gives up with SourceError when
-    that many consecutive attempts have failed. A connection that delivers frames resets it.
-    """
-
-    initial_backoff_s: float = 0.5
-    max_backoff_s: float = 30.0
-    jitter: float = 1.0
-    max_attempts: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.initial_backoff_s <= 0 or self.max_backoff_s < self.initial_backoff_s:
-            raise ConfigError(
-                "reconnect backoff needs 0 < initial_backoff_s <= max_backoff_s, got "
-                f"{self.initial_backoff_s} and {self.max_backoff_s}"
-            )
-        if not 0.0 <= self.jitter <= 1.0:
-            raise ConfigError(f"reconnect jitter must be within [0, 1], got {self.jitter}")
-        if self.max_attempts is not None and self.max_attempts < 0:
-            raise ConfigError(f"reconnect max_attempts must be >= 0, got {self.max_attempts}")
-
-    def delay_s(self, attempt: int, rng: random.Random) -> float:
-        """Seconds to wait before attempt ``attempt`` (1-based)."""
-        # The exponent is capped so that retrying forever never overflows a float.
-        ceiling = min(self.max_backoff_s, self.initial_backoff_s * 2.0 ** min(attempt - 1, 60))
-        return ceiling * (1.0 - self.jitter * rng.random())
+# Cameras: the first retry after half a second, then up to 30 s apart, forever.
+CAMERA_RECONNECT: Final = Backoff(initial_s=0.5, max_s=30.0)
 
 
 def redact_url(url: str) -> str:
@@ -159,7 +129,7 @@ class VideoSource:
         queue_size: int | None = None,
         open_timeout_s: float = 10.0,
         read_timeout_s: float = 5.0,
-        reconnect: ReconnectPolicy | None = None,
+        reconnect: Backoff | None = None,
         loop_file: bool = False,
     ) -> None:
         self.stream_id = stream_id
@@ -182,7 +152,7 @@ class VideoSource:
         self.queue_size = queue_size
         self.open_timeout_s = open_timeout_s
         self.read_timeout_s = read_timeout_s
-        self.reconnect = reconnect or ReconnectPolicy()
+        self.reconnect = reconnect or CAMERA_RECONNECT
         self.loop_file = loop_file
 
         parts = urlsplit(self.url)

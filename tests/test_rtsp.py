@@ -21,7 +21,8 @@ from structlog.testing import capture_logs
 
 from stream.demo_clip import make_demo_clip
 from stream.frames import Frame
-from stream.sources import ReconnectPolicy, VideoSource
+from stream.runtime import Backoff
+from stream.sources import VideoSource
 
 SERVER_SCRIPT = Path(__file__).with_name("rtsp_server.py")
 # The server needs PyGObject, which lives in the system Python, not in the project's venv.
@@ -125,7 +126,7 @@ async def _wait_for_attempts(
 
 @pytest.mark.timeout(60)
 async def test_rtsp_source_reconnects_after_the_server_restarts(rtsp_server: RtspServer) -> None:
-    policy = ReconnectPolicy(initial_backoff_s=0.2, max_backoff_s=0.5, jitter=0.5)
+    policy = Backoff(initial_s=0.2, max_s=0.5, jitter=0.5)
     source = VideoSource(
         "door-cam",
         rtsp_server.url,

@@ -20,7 +20,8 @@ from structlog.testing import capture_logs
 
 from stream.demo_clip import make_demo_clip, render_demo_frame
 from stream.frames import Frame
-from stream.sources import ReconnectPolicy, VideoSource, redact_url
+from stream.runtime import Backoff
+from stream.sources import VideoSource, redact_url
 from veil.data import data_root
 from veil.errors import ConfigError, SourceError
 
@@ -193,14 +194,14 @@ def test_bad_settings_are_rejected() -> None:
     with pytest.raises(ConfigError, match="queue_size"):
         VideoSource("x", "clip.mp4", queue_size=0)
     with pytest.raises(ConfigError, match="jitter"):
-        ReconnectPolicy(jitter=1.5)
+        Backoff(jitter=1.5)
     with pytest.raises(ConfigError, match="backoff"):
-        ReconnectPolicy(initial_backoff_s=2.0, max_backoff_s=1.0)
+        Backoff(initial_s=2.0, max_s=1.0)
 
 
 async def test_unreachable_rtsp_gives_up_after_max_attempts() -> None:
     url = f"rtsp://127.0.0.1:{_closed_port()}/x"
-    policy = ReconnectPolicy(initial_backoff_s=0.05, max_backoff_s=0.1, max_attempts=2)
+    policy = Backoff(initial_s=0.05, max_s=0.1, max_attempts=2)
     started = time.monotonic()
     with capture_logs() as logs:
         async with VideoSource("door", url, reconnect=policy, open_timeout_s=3) as source:
@@ -220,12 +221,12 @@ async def test_unreachable_rtsp_gives_up_after_max_attempts() -> None:
 
 
 def test_backoff_doubles_up_to_the_ceiling_and_full_jitter_spreads_it() -> None:
-    plain = ReconnectPolicy(initial_backoff_s=0.1, max_backoff_s=1.0, jitter=0.0)
+    plain = Backoff(initial_s=0.1, max_s=1.0, jitter=0.0)
     rng = random.Random(7)
     delays = [plain.delay_s(attempt, rng) for attempt in range(1, 7)]
     assert delays == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
     assert plain.delay_s(10_000, rng) == pytest.approx(1.0)  # retrying forever never overflows
-    full = ReconnectPolicy(initial_backoff_s=0.1, max_backoff_s=1.0, jitter=1.0)
+    full = Backoff(initial_s=0.1, max_s=1.0, jitter=1.0)
     jittered = [full.delay_s(4, rng) for _ in range(200)]
     assert all(0.0 <= delay <= 0.8 for delay in jittered)
     assert min(jittered) < 0.2 and max(jittered) > 0.6
@@ -247,7 +248,7 @@ async def test_http_stream_that_ends_is_reconnected(tmp_path: Path) -> None:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{server.server_address[1]}/{clip.name}"
-    policy = ReconnectPolicy(initial_backoff_s=0.05, max_backoff_s=0.1)
+    policy = Backoff(initial_s=0.05, max_s=0.1)
     try:
         with capture_logs() as logs:
             async with VideoSource("web", url, policy="lossless", reconnect=policy) as source:

@@ -38,7 +38,7 @@ from stream.runtime import (
     retry,
     stop_on_signals,
 )
-from stream.sources import ReconnectPolicy, VideoSource
+from stream.sources import VideoSource
 from stream.wire import ActivationMessage, FramePlacement, Quantisation, decode_control, encode
 from veil import observability as obs
 from veil.config import BatchingConfig, StreamConfig
@@ -154,7 +154,7 @@ class EdgeWorker:
         batching: BatchingConfig | None = None,
         topics: TopicNames = DEFAULT_TOPICS,
         max_request_size: int = 4 * 1024 * 1024,
-        reconnect: ReconnectPolicy | None = None,
+        reconnect: Backoff | None = None,
         follow_control: bool = True,
         queue_size: int = 64,
         frame_hook: Callable[[Frame], None] | None = None,
