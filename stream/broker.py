@@ -11,6 +11,13 @@ runs against an object store of ours (a child process, in memory or over files i
 and the oldest ones beyond ``max_stored_bytes``: memory stays bounded, and with ``data_dir``
 topics, records and committed offsets survive a restart.
 
+With ``cert_file``/``key_file`` clients connect over TLS (``client_ca_file``: only with a
+client certificate that CA signed, mutual TLS), with ``users`` they must authenticate with
+SASL (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512) first. tansu 0.6 can do neither itself (its
+``--cert``/``--key`` exclude each other, and ``tansu user create`` stores no credential):
+:class:`stream.broker_front.BrokerFront` does both on the advertised listener and relays to
+tansu's plaintext listener on loopback.
+
 Known differences from Apache Kafka are listed in ``docs/wire-format.md`` ("Brokers").
 """
 
@@ -30,11 +37,13 @@ import tempfile
 import time
 import urllib.request
 import weakref
+from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 from types import TracebackType
 from typing import Final
 
+from stream.broker_front import BrokerFront, Credentials, server_tls_context
 from stream.objectstore import (
     DEFAULT_KEEP_CONSUMED_BYTES,
     DEFAULT_MAX_STORED_BYTES,
@@ -43,7 +52,7 @@ from stream.objectstore import (
     check_store_settings,
 )
 from stream.runtime import die_with_parent
-from veil.errors import ServiceError
+from veil.errors import ConfigError, ServiceError
 
 _API_VERSIONS_KEY: Final = 18
 _CLIENT_ID: Final = b"veil-probe"
@@ -144,6 +153,30 @@ def _terminate(process: subprocess.Popen[bytes], timeout_s: float) -> None:
 # any more. It runs in a child process (its own GIL, its own RSS), in memory or over files.
 
 
+def _check_transport(
+    cert_file: Path | str | None,
+    key_file: Path | str | None,
+    client_ca_file: Path | str | None,
+    users: Mapping[str, str] | None,
+) -> None:
+    if (cert_file is None) != (key_file is None):
+        raise ConfigError("the embedded broker's cert_file and key_file go together")
+    if client_ca_file is not None and cert_file is None:
+        raise ConfigError("client_ca_file (mutual TLS) needs cert_file and key_file (TLS)")
+    for path in (cert_file, key_file, client_ca_file):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"embedded broker TLS: {path} is not a file")
+    if users is not None and any(not n or not p for n, p in users.items()):
+        raise ConfigError("embedded broker users: every user needs a name and a password")
+
+
+async def _watch_front(front: BrokerFront, address: str) -> None:
+    """Raises ServiceError when the front's thread ends (it serves until stop())."""
+    while front.alive:
+        await asyncio.sleep(0.5)
+    raise ServiceError(f"the embedded broker's TLS/SASL front on {address} stopped")
+
+
 class EmbeddedBroker:
     """A tansu broker on ``127.0.0.1:<free port>``.
 
@@ -171,6 +204,13 @@ class EmbeddedBroker:
     Any other ``storage_engine`` is handed to tansu as it is: ``memory://tansu/`` is tansu's
     own memory engine, which keeps every record until :meth:`stop`; ``s3://bucket/`` an S3
     service configured by the usual ``AWS_*`` variables (nothing is deleted there).
+
+    ``cert_file``/``key_file`` (PEM): clients connect over TLS (protocol SSL or SASL_SSL);
+    ``client_ca_file`` also requires a client certificate that it signed (mutual TLS).
+    ``users`` (name -> password): every client authenticates with SASL PLAIN, SCRAM-SHA-256 or
+    SCRAM-SHA-512 first (SASL_SSL with TLS, else SASL_PLAINTEXT). Either starts a
+    :class:`~stream.broker_front.BrokerFront` on the advertised port; tansu then listens on
+    another loopback port that no client is told about.
     """
 
     def __init__(
@@ -188,7 +228,12 @@ class EmbeddedBroker:
         cluster_id: str = "veil-embedded",
         startup_timeout_s: float = 15.0,
         stop_timeout_s: float = 5.0,
+        cert_file: Path | str | None = None,
+        key_file: Path | str | None = None,
+        client_ca_file: Path | str | None = None,
+        users: Mapping[str, str] | None = None,
     ) -> None:
+        _check_transport(cert_file, key_file, client_ca_file, users)
         check_store_settings(
             storage_engine,
             data_dir,
@@ -218,12 +263,27 @@ class EmbeddedBroker:
         self._store: subprocess.Popen[bytes] | None = None
         self._store_port: int | None = None
         self._store_finalizer: weakref.finalize[..., EmbeddedBroker] | None = None
+        self.cert_file = None if cert_file is None else str(cert_file)
+        self.key_file = None if key_file is None else str(key_file)
+        self.client_ca_file = None if client_ca_file is None else str(client_ca_file)
+        self.users = dict(users or {})
+        self._front: BrokerFront | None = None
+        self._front_port: int | None = None
 
     @property
     def bootstrap_servers(self) -> str:
+        """What clients connect to: the front's port when there is one, else tansu's."""
         if self._process is None or self._port is None:
             raise ServiceError("the embedded broker is not running: call start() first")
-        return f"{self.host}:{self._port}"
+        return f"{self.host}:{self._front_port or self._port}"
+
+    @property
+    def security_protocol(self) -> str:
+        """The Kafka ``security.protocol`` clients of this broker use."""
+        tls = self.cert_file is not None
+        if self.users:
+            return "SASL_SSL" if tls else "SASL_PLAINTEXT"
+        return "SSL" if tls else "PLAINTEXT"
 
     @property
     def running(self) -> bool:
@@ -247,6 +307,8 @@ class EmbeddedBroker:
             watches.append(
                 watch_child("the broker's object store", self._store, self.store_log_tail)
             )
+        if self._front is not None:
+            watches.append(_watch_front(self._front, self.bootstrap_servers))
         tasks = [asyncio.ensure_future(w) for w in watches]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -317,23 +379,54 @@ class EmbeddedBroker:
         if not (binary.is_file() and os.access(binary, os.X_OK)):
             raise ServiceError(f"tansu binary {binary} is missing or not executable")
         self._log_dir = Path(tempfile.mkdtemp(prefix="veil-tansu-"))
-        if self.embedded_store:
-            try:
+        try:
+            if self.embedded_store:
                 self._start_store()
-            except ServiceError:
-                self._discard_log_dir()
-                raise
-        attempts = 1 if self._requested_port is not None else _PORT_ATTEMPTS
+            self._bind_front()
+            self._launch_tansu(binary)
+            if self._front is not None:
+                assert self._port is not None
+                self._front.start((self._tansu_host, self._port))
+        except (ServiceError, ConfigError):
+            self._stop_front()
+            self._stop_process()
+            self._stop_store()
+            self._discard_log_dir()
+            raise
+
+    @property
+    def _tansu_host(self) -> str:
+        # Behind a front tansu's own listener is private: loopback, whatever host the front has.
+        return "127.0.0.1" if self._front is not None else self.host
+
+    def _launch_tansu(self, binary: Path) -> None:
+        fixed = self._requested_port is not None and self._front is None
+        attempts = 1 if fixed else _PORT_ATTEMPTS
         for attempt in itertools.count(1):
-            port = self._requested_port or free_loopback_port(self.host)
+            port = (self._requested_port if fixed else None) or free_loopback_port(self._tansu_host)
             try:
                 self._launch(binary, port)
                 return
             except ServiceError:
                 if attempt >= attempts or "Address in use" not in self.log_tail():
-                    self._stop_store()
-                    self._discard_log_dir()
                     raise
+
+    def _bind_front(self) -> None:
+        """With TLS or users: the front's socket, bound now on the port clients will use (the
+        one tansu advertises)."""
+        if self.cert_file is None and not self.users:
+            return
+        tls = None
+        if self.cert_file is not None and self.key_file is not None:
+            tls = server_tls_context(self.cert_file, self.key_file, self.client_ca_file)
+        credentials = Credentials(self.users) if self.users else None
+        self._front = BrokerFront(self.host, tls=tls, credentials=credentials)
+        self._front_port = self._front.bind(self._requested_port or 0)
+
+    def _stop_front(self) -> None:
+        front, self._front, self._front_port = self._front, None, None
+        if front is not None:
+            front.stop(self.stop_timeout_s)
 
     def _start_store(self) -> None:
         assert self._log_dir is not None and self.store_log_path is not None
@@ -417,14 +510,15 @@ class EmbeddedBroker:
         return env
 
     def _launch(self, binary: Path, port: int) -> None:
-        url = f"tcp://{self.host}:{port}"
+        url = f"tcp://{self._tansu_host}:{port}"
+        advertised = f"tcp://{self.host}:{self._front_port or port}"
         command = [
             str(binary),
             "broker",
             "--listener-url",
             url,
             "--advertised-listener-url",
-            url,
+            advertised,
             "--storage-engine",
             self.storage_engine,
             "--cluster-id",
@@ -453,7 +547,7 @@ class EmbeddedBroker:
                 break
             # tansu exits (status 0) when it cannot bind, so "answers and is still alive" is
             # what tells us that this broker, not another process, owns the port.
-            if kafka_api_versions_ok(self.host, port) and process.poll() is None:
+            if kafka_api_versions_ok(self._tansu_host, port) and process.poll() is None:
                 return
             time.sleep(0.05)
         code = process.poll()
@@ -469,6 +563,7 @@ class EmbeddedBroker:
 
     def stop(self) -> None:
         """Stop the broker (SIGTERM, then SIGKILL after ``stop_timeout_s``); idempotent."""
+        self._stop_front()
         self._stop_process()
         self._stop_store()
         self._discard_log_dir()

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from stream.wire import Envelope
+from stream.wire import Envelope, EnvelopeFields
 
 
 # eq=False: equality would compare pixel arrays element-wise, which is neither cheap nor a bool.
 @dataclass(frozen=True, eq=False)
-class Frame:
+class Frame(EnvelopeFields):
     """One decoded picture of one stream, in its :class:`~stream.wire.Envelope`.
 
     The envelope's ``sequence`` counts decoded frames of this stream from 0, across
@@ -26,14 +26,6 @@ class Frame:
 
     envelope: Envelope
     pixels: npt.NDArray[np.uint8]
-
-    @property
-    def stream_id(self) -> str:
-        return self.envelope.stream_id
-
-    @property
-    def sequence(self) -> int:
-        return self.envelope.sequence
 
     @property
     def height(self) -> int:

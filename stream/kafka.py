@@ -10,6 +10,8 @@ deduper is what removes duplicates from producer retries.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -25,6 +27,7 @@ from aiokafka.errors import KafkaError
 
 from stream.runtime import DEFAULT_BACKOFF, Backoff, retry
 from stream.wire import HEADER_ERROR, Headers, decode_control
+from veil.config import KafkaSecurityConfig
 from veil.errors import ConfigError, ServiceError, VeilError, WireFormatError
 
 log = structlog.get_logger(__name__)
@@ -69,6 +72,155 @@ def transient(exc: BaseException) -> bool:
     if isinstance(exc, _FATAL_KAFKA_ERRORS):
         return False
     return isinstance(exc, KafkaError | OSError | TimeoutError)
+
+
+# -- transport security -----------------------------------------------------------------------
+
+PLAINTEXT: Final = KafkaSecurityConfig()
+_warned_plaintext: set[str] = set()
+
+
+def _host_of(address: str) -> str:
+    address = address.strip()
+    if address.startswith("["):  # [::1]:9092
+        return address[1:].split("]", 1)[0]
+    return address.split(":", 1)[0] if address.count(":") == 1 else address
+
+
+def is_loopback(address: str) -> bool:
+    """Whether every ``host[:port]`` of a comma-separated list is this host's loopback."""
+    for item in address.split(","):
+        host = _host_of(item)
+        if host.lower() == "localhost":
+            continue
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                return False
+        except ValueError:
+            return False
+    return True
+
+
+def warn_unencrypted(what: str, address: str) -> None:
+    """A structlog warning, once per process and kind of client, when ``what`` talks to
+    ``address`` without TLS and ``address`` is not loopback (the embedded default)."""
+    if what in _warned_plaintext or is_loopback(address):
+        return
+    _warned_plaintext.add(what)
+    log.warning(
+        "unencrypted connection",
+        client=what,
+        address=address,
+        hint="set TLS (kafka.security.protocol SSL or SASL_SSL; triton.tls.enabled)",
+    )
+
+
+def tls_context(
+    ca_file: str | None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    *,
+    check_hostname: bool = True,
+    where: str = "kafka.security",
+) -> ssl.SSLContext:
+    """A client TLS context: the server verified against ``ca_file`` (None: the system's CAs),
+    ``cert_file``/``key_file`` presented for mutual TLS. Bad files raise one-line ConfigErrors."""
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+        context.check_hostname = check_hostname
+        if cert_file is not None:
+            context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        files = ", ".join(f for f in (ca_file, cert_file, key_file) if f) or "system CAs"
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        raise ConfigError(f"{where}: cannot load {files}: {reason}") from exc
+    return context
+
+
+def security_kwargs(security: KafkaSecurityConfig | None, bootstrap_servers: str) -> dict[str, Any]:
+    """The aiokafka keyword arguments (producer, consumer, admin alike) for ``security``:
+    ``security_protocol``, an ``ssl_context`` for SSL/SASL_SSL, the SASL mechanism, username
+    and password (read from its file now). Warns once when the connection is not encrypted
+    and the brokers are not on loopback."""
+    security = PLAINTEXT if security is None else security
+    kwargs: dict[str, Any] = {"security_protocol": security.protocol}
+    if security.tls:
+        kwargs["ssl_context"] = tls_context(
+            security.ca_file,
+            security.cert_file,
+            security.key_file,
+            check_hostname=security.check_hostname,
+        )
+    else:
+        warn_unencrypted("kafka", bootstrap_servers)
+    if security.protocol.startswith("SASL_"):
+        kwargs.update(
+            sasl_mechanism=security.sasl_mechanism,
+            sasl_plain_username=security.username,
+            sasl_plain_password=security.password(),
+        )
+    return kwargs
+
+
+# What a client's start() raises: aiokafka's errors, and its SCRAM client's KeyError('v') or
+# ValueError on a server-final "e=..." message (a refusal).
+START_ERRORS: Final = (KafkaError, KeyError, ValueError, OSError)
+
+
+def start_failure(
+    exc: BaseException,
+    what: str,
+    bootstrap_servers: str,
+    security: KafkaSecurityConfig | None = None,
+) -> ServiceError:
+    """The ServiceError for a client that could not start. Retriable (the broker may be
+    starting) unless the broker refused the credentials or the SASL mechanism, or TLS
+    failed (an unknown CA, a certificate for another host, no client certificate)."""
+    sasl = security is not None and security.protocol.startswith("SASL_")
+    reason, retriable = repr(exc), True
+    if isinstance(exc, kafka_errors.SaslAuthenticationFailed) or (
+        sasl and isinstance(exc, KeyError | ValueError)
+    ):
+        reason = f"SASL authentication failed (wrong username or password?): {exc}"
+        retriable = False
+    elif isinstance(exc, kafka_errors.UnsupportedSaslMechanismError):
+        reason, retriable = f"the broker does not offer this SASL mechanism: {exc}", False
+    elif isinstance(exc, ssl.SSLError):
+        reason, retriable = f"TLS failed: {exc}", False
+    elif isinstance(exc, kafka_errors.KafkaConnectionError) and "closed" in str(exc):
+        reason += (
+            " (a listener that wants a client certificate closes connections without an "
+            "accepted one: kafka.security.cert_file/key_file?)"
+            if security is not None and security.tls
+            else " (a TLS listener closes plaintext connections: kafka.security.protocol?)"
+        )
+    error = ServiceError(f"cannot start {what} on {bootstrap_servers}: {reason}")
+    error.retriable = retriable
+    return error
+
+
+async def client_failure(
+    exc: BaseException,
+    what: str,
+    bootstrap_servers: str,
+    security: KafkaSecurityConfig | None,
+    kwargs: dict[str, Any],
+) -> ServiceError:
+    """:func:`start_failure`, with the reason aiokafka only logs: when it reports just that it
+    could not bootstrap, one direct connection to the first broker says why (refused
+    credentials, a TLS failure, a closed connection)."""
+    if isinstance(exc, kafka_errors.KafkaConnectionError) and "bootstrap" in str(exc):
+        from aiokafka.conn import create_conn
+
+        host, _, port = bootstrap_servers.split(",")[0].strip().rpartition(":")
+        try:
+            conn = await create_conn(
+                host.strip("[]"), int(port), request_timeout_ms=10_000, **kwargs
+            )
+            conn.close()
+        except (*START_ERRORS, TimeoutError) as found:
+            exc = found
+    return start_failure(exc, what, bootstrap_servers, security)
 
 
 @dataclass(frozen=True)
@@ -160,8 +312,13 @@ class TopicNames:
     def dead_letter(self) -> str:
         return f"{self.prefix}.deadletter"
 
-    def all(self) -> tuple[str, str, str, str]:
-        return (self.activations, self.detections, self.control, self.dead_letter)
+    @property
+    def status(self) -> str:
+        """Compacted: the trusted zone's answer per stream id (alpha in force, floor, outcome)."""
+        return f"{self.prefix}.status"
+
+    def all(self) -> tuple[str, str, str, str, str]:
+        return (self.activations, self.detections, self.control, self.dead_letter, self.status)
 
 
 _TOPIC_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -188,10 +345,12 @@ async def ensure_topics(
     topics: TopicNames = DEFAULT_TOPICS,
     replication_factor: int = 1,
     request_timeout_ms: int = 15_000,
+    security: KafkaSecurityConfig | None = None,
 ) -> TopicsStatus:
     """Create veil's topics where missing: activations and detections with ``partitions``
     partitions (the unit of consumer parallelism), control with one compacted partition,
-    dead letters with one. Existing topics are left as they are.
+    dead letters with one. Existing topics are left as they are. ``security``: how to
+    connect (default plaintext).
     """
     if partitions < 1 or replication_factor < 1:
         raise ConfigError(
@@ -204,12 +363,18 @@ async def ensure_topics(
             topics.control, 1, replication_factor, topic_configs={"cleanup.policy": "compact"}
         ),
         NewTopic(topics.dead_letter, 1, replication_factor),
+        NewTopic(topics.status, 1, replication_factor, topic_configs={"cleanup.policy": "compact"}),
     ]
+    kwargs = security_kwargs(security, bootstrap_servers)
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap_servers, request_timeout_ms=request_timeout_ms
+        bootstrap_servers=bootstrap_servers, request_timeout_ms=request_timeout_ms, **kwargs
     )
     try:
-        await admin.start()
+        try:
+            await admin.start()
+        except START_ERRORS as exc:
+            what = "a Kafka admin client"
+            raise await client_failure(exc, what, bootstrap_servers, security, kwargs) from exc
         response = await admin.create_topics(wanted)
         created, existing = [], []
         for name, code, message in response.topic_errors:
@@ -254,13 +419,16 @@ async def make_producer(
     client_id: str = "veil-producer",
     linger_ms: int = 5,
     request_timeout_ms: int = 30_000,
+    security: KafkaSecurityConfig | None = None,
 ) -> Any:
-    """A started AIOKafkaProducer with ``acks=all``.
+    """A started AIOKafkaProducer with ``acks=all``, connected as ``security`` says (TLS,
+    SASL; default plaintext).
 
     ``idempotent=True`` is for Apache Kafka (no duplicates from retries); tansu refuses it
     (InitProducerId fails), so the embedded broker runs with ``idempotent=False``.
     ``max_request_size`` must stay within the topic's ``max.message.bytes``.
     """
+    kwargs = security_kwargs(security, bootstrap_servers)
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap_servers,
         client_id=client_id,
@@ -269,20 +437,19 @@ async def make_producer(
         max_request_size=max_request_size,
         linger_ms=linger_ms,
         request_timeout_ms=request_timeout_ms,
+        **kwargs,
     )
     try:
         await producer.start()
-    except KafkaError as exc:
+    except START_ERRORS as exc:
         await producer.stop()
-        hint = (
-            " (the broker refused an idempotent producer: tansu does not support "
-            "InitProducerId; use idempotent=False there)"
-            if idempotent
-            else ""
-        )
-        raise ServiceError(
-            f"cannot start a Kafka producer on {bootstrap_servers}: {exc!r}{hint}"
-        ) from exc
+        error = await client_failure(exc, "a Kafka producer", bootstrap_servers, security, kwargs)
+        if idempotent and isinstance(exc, KafkaError) and error.retriable:
+            error.args = (
+                f"{error} (the broker refused an idempotent producer: tansu does not support "
+                "InitProducerId; use idempotent=False there)",
+            )
+        raise error from exc
     return producer
 
 
@@ -297,16 +464,19 @@ async def make_consumer(
     session_timeout_ms: int = 10_000,
     heartbeat_interval_ms: int = 3_000,
     listener: Any = None,
+    security: KafkaSecurityConfig | None = None,
 ) -> Any:
     """A started AIOKafkaConsumer subscribed to ``topics``, auto-commit off.
 
     Commit with ``await consumer.commit({tp: offset + 1})`` after handling a record; stop it
     with :func:`close_consumer`. ``group_id=None`` reads without a group (nothing to commit).
     ``listener`` is an optional aiokafka ``ConsumerRebalanceListener`` (e.g. to commit or
-    reset per-partition state when partitions move).
+    reset per-partition state when partitions move). ``security``: how to connect (TLS, SASL;
+    default plaintext).
     """
     if not topics:
         raise ConfigError("make_consumer needs at least one topic")
+    kwargs = security_kwargs(security, bootstrap_servers)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers,
         group_id=group_id,
@@ -316,15 +486,15 @@ async def make_consumer(
         max_partition_fetch_bytes=max_partition_fetch_bytes,
         session_timeout_ms=session_timeout_ms,
         heartbeat_interval_ms=heartbeat_interval_ms,
+        **kwargs,
     )
     consumer.subscribe(list(topics), listener=listener)
     try:
         await consumer.start()
-    except KafkaError as exc:
+    except START_ERRORS as exc:
         await consumer.stop()
-        raise ServiceError(
-            f"cannot start a Kafka consumer (group {group_id}) on {bootstrap_servers}: {exc!r}"
-        ) from exc
+        what = f"a Kafka consumer (group {group_id})"
+        raise await client_failure(exc, what, bootstrap_servers, security, kwargs) from exc
     return consumer
 
 
@@ -419,6 +589,7 @@ async def read_control_table(
     *,
     topics: TopicNames = DEFAULT_TOPICS,
     timeout_s: float = 10.0,
+    security: KafkaSecurityConfig | None = None,
 ) -> dict[str, float]:
     """The current ``stream_id -> alpha`` overrides: the control topic read to its end.
 
@@ -426,15 +597,21 @@ async def read_control_table(
     has compacted the topic yet (tansu never does); tombstones remove a stream. Malformed
     control records are logged and skipped: one bad record must not freeze every stream.
     """
+    kwargs = security_kwargs(security, bootstrap_servers)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers,
         group_id=None,
         enable_auto_commit=False,
         client_id="veil-control-reader",
+        **kwargs,
     )
     table: dict[str, float] = {}
     try:
-        await consumer.start()
+        try:
+            await consumer.start()
+        except START_ERRORS as exc:
+            what = "the control reader"
+            raise await client_failure(exc, what, bootstrap_servers, security, kwargs) from exc
         partitions = consumer.partitions_for_topic(topics.control) or set()
         assigned = [TopicPartition(topics.control, p) for p in sorted(partitions)]
         if not assigned:

@@ -7,11 +7,15 @@ Three messages, all keyed by stream id so that one stream stays on one partition
 * :class:`DetectionMessage` (``veil.detections``): the tail's face boxes for that frame, JSON.
 * :class:`ControlMessage` (``veil.control``, compacted): the noise strength ``alpha`` per stream.
 
+Every record may carry an Ed25519 signature of its key, value and headers in the headers
+``veil-signer`` and ``veil-signature`` (:mod:`stream.signing`); the layouts here do not change.
+
 The byte layout is specified in ``docs/wire-format.md``; change the two together.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
@@ -49,6 +53,9 @@ HEADER_STREAM: Final = "veil-stream"
 HEADER_SEQUENCE: Final = "veil-sequence"
 HEADER_PROFILE: Final = "veil-profile"
 HEADER_ERROR: Final = "veil-error"
+# Control records: the operator's issue time (unix seconds), on tombstones too, so that an edge
+# can refuse a control record older than the last it applied (workers/trusted/control.py).
+HEADER_ISSUED: Final = "veil-issued"
 
 KIND_ACTIVATION: Final = "activation"
 KIND_DETECTION: Final = "detection"
@@ -195,11 +202,10 @@ class Provenance:
         object.__setattr__(self, "alpha", _check_alpha(self.alpha))
 
 
-class _Enveloped:
-    """Read access to the envelope's and provenance's fields of a per-frame message."""
+class EnvelopeFields:
+    """Read access to the :class:`Envelope` of a frame or of a record made from it."""
 
     envelope: Envelope
-    provenance: Provenance
 
     @property
     def stream_id(self) -> str:
@@ -217,6 +223,12 @@ class _Enveloped:
     def capture_time(self) -> float:
         return self.envelope.capture_time
 
+
+class ProvenanceFields:
+    """Read access to the :class:`Provenance` of an activation or of its detections."""
+
+    provenance: Provenance
+
     @property
     def model(self) -> str:
         return self.provenance.model
@@ -232,6 +244,10 @@ class _Enveloped:
     @property
     def alpha(self) -> float:
         return self.provenance.alpha
+
+
+class _Enveloped(EnvelopeFields, ProvenanceFields):
+    """A per-frame message: its envelope and provenance."""
 
 
 def _frame_fields(msg: _Enveloped) -> dict[str, Any]:
@@ -691,6 +707,8 @@ def encode_control(msg: ControlMessage) -> tuple[bytes, bytes | None, Headers]:
         (HEADER_KIND, KIND_CONTROL.encode()),
         (HEADER_STREAM, msg.stream_id.encode()),
     ]
+    if msg.updated_time is not None:
+        headers.append((HEADER_ISSUED, repr(float(msg.updated_time)).encode()))
     if msg.alpha is None:
         return msg.stream_id.encode(), None, headers
     body = {
@@ -722,8 +740,9 @@ def decode_control(
         {HEADER_VERSION: str(WIRE_VERSION), HEADER_KIND: KIND_CONTROL, HEADER_STREAM: stream_id},
         "control",
     )
+    issued = _control_issued(headers)
     if value is None:
-        return ControlMessage(stream_id, None)
+        return ControlMessage(stream_id, None, issued)
     body = _loads(value, "control message")
     _require(
         body.get("format") == "veil.control",
@@ -735,7 +754,97 @@ def decode_control(
         f"(this build reads {WIRE_VERSION})",
     )
     updated = body.get("updated_time")
+    if issued is not None and updated is not None:
+        _require(
+            _finite(updated, "updated_time") == issued,
+            f"control message header {HEADER_ISSUED}={issued!r} does not match the body "
+            f"({updated!r})",
+        )
     try:
-        return ControlMessage(stream_id, _field(body, "alpha", "control message"), updated)
+        return ControlMessage(
+            stream_id,
+            _field(body, "alpha", "control message"),
+            issued if updated is None else updated,
+        )
     except ConfigError as exc:
         raise WireFormatError(str(exc)) from exc
+
+
+def _control_issued(headers: Sequence[tuple[str, bytes]]) -> float | None:
+    """The ``veil-issued`` header as a finite number, None when absent."""
+    values = [raw for name, raw in headers if name == HEADER_ISSUED]
+    if not values:
+        return None
+    _require(len(values) == 1, f"control message has {len(values)} {HEADER_ISSUED} headers")
+    text = (values[0] or b"").decode("utf-8", errors="replace")
+    try:
+        number = float(text)
+    except ValueError as exc:
+        raise WireFormatError(
+            f"control message header {HEADER_ISSUED}={text[:40]!r} is not a number"
+        ) from exc
+    return _finite(number, HEADER_ISSUED)
+
+
+# --------------------------------------------------------------------------- status
+
+KIND_STATUS: Final = "status"
+StatusOutcome = Literal["started", "applied", "refused"]
+STATUS_OUTCOMES: Final[tuple[str, ...]] = get_args(StatusOutcome)
+
+
+@dataclass(frozen=True)
+class StatusMessage:
+    """What the trusted zone answers on the compacted status topic, one record per stream:
+    the alpha and profile in force, the floor the zone keeps (``min_alpha``, and whether a
+    clean stream is allowed), the calibrated alphas, and the outcome of the last request
+    (``request_time``: the ``updated_time`` of the control record it answers)."""
+
+    stream_id: str
+    alpha: float
+    profile_id: str
+    min_alpha: float
+    allow_clean: bool
+    available: tuple[float, ...]
+    outcome: StatusOutcome
+    reason: str
+    time: float
+    request_time: float | None = None
+    requested_alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        _text(self.stream_id, "stream_id")
+        _require(self.outcome in STATUS_OUTCOMES, f"unknown status outcome {self.outcome!r}")
+        object.__setattr__(self, "available", tuple(_check_alpha(a) for a in self.available))
+
+
+def encode_status(msg: StatusMessage) -> tuple[bytes, bytes, Headers]:
+    """StatusMessage -> (key, value, headers) for ``<prefix>.status``; value is JSON."""
+    body = {"format": "veil.status", "version": WIRE_VERSION, **dataclasses.asdict(msg)}
+    body["available"] = list(msg.available)
+    headers: Headers = [
+        (HEADER_VERSION, str(WIRE_VERSION).encode()),
+        (HEADER_KIND, KIND_STATUS.encode()),
+        (HEADER_STREAM, msg.stream_id.encode()),
+    ]
+    return msg.stream_id.encode(), _dumps(body), headers
+
+
+def decode_status(
+    key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] = ()
+) -> StatusMessage:
+    """(key, value, headers) from ``<prefix>.status`` -> StatusMessage, or WireFormatError."""
+    _require(value is not None, "status message has no value (tombstone)")
+    assert value is not None
+    body = _loads(value, "status message")
+    _require(body.pop("format", None) == "veil.status", "not a veil status message")
+    version = body.pop("version", None)
+    _require(version == WIRE_VERSION, f"unsupported status wire version {version!r}")
+    names = {f.name for f in dataclasses.fields(StatusMessage)}
+    _require(set(body) <= names, f"status message has unknown fields {sorted(set(body) - names)}")
+    try:
+        msg = StatusMessage(**{**body, "available": tuple(body.get("available", ()))})
+    except TypeError as exc:
+        raise WireFormatError(f"status message: {exc}") from exc
+    _require(key == msg.stream_id.encode(), "status message key does not match its stream id")
+    return msg

@@ -11,9 +11,12 @@ import pytest
 from veil.config import (
     BatchingConfig,
     KafkaConfig,
+    KafkaSecurityConfig,
     ModelConfig,
+    SigningConfig,
     StreamConfig,
     TritonConfig,
+    TritonTlsConfig,
     VeilConfig,
     load_config,
 )
@@ -90,8 +93,14 @@ def test_example_sets_every_field_of_every_section() -> None:
         ("kafka", KafkaConfig),
         ("batching", BatchingConfig),
         ("triton", TritonConfig),
+        ("kafka.security", KafkaSecurityConfig),
+        ("triton.tls", TritonTlsConfig),
+        ("signing", SigningConfig),
     ):
-        assert set(data[section]) == {f.name for f in dataclasses.fields(cls)}, section
+        node = data
+        for part in section.split("."):  # "kafka.security": a section inside a section
+            node = node[part]
+        assert set(node) == {f.name for f in dataclasses.fields(cls)}, section
     for stream in data["streams"]:
         assert set(stream) == {f.name for f in dataclasses.fields(StreamConfig)}
 

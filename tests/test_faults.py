@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import signal
 import struct
 import subprocess
 import sys
@@ -97,7 +100,14 @@ def clip(site: Site) -> Path:
 
 
 def _stream(clip: Path, sid: str = "s1", **kw: object) -> dict[str, object]:
-    return {"id": sid, "source": str(clip), "policy": "lossless", "alpha": 0.0, **kw}
+    return {
+        "id": sid,
+        "source": str(clip),
+        "policy": "lossless",
+        "alpha": 0.0,
+        "allow_clean": True,  # the matrix tests delivery, not privacy: no profile bank
+        **kw,
+    }
 
 
 def _publish_all(site: Site, prefix: str, streams: list[dict[str, object]]) -> tuple[int, Path]:
@@ -454,7 +464,17 @@ def test_a_camera_that_goes_away_and_returns_is_reconnected_and_nothing_read_is_
     prefix = "f-camera"
     make_topics(site.bootstrap, prefix)
     config = site.config(
-        "camera", prefix, [{"id": "cam", "source": camera.url, "policy": "realtime", "alpha": 0.0}]
+        "camera",
+        prefix,
+        [
+            {
+                "id": "cam",
+                "source": camera.url,
+                "policy": "realtime",
+                "alpha": 0.0,
+                "allow_clean": True,
+            }
+        ],
     )
     detect = site.detect(config)
     edge = site.edge(config)
@@ -548,3 +568,46 @@ def _until_stable(count: Any, quiet_s: float, timeout_s: float) -> None:
         now = count()
         if now != last:
             last, since = now, time.monotonic()
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found.extend(int(c) for c in text)
+    return found
+
+
+def _command(pid: int) -> str:
+    """The name of the program ``pid`` runs."""
+    return Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()).name
+
+
+@pytest.mark.parametrize("role", ["broker", "triton"])
+def test_a_wrapper_whose_server_dies_exits_non_zero_and_says_so(site: Site, role: str) -> None:
+    port = free_loopback_port()
+    if role == "broker":
+        wrapper, binary = site.broker(port), "tansu"
+    else:
+        wrapper = site.start(
+            "triton", "triton", "--repository", str(site.repository), "--grpc-port", str(port)
+        )
+        wrapper.wait_for("tritonserver on", 120)
+        binary = "tritonserver"
+    server = next(c for c in _children(wrapper.process.pid) if _command(c) == binary)
+    os.kill(server, signal.SIGKILL)
+    started = time.monotonic()
+    code = wrapper.wait(30)
+    assert code != 0 and time.monotonic() - started < 10
+    assert re.search(rf"veil: error: .*{binary}.* exited with status -9", wrapper.log()), (
+        wrapper.log()[-2000:]
+    )
+    Row(
+        f"kill -9 of the {binary} under veil {role}",
+        0,
+        0,
+        0,
+        0,
+        None,
+        f"veil {role} exit {code} in {time.monotonic() - started:.1f} s, naming it",
+    ).save()

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -23,15 +24,14 @@ from tritonclient.grpc.aio import InferenceServerClient
 from stream.kafka import DEFAULT_TOPICS, ensure_topics
 from stream.wire import (
     ActivationMessage,
-    ControlMessage,
     Envelope,
     Provenance,
     decode,
     encode,
-    encode_control,
 )
 from tests.fixtures_kafka import KafkaTarget, kafka_target  # noqa: F401
 from tests.fixtures_triton import TritonTarget, triton_server, tuned_tail_state
+from veil.alpha import set_alpha
 from veil.config import (
     BatchingConfig,
     KafkaConfig,
@@ -44,7 +44,7 @@ from veil.config import (
 from veil.data import data_root
 from veil.detectors.base import Frame, InputGeometry
 from veil.detectors.faceboxes import FaceBoxes
-from veil.errors import ProfileError
+from veil.errors import ConfigError, ProfileError
 from veil.noise import NoiseLayer
 from veil.profiles import ProfileBank, ProfileMeta, profile_from_layer
 from veil.runner import RunSummary, run_pipeline
@@ -193,7 +193,9 @@ async def test_a_real_video_through_the_whole_pipeline_matches_the_model_in_proc
     repository: Path,
     video: Path,
 ) -> None:
-    stream = StreamConfig(id="e2e-clean", source=str(video), policy="lossless", alpha=0.0)
+    stream = StreamConfig(
+        id="e2e-clean", source=str(video), policy="lossless", alpha=0.0, allow_clean=True
+    )
     config = config_for((stream,), topics, triton, weights, bank, repository, "g-e2e")
     summary: RunSummary = await run_pipeline(config, print_detections=False)
 
@@ -258,32 +260,44 @@ async def test_alpha_changes_live_and_every_message_names_its_profile(
     config = config_for((stream,), topics, triton, weights, bank, repository, "g-live")
     stop = asyncio.Event()
     seen: list[tuple[int, float, str]] = []
-    producer = AIOKafkaProducer(bootstrap_servers=topics, acks="all")
-    await producer.start()
+    answers: dict[str, Any] = {}
     sent = False
+
+    async def requests() -> None:
+        """The operator's requests through `veil alpha set`'s path, each answered."""
+        try:
+            await set_alpha(topics, "no-such-stream", 0.9)
+        except ConfigError as exc:
+            answers["unknown"] = str(exc)
+        answers["clean"] = await set_alpha(topics, "live-alpha", 0.0)
+        answers["below"] = await set_alpha(topics, "live-alpha", 0.3)
+        answers["uncalibrated"] = await set_alpha(topics, "live-alpha", 0.7)
+        answers["applied"] = await set_alpha(topics, "live-alpha", 0.9)
 
     def on_detection(msg: object) -> None:
         nonlocal sent
         seen.append((msg.sequence, msg.alpha, msg.profile_id))  # type: ignore[attr-defined]
         if len(seen) == 10 and not sent:
             sent = True
-            key, value, headers = encode_control(ControlMessage("live-alpha", 0.9))
-            asyncio.get_running_loop().create_task(
-                producer.send_and_wait(DEFAULT_TOPICS.control, value, key, headers=headers)
-            )
+            asyncio.get_running_loop().create_task(requests())
         if (
             any(a == 0.9 for _, a, _ in seen[-5:])
             and len([1 for _, a, _ in seen if a == 0.9]) >= 10
         ):
             stop.set()
 
-    try:
-        await asyncio.wait_for(
-            run_pipeline(config, print_detections=False, stop=stop, on_detection=on_detection),
-            timeout=240,
-        )
-    finally:
-        await producer.stop()
+    await asyncio.wait_for(
+        run_pipeline(config, print_detections=False, stop=stop, on_detection=on_detection),
+        timeout=240,
+    )
+    assert "unknown stream 'no-such-stream'" in answers["unknown"]
+    assert answers["clean"].outcome == "refused" and "clean" in answers["clean"].reason
+    assert answers["uncalibrated"].outcome == "refused"
+    assert "below this stream's floor 0.5" in answers["below"].reason  # the default floor
+    assert "no calibrated profile for alpha 0.7" in answers["uncalibrated"].reason
+    assert answers["uncalibrated"].available == (0.5, 0.9)
+    applied = answers["applied"]
+    assert (applied.outcome, applied.alpha, applied.profile_id) == ("applied", 0.9, profiles[0.9])
     assert sent
     assert seen[0][1:] == (0.5, profiles[0.5])
     switched = [i for i, (_, a, _) in enumerate(seen) if a == 0.9]
@@ -391,3 +405,81 @@ async def test_a_corrupt_source_is_reported_and_the_other_streams_lose_nothing(
     # The annotated video (drawn inside the zone) has every frame of the good stream.
     with av.open(str(tmp_path / "annotated" / "good.mp4")) as container:
         assert sum(1 for _ in container.decode(video=0)) == 72
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_signed_records_end_to_end_and_forgeries_change_nothing(
+    topics: str,
+    triton: TritonTarget,
+    detector: FaceBoxes,
+    weights: Path,
+    bank: Path,
+    repository: Path,
+    video: Path,
+    tmp_path: Path,
+) -> None:
+    """With keys (`veil keys init`), the edge signs every activation, the detect worker verifies
+    each one before its dedupe window and signs its detections, and the sink verifies those:
+    a forged activation with sequence 10**9 and a forged detection, published before the run,
+    change nothing."""
+    # Imported here, in one place: the signing test's own dependencies.
+    from stream.signing import ROLE_DETECT, ROLE_EDGE, init_keys, keys_for
+    from stream.wire import DetectionMessage, FramePlacement, encode_detection
+    from veil.config import SigningConfig
+    from veil.detections import Detections
+    from veil.errors import WireFormatError
+
+    keys = tmp_path / "keys"
+    init_keys(keys)
+    sid = "e2e-signed"
+    x, letterboxes = detector.preprocess(decode_video(video)[:1], GEOMETRY)
+    with torch.no_grad():
+        act = detector.head(x).numpy()[0]
+    profile_id = {p.alpha: p.profile_id for p in ProfileBank(bank).profiles()}[0.5]
+    provenance = Provenance("faceboxes", detector.weights_id, profile_id, 0.5)
+    forged = ActivationMessage(
+        Envelope(sid, 10**9, None, 0.0),
+        provenance,
+        placement=FramePlacement.from_letterbox(letterboxes[0], GEOMETRY),
+        payload=act,
+    )
+    boxes = Detections(np.array([[1, 2, 30, 40]], np.float32), np.array([0.99], np.float32))
+    fake = DetectionMessage(Envelope(sid, 500, None, 0.0), provenance, boxes, 0.0)
+    producer = AIOKafkaProducer(bootstrap_servers=topics, acks="all", max_request_size=4 << 20)
+    await producer.start()
+    try:
+        for topic, (key, value, headers) in (
+            (DEFAULT_TOPICS.activations, encode(forged)),
+            (DEFAULT_TOPICS.detections, encode_detection(fake)),
+        ):
+            await producer.send_and_wait(topic, value, key, headers=headers)
+    finally:
+        await producer.stop()
+
+    stream = StreamConfig(id=sid, source=str(video), policy="lossless", alpha=0.5)
+    config = config_for((stream,), topics, triton, weights, bank, repository, "g-signed")
+    config = replace(config, signing=SigningConfig(private_key=str(keys), required=True))
+    summary = await run_pipeline(config, print_detections=False, settle_timeout_s=120)
+
+    assert summary.edge.frames_published == 72
+    assert sorted(d.sequence for d in summary.detections) == list(range(72))  # not 500
+    verifier = keys_for(config.signing, "sink").verifier
+    assert verifier is not None
+    refused: dict[str, list[str]] = {ROLE_EDGE: [], ROLE_DETECT: []}
+    for topic, role in (
+        (DEFAULT_TOPICS.activations, ROLE_EDGE),
+        (DEFAULT_TOPICS.detections, ROLE_DETECT),
+    ):
+        for raw, found in await read_records(topics, topic, sid.encode()):
+            try:
+                verifier.verify(sid.encode(), raw, list(found.items()), role)
+            except WireFormatError as exc:
+                refused[role].append(str(exc))
+    unsigned = "unsigned: {} need the {} key's signature"
+    assert refused[ROLE_EDGE] == [unsigned.format("activations", "edge")]  # the forged one
+    assert refused[ROLE_DETECT] == [unsigned.format("detections", "detect")]
+    dead = [
+        h["veil-error"]
+        for _, h in await read_records(topics, DEFAULT_TOPICS.dead_letter, sid.encode())
+    ]
+    assert dead == [b"activation refused: " + unsigned.format("activations", "edge").encode()]

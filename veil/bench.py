@@ -136,7 +136,9 @@ async def _pipelines(config: VeilConfig, alpha: float) -> dict[str, dict[str, An
     async with EmbeddedBroker() as broker, EmbeddedTriton(repo) as triton:
         await ensure_topics(broker.bootstrap_servers)
         for label, a in (("without_noise", 0.0), ("with_noise", alpha)):
-            stream = replace(config.streams[0], id=f"bench-{label}-{time.time_ns()}", alpha=a)
+            stream = replace(
+                config.streams[0], id=f"bench-{label}-{time.time_ns()}", alpha=a, allow_clean=a == 0
+            )
             run_config = replace(
                 config,
                 streams=(stream,),

@@ -214,13 +214,19 @@ def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                 source=src,
                 policy="lossless" if "://" not in src else "realtime",
                 alpha=args.alpha if args.alpha is not None else 0.8,
+                allow_clean=args.alpha == 0,  # asked for on the trusted zone's own command line
             )
             for i, src in enumerate(args.source)
         )
         config = replace(config, streams=streams)
     elif getattr(args, "alpha", None) is not None:
+        clean = args.alpha == 0  # asked for on the trusted zone's own command line
         config = replace(
-            config, streams=tuple(replace(s, alpha=args.alpha) for s in config.streams)
+            config,
+            streams=tuple(
+                replace(s, alpha=args.alpha, allow_clean=s.allow_clean or clean)
+                for s in config.streams
+            ),
         )
     configure_logging(config.observability.log_format, config.observability.log_level)
     return config
@@ -362,35 +368,96 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kafka_security(args: argparse.Namespace) -> Any:
+    """kafka.security of ``--config`` (TLS, SASL), or None for plaintext."""
+    if not args.config:
+        return None
+    from veil.config import load_config
+
+    return load_config(args.config).kafka.security
+
+
+def _operator_keys(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(the operator's signer, a verifier of the edges' answers), each None when not given."""
+    from stream.signing import (
+        ROLE_EDGE,
+        ROLE_OPERATOR,
+        Signer,
+        TrustedKey,
+        Verifier,
+        load_public_key,
+    )
+
+    key = getattr(args, "key", None)
+    signer = Signer.from_file(key, ROLE_OPERATOR) if key else None
+    edge = args.edge_key
+    verifier = Verifier([TrustedKey(ROLE_EDGE, load_public_key(edge))]) if edge else None
+    return signer, verifier
+
+
 def cmd_alpha_set(args: argparse.Namespace) -> int:
     import asyncio
 
-    from stream.kafka import DEFAULT_TOPICS, make_producer
-    from stream.wire import ControlMessage, encode_control
-    from veil.profiles import ProfileBank, check_alpha
+    from stream.kafka import TopicNames
+    from veil.alpha import describe, set_alpha
+    from veil.profiles import check_alpha
 
     alpha = check_alpha(args.value)
-    if args.bank:
-        available = ProfileBank(Path(args.bank)).alphas()
-        if alpha != 0.0 and alpha not in available:
-            from veil.errors import ProfileError
+    signer, verifier = _operator_keys(args)
+    status = asyncio.run(
+        set_alpha(
+            args.bootstrap,
+            args.stream,
+            alpha,
+            TopicNames(args.topic_prefix),
+            args.timeout,
+            signer=signer,
+            verifier=verifier,
+            security=_kafka_security(args),
+        )
+    )
+    print(describe(status))
+    if status.outcome != "applied":
+        print(
+            f"veil: stream {args.stream}: alpha {alpha} refused: {status.reason}", file=sys.stderr
+        )
+        return 1
+    return 0
 
-            raise ProfileError(
-                f"no calibrated profile for alpha {alpha} in {args.bank}; available: {available}"
-            )
 
-    async def publish() -> None:
-        producer = await make_producer(args.bootstrap, idempotent=False)
-        try:
-            key, value, headers = encode_control(ControlMessage(args.stream, alpha, time.time()))
-            await producer.send_and_wait(
-                DEFAULT_TOPICS.control, value=value, key=key, headers=headers
-            )
-        finally:
-            await producer.stop()
+def cmd_alpha_list(args: argparse.Namespace) -> int:
+    import asyncio
 
-    asyncio.run(publish())
-    print(f"stream {args.stream}: alpha {alpha} published to {DEFAULT_TOPICS.control}")
+    from stream.kafka import TopicNames
+    from veil.alpha import describe, read_status
+
+    _, verifier = _operator_keys(args)
+    table = asyncio.run(
+        read_status(
+            args.bootstrap,
+            TopicNames(args.topic_prefix),
+            verifier=verifier,
+            security=_kafka_security(args),
+        )
+    )
+    for status in sorted(table.values(), key=lambda s: s.stream_id):
+        print(describe(status))
+    if not table:
+        print("no stream announced yet")
+    return 0
+
+
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    from stream.signing import SIGNS, init_keys
+
+    folder = Path(args.dir)
+    for pair in init_keys(folder):
+        signs = SIGNS[pair.role]
+        print(f"{pair.role:8} key {pair.key_id}: {pair.private} (signs {signs}), {pair.public}")
+    print(
+        f"keep each private key with its role only; set signing.private_key (and the public keys "
+        f"each role verifies with) in its configuration, or private_key: {folder} for veil run"
+    )
     return 0
 
 
@@ -672,15 +739,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default="runs/bench.json")
     p.set_defaults(func=cmd_bench)
 
+    keys = sub.add_parser("keys", help="signing keys of the Kafka records").add_subparsers(
+        dest="keys_command", required=True
+    )
+    p = keys.add_parser("init", help="write edge, detect and operator Ed25519 key pairs to DIR")
+    p.add_argument("dir", help="folder for <role>.key (mode 0600) and <role>.pub; not overwritten")
+    p.set_defaults(func=cmd_keys_init)
+
     alpha = sub.add_parser("alpha", help="change a stream's noise live").add_subparsers(
         dest="alpha_command", required=True
     )
-    p = alpha.add_parser("set", help="publish STREAM's new alpha on the control topic")
+    p = alpha.add_parser("set", help="ask the trusted zone for a new alpha; wait for its answer")
     p.add_argument("stream")
     p.add_argument("value", type=float)
     p.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers")
-    p.add_argument("--bank", help="profile bank: refuse alphas it has no profile for")
+    p.add_argument("--topic-prefix", default="veil", help="topics <prefix>.control, .status")
+    p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait (default 15)")
+    p.add_argument("--key", help="the operator's private key (veil keys init): signs the request")
+    p.add_argument("--edge-key", help="the edge's public key: only answers it signed count")
+    p.add_argument("--config", help="YAML whose kafka.security says how to connect (TLS, SASL)")
     p.set_defaults(func=cmd_alpha_set)
+    p = alpha.add_parser("list", help="each stream's alpha, profile, floor and last answer")
+    p.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers")
+    p.add_argument("--topic-prefix", default="veil", help="topics <prefix>.control, .status")
+    p.add_argument("--edge-key", help="the edge's public key: only answers it signed count")
+    p.add_argument("--config", help="YAML whose kafka.security says how to connect (TLS, SASL)")
+    p.set_defaults(func=cmd_alpha_list)
     return parser
 
 

@@ -37,6 +37,95 @@ class StreamConfig:
     policy: Literal["realtime", "lossless"] = "realtime"
     alpha: float = 0.8
     loop: bool = False
+    # The trusted zone's floor: no control record may set a weaker alpha (default: the
+    # weakest calibrated profile); alpha 0 (clean) only with allow_clean.
+    min_alpha: float | None = None
+    allow_clean: bool = False
+
+
+_TLS_PROTOCOLS = ("SSL", "SASL_SSL")
+
+
+def _check_pair(where: str, cert_file: str | None, key_file: str | None) -> None:
+    if (cert_file is None) != (key_file is None):
+        raise ConfigError(f"{where}: cert_file and key_file go together (mutual TLS), set both")
+
+
+@dataclass(frozen=True)
+class KafkaSecurityConfig:
+    """How every Kafka client connects: TLS (``SSL``), SASL, both (``SASL_SSL``) or neither.
+
+    ``ca_file`` holds the CA certificates that signed the brokers' (None: the system's);
+    ``cert_file``/``key_file`` a client certificate for mutual TLS. SASL reads its password from
+    ``password_file`` when a client starts (a password never sits in the YAML).
+    """
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    username: str | None = None
+    password_file: str | None = None
+    check_hostname: bool = True
+
+    def __post_init__(self) -> None:
+        where = "kafka.security"
+        tls = self.protocol in _TLS_PROTOCOLS
+        _check_pair(where, self.cert_file, self.key_file)
+        if not tls and (self.ca_file or self.cert_file):
+            raise ConfigError(
+                f"{where}: ca_file/cert_file/key_file need protocol SSL or SASL_SSL, "
+                f"not {self.protocol}"
+            )
+        sasl = (self.sasl_mechanism, self.username, self.password_file)
+        if self.protocol.startswith("SASL_") and None in sasl:
+            raise ConfigError(
+                f"{where}: protocol {self.protocol} needs sasl_mechanism, username and "
+                "password_file"
+            )
+        if not self.protocol.startswith("SASL_") and any(v is not None for v in sasl):
+            raise ConfigError(
+                f"{where}: sasl_mechanism/username/password_file need protocol SASL_PLAINTEXT "
+                f"or SASL_SSL, not {self.protocol}"
+            )
+
+    @property
+    def tls(self) -> bool:
+        return self.protocol in _TLS_PROTOCOLS
+
+    def password(self) -> str:
+        """The SASL password: ``password_file``'s first line."""
+        if self.password_file is None:
+            raise ConfigError("kafka.security.password_file is not set")
+        try:
+            text = Path(self.password_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"kafka.security.password_file {self.password_file}: cannot read it "
+                f"({exc.strerror or exc})"
+            ) from exc
+        password = text.splitlines()[0] if text else ""
+        if not password:
+            raise ConfigError(f"kafka.security.password_file {self.password_file} is empty")
+        return password
+
+
+@dataclass(frozen=True)
+class TritonTlsConfig:
+    """TLS to Triton's gRPC endpoint: ``ca_file`` holds the root certificates that signed the
+    server's (None: gRPC's defaults); ``cert_file``/``key_file`` a client certificate, for a
+    server started with ``--grpc-use-ssl-mutual=true``."""
+
+    enabled: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_pair("triton.tls", self.cert_file, self.key_file)
+        if not self.enabled and (self.ca_file or self.cert_file):
+            raise ConfigError("triton.tls: ca_file/cert_file/key_file need enabled: true")
 
 
 @dataclass(frozen=True)
@@ -48,6 +137,7 @@ class KafkaConfig:
     max_request_size: int = 4 * 1024 * 1024
     topic_prefix: str = "veil"  # topics <prefix>.activations, .detections, .control, ...
     data_dir: str | None = None  # embedded broker only: topics and records in files, not memory
+    security: KafkaSecurityConfig = field(default_factory=KafkaSecurityConfig)
 
 
 @dataclass(frozen=True)
@@ -65,6 +155,7 @@ class TritonConfig:
     # Model ``veil detect`` calls; None = the repository's Python-backend ``<name>_tail``. The
     # NGC image serves ``<name>_tail_ts`` (pytorch_libtorch) instead.
     model: str | None = None
+    tls: TritonTlsConfig = field(default_factory=TritonTlsConfig)
 
 
 @dataclass(frozen=True)
@@ -83,6 +174,21 @@ class ObservabilityConfig:
 
 
 @dataclass(frozen=True)
+class SigningConfig:
+    """Ed25519 keys (``veil keys init DIR``) of the records on Kafka (stream.signing)."""
+
+    # This role's signing key: edge.key (veil edge), detect.key (veil detect), or the folder
+    # `veil keys init` wrote (veil run: each role takes its own, and unset public keys are
+    # read from <role>.pub there).
+    private_key: str | None = None
+    edge_public_key: str | None = None  # verifies activations (detect worker)
+    detect_public_key: str | None = None  # verifies detections (their readers)
+    operator_public_key: str | None = None  # verifies control records (edge)
+    # true: refuse to start without keys; false with no key set: run unsigned, with a warning.
+    required: bool = False
+
+
+@dataclass(frozen=True)
 class VeilConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     profile_bank: str | None = None  # default: a per-model folder under ~/.cache/veil
@@ -92,6 +198,7 @@ class VeilConfig:
     triton: TritonConfig = field(default_factory=TritonConfig)
     outputs: OutputConfig = field(default_factory=OutputConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    signing: SigningConfig = field(default_factory=SigningConfig)
 
     def __post_init__(self) -> None:
         ids = [s.id for s in self.streams]
@@ -102,6 +209,8 @@ class VeilConfig:
                 raise ConfigError(f"streams: id {s.id!r} must be letters, digits, '-', '_', '.'")
             if not 0.0 <= s.alpha <= 1.0:
                 raise ConfigError(f"streams.{s.id}.alpha must be in [0, 1], got {s.alpha}")
+            if s.min_alpha is not None and not 0.0 < s.min_alpha <= 1.0:
+                raise ConfigError(f"streams.{s.id}.min_alpha must be in (0, 1], got {s.min_alpha}")
         if self.batching.max_batch < 1 or self.batching.max_wait_ms < 0:
             raise ConfigError("batching: max_batch must be >= 1 and max_wait_ms >= 0")
         if self.batching.cuda_streams < 1:

@@ -9,6 +9,7 @@ module wires the same objects together for a demo, a test, or a single-box site.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import statistics
@@ -24,11 +25,19 @@ import structlog
 from stream.frames import Frame
 from stream.kafka import TopicNames, close_consumer, ensure_topics, make_consumer
 from stream.runtime import Supervisor, stop_on_signals
+from stream.signing import (
+    PIPELINE_ROLES,
+    ROLE_DETECT,
+    RoleKeys,
+    Verifier,
+    keys_for,
+    log_signing_state,
+)
 from stream.wire import CLEAN_PROFILE, DetectionMessage, decode_detection
-from veil.config import EMBEDDED, StreamConfig, VeilConfig
+from veil.config import EMBEDDED, KafkaSecurityConfig, StreamConfig, TritonTlsConfig, VeilConfig
 from veil.detectors import load_decoder, load_detector
 from veil.detectors.base import InputGeometry, SplitDetector
-from veil.errors import ProfileError, VeilError, WireFormatError
+from veil.errors import ConfigError, ProfileError, VeilError, WireFormatError
 from veil.observability import StatusServer
 from veil.profiles import NoiseProfile, ProfileBank
 from workers.trusted.edge import EdgeStats, EdgeWorker
@@ -145,6 +154,7 @@ def build_obfuscator(
 async def broker_for(config: VeilConfig, supervisor: Supervisor) -> AsyncIterator[tuple[str, bool]]:
     """(bootstrap servers, idempotent producers?). An embedded broker is a supervised child:
     its death fails the graph (and it dies with this process)."""
+    kafka_security(config)  # refuses security settings for the embedded broker
     if config.kafka.bootstrap == EMBEDDED:
         from stream.broker import EmbeddedBroker
 
@@ -156,6 +166,31 @@ async def broker_for(config: VeilConfig, supervisor: Supervisor) -> AsyncIterato
     else:
         idem = True if config.kafka.idempotent is None else config.kafka.idempotent
         yield config.kafka.bootstrap, idem
+
+
+def kafka_security(config: VeilConfig) -> KafkaSecurityConfig | None:
+    """How veil's Kafka clients connect: ``kafka.security`` for an external broker; None
+    (plaintext) for the embedded one, which listens on loopback only."""
+    if config.kafka.bootstrap != EMBEDDED:
+        return config.kafka.security
+    if config.kafka.security != KafkaSecurityConfig():
+        raise ConfigError(
+            "kafka.security applies to an external broker; the embedded one listens in "
+            "plaintext on loopback (leave kafka.security unset with bootstrap: embedded)"
+        )
+    return None
+
+
+def triton_tls(config: VeilConfig) -> TritonTlsConfig | None:
+    """``triton.tls`` for an external Triton; None (plaintext loopback) for the embedded one."""
+    if config.triton.url != EMBEDDED:
+        return config.triton.tls
+    if config.triton.tls != TritonTlsConfig():
+        raise ConfigError(
+            "triton.tls applies to an external Triton; the embedded tritonserver serves "
+            "plaintext gRPC on loopback (leave triton.tls unset with url: embedded)"
+        )
+    return None
 
 
 def topics_of(config: VeilConfig) -> TopicNames:
@@ -189,6 +224,7 @@ def export_tail(
 @contextlib.asynccontextmanager
 async def triton_for(config: VeilConfig, repo: Path, supervisor: Supervisor) -> AsyncIterator[str]:
     """Triton's gRPC URL; an embedded tritonserver is a supervised child like the broker."""
+    triton_tls(config)  # refuses TLS settings for the embedded server before it starts
     if config.triton.url == EMBEDDED:
         from workers.untrusted.triton_server import EmbeddedTriton
 
@@ -199,16 +235,39 @@ async def triton_for(config: VeilConfig, repo: Path, supervisor: Supervisor) -> 
         yield config.triton.url
 
 
+def read_detection(record: Any, verifier: Verifier | None = None) -> DetectionMessage | None:
+    """A detection record verified with the detect key (when ``verifier`` is given) and
+    decoded; None, with a warning, for one that is unsigned, forged, tampered or malformed."""
+    try:
+        if verifier is not None:
+            verifier.verify(record.key, record.value, record.headers or (), ROLE_DETECT)
+    except WireFormatError as exc:
+        log.warning("sink.unverified_detection", offset=record.offset, reason=str(exc))
+        return None
+    try:
+        return decode_detection(record.key, record.value, record.headers)
+    except WireFormatError as exc:
+        log.warning("sink.malformed_detection", reason=str(exc))
+        return None
+
+
 async def collect_detections(
     bootstrap: str,
     topics: TopicNames,
     streams: set[str],
     sink: list[DetectionMessage],
     on_message: Callable[[DetectionMessage], None],
+    verifier: Verifier | None = None,
+    security: KafkaSecurityConfig | None = None,
 ) -> None:
-    """A background stage of ``veil run``: the detections of ``streams``, once each."""
+    """A background stage of ``veil run``: the detections of ``streams``, once each (only
+    those the detect key signed, when ``verifier`` is given)."""
     consumer = await make_consumer(
-        bootstrap, f"veil-sink-{time.time_ns()}", [topics.detections], client_id="veil-sink"
+        bootstrap,
+        f"veil-sink-{time.time_ns()}",
+        [topics.detections],
+        client_id="veil-sink",
+        security=security,
     )
     seen: set[tuple[str, int]] = set()
     try:
@@ -216,10 +275,8 @@ async def collect_detections(
             batches = await consumer.getmany(timeout_ms=100)
             for records in batches.values():
                 for r in records:
-                    try:
-                        msg = decode_detection(r.key, r.value, r.headers)
-                    except WireFormatError as exc:
-                        log.warning("sink.malformed_detection", reason=str(exc))
+                    msg = read_detection(r, verifier)
+                    if msg is None:
                         continue
                     if msg.stream_id not in streams or (msg.stream_id, msg.sequence) in seen:
                         continue  # at-least-once: a redelivery
@@ -273,6 +330,9 @@ async def serve(
     """
     graph = Graph(Supervisor("veil-" + "+".join(sorted(roles))))
     sup = graph.supervisor
+    # Keys are read (and a missing one refused) before anything starts.
+    log_signing_state(config.signing)
+    keys = {r: keys_for(config.signing, r) for r in PIPELINE_ROLES if r in roles}
     async with contextlib.AsyncExitStack() as stack:
         # First in, last out: /readyz answers 503 while the rest stops after a failure.
         await stack.enter_async_context(_status(config, sup, say))
@@ -280,7 +340,7 @@ async def serve(
         if "detect" in roles:
             # Under veil run the detect worker outlives the edge (it stops once drained).
             graph.detect = await _detect_role(
-                config, stack, sup, bootstrap, idempotent, own_stop="sink" in roles
+                config, stack, sup, bootstrap, idempotent, keys["detect"], own_stop="sink" in roles
             )
             say(f"detect worker: {graph.detect.manifest.detector} tail on {bootstrap}")
         if "edge" in roles:
@@ -295,11 +355,16 @@ async def serve(
                 topics=topics_of(config),
                 max_request_size=config.kafka.max_request_size,
                 frame_hook=frame_hook,
+                signer=keys["edge"].signer,
+                control_verifier=keys["edge"].verifier,
+                security=kafka_security(config),
             )
             await stack.enter_async_context(graph.edge)
             graph.edge.attach(sup)
         if "sink" in roles:
-            _attach_sink(config, graph, bootstrap, say, on_detection, settle_timeout_s)
+            _attach_sink(
+                config, graph, bootstrap, say, on_detection, settle_timeout_s, keys["sink"].verifier
+            )
         if stop is not None:
             sup.add("stop", partial(_stop_on, stop, sup), background=True)
         with stop_on_signals(sup):
@@ -318,6 +383,7 @@ async def _detect_role(
     supervisor: Supervisor,
     bootstrap: str,
     idempotent: bool,
+    keys: RoleKeys,
     *,
     own_stop: bool,
 ) -> Any:
@@ -335,6 +401,7 @@ async def _detect_role(
         config.triton.model or manifest.python_model,
         manifest,
         timeout_s=config.triton.timeout_s,
+        tls=triton_tls(config),
     )
     worker = DetectWorker(
         bootstrap,
@@ -345,6 +412,9 @@ async def _detect_role(
         group_id=config.kafka.group_id,
         topics=topics_of(config),
         max_batch=config.batching.max_batch,
+        signer=keys.signer,
+        verifier=keys.verifier,
+        security=kafka_security(config),
     )
     await stack.enter_async_context(worker)
     worker.attach(supervisor, stop=asyncio.Event() if own_stop else None)
@@ -358,6 +428,7 @@ def _attach_sink(
     say: Callable[[str], None],
     on_detection: Callable[[DetectionMessage], None] | None,
     settle_timeout_s: float,
+    verifier: Verifier | None = None,
 ) -> None:
     def on_message(msg: DetectionMessage) -> None:
         if on_detection is not None:
@@ -373,6 +444,8 @@ def _attach_sink(
             streams,
             graph.detections,
             on_message,
+            verifier,
+            kafka_security(config),
         ),
         background=True,
     )
@@ -440,6 +513,8 @@ async def run_pipeline(
     # Every profile the zone may apply gets its tail served, so live alpha changes keep working.
     export_tail(obfuscator.detector, obfuscator.geometry, repo, obfuscator.table.profiles)
     annotator = None
+    # Video encoding blocks: one thread of its own, which also keeps the frames in order.
+    encoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="veil-annotate")
     if config.outputs.annotated_dir:
         from workers.trusted.annotate import AnnotatedWriter
 
@@ -447,7 +522,7 @@ async def run_pipeline(
 
     def on_message(msg: DetectionMessage) -> None:
         if annotator is not None:
-            annotator.on_detection(msg)
+            encoder.submit(annotator.on_detection, msg)
         if print_detections:
             say(describe(msg))
         if on_detection is not None:
@@ -464,6 +539,7 @@ async def run_pipeline(
         frame_hook=annotator.keep if annotator is not None else None,
         stop=stop,
     )
+    await asyncio.to_thread(encoder.shutdown, True)
     if annotator is not None:
         annotator.close()
         for sid, count in annotator.written.items():

@@ -26,6 +26,7 @@ from stream.kafka import (
     OutgoingRecord,
     TopicNames,
     make_producer,
+    security_kwargs,
     send_all,
     transient,
 )
@@ -38,11 +39,20 @@ from stream.runtime import (
     retry,
     stop_on_signals,
 )
+from stream.signing import Signer, Verifier, decode_signed_control
 from stream.sources import VideoSource
-from stream.wire import ActivationMessage, FramePlacement, Quantisation, decode_control, encode
+from stream.wire import (
+    ActivationMessage,
+    FramePlacement,
+    Quantisation,
+    StatusMessage,
+    encode,
+    encode_status,
+)
 from veil import observability as obs
-from veil.config import BatchingConfig, StreamConfig
-from veil.errors import ProfileError, SourceError, VeilError
+from veil.config import BatchingConfig, KafkaSecurityConfig, StreamConfig
+from veil.errors import SourceError, VeilError
+from workers.trusted.control import AlphaControl
 from workers.trusted.obfuscator import ObfuscatedFrame, Obfuscator, ProfileTable
 
 log = structlog.get_logger(__name__)
@@ -159,6 +169,9 @@ class EdgeWorker:
         queue_size: int = 64,
         frame_hook: Callable[[Frame], None] | None = None,
         backoff: Backoff = DEFAULT_BACKOFF,
+        signer: Signer | None = None,
+        control_verifier: Verifier | None = None,
+        security: KafkaSecurityConfig | None = None,
     ) -> None:
         self.streams = list(streams)
         self.obfuscator = obfuscator
@@ -173,11 +186,16 @@ class EdgeWorker:
         self.queue_size = queue_size
         self.frame_hook = frame_hook  # e.g. the annotated-video writer, inside the zone
         self.backoff = backoff
+        # The edge key signs every activation (stream.signing); None: they go unsigned.
+        self.signer = signer
+        # The operator key that control records must be signed with (None: not checked); an
+        # old record published again is refused by AlphaControl (workers/trusted/control.py).
+        self.control_verifier = control_verifier
+        self.security = security  # how the producer and the control reader connect (TLS, SASL)
         self.stats = EdgeStats()
-        # Refuse a stream whose configured alpha has no profile before anything starts.
-        for s in self.streams:
-            obfuscator.table.row(s.alpha)
-        self.alphas = {s.id: s.alpha for s in self.streams}
+        # Refuses, before anything starts, a configured alpha below the zone's floor or
+        # without a calibrated profile.
+        self.control = AlphaControl(self.streams, obfuscator.table)
         self.partitions: dict[str, int] = {}
         self._producer: Any = None
         self._sources: list[VideoSource] = []
@@ -189,7 +207,10 @@ class EdgeWorker:
     async def start(self) -> None:
         self._producer = await retry(
             lambda: make_producer(
-                self.bootstrap, idempotent=self.idempotent, max_request_size=self.max_request_size
+                self.bootstrap,
+                idempotent=self.idempotent,
+                max_request_size=self.max_request_size,
+                security=self.security,
             ),
             what=f"kafka producer on {self.bootstrap}",
             transient=transient,
@@ -210,6 +231,8 @@ class EdgeWorker:
         )
         for note in profile_notes(self.streams, self.obfuscator.table):
             log.info("edge.profile", **note)
+        if self.follow_control:
+            await self._answer(self.control.started())
 
     async def _spread_partitions(self) -> dict[str, int]:
         """Streams round robin over the activation partitions (hashing a handful of ids puts
@@ -333,6 +356,8 @@ class EdgeWorker:
             quantisation=self.quantisation,
         )
         key, value, headers = encode(message)
+        if self.signer is not None:
+            headers = [*headers, *self.signer.headers(key, value, headers)]
         partition = self.partitions.get(r.envelope.stream_id)
         return OutgoingRecord(self.topics.activations, key, value, headers, partition)
 
@@ -361,15 +386,10 @@ class EdgeWorker:
 
     # -- live alpha --------------------------------------------------------------------------
 
-    def set_alpha(self, stream_id: str, alpha: float) -> None:
-        """Apply from the next batch; refuse alphas without a calibrated profile."""
-        if stream_id not in self.alphas:
-            return  # another worker's stream
-        self.obfuscator.table.row(alpha)
-        if self.alphas[stream_id] != alpha:
-            self.alphas[stream_id] = alpha
-            self.stats.alpha_changes.append((stream_id, alpha))
-            log.info("edge.alpha_changed", stream=stream_id, alpha=alpha)
+    @property
+    def alphas(self) -> dict[str, float]:
+        """The alpha in force per stream (applied from the next batch on a change)."""
+        return self.control.alphas
 
     async def _control_loop(self) -> None:
         """Follow the compacted control topic from its beginning, forever (reconnecting)."""
@@ -383,6 +403,7 @@ class EdgeWorker:
             group_id=None,
             enable_auto_commit=False,
             client_id="veil-edge-control",
+            **security_kwargs(self.security, self.bootstrap),
         )
         await consumer.start()
         try:
@@ -399,25 +420,33 @@ class EdgeWorker:
                 batches = await consumer.getmany(*assigned, timeout_ms=500)
                 for records in batches.values():
                     for record in records:
-                        self._apply_control(record)
+                        await self._apply_control(record)
         finally:
             with contextlib.suppress(Exception):
                 await consumer.stop()
 
-    def _apply_control(self, record: Any) -> None:
+    async def _apply_control(self, record: Any) -> None:
         try:
-            msg = decode_control(record.key, record.value, record.headers)
-        except VeilError as exc:  # WireFormatError and ConfigError alike
+            msg = decode_signed_control(
+                record.key, record.value, record.headers, self.control_verifier
+            )
+        except VeilError as exc:  # unsigned, forged, malformed: refused, nothing changes
             log.warning("edge.control_malformed", offset=record.offset, reason=str(exc))
             return
         configured = {s.id: s.alpha for s in self.streams}
-        alpha = configured.get(msg.stream_id) if msg.alpha is None else msg.alpha
-        if alpha is None:
-            return
-        try:
-            self.set_alpha(msg.stream_id, alpha)
-        except ProfileError as exc:
-            log.error("edge.alpha_refused", stream=msg.stream_id, alpha=alpha, reason=str(exc))
+        status = self.control.request(msg, configured.get(msg.stream_id))
+        if status is None:
+            return  # another edge's stream
+        if status.outcome == "applied":
+            self.stats.alpha_changes.append((status.stream_id, status.alpha))
+        await self._answer([status])
+
+    async def _answer(self, statuses: list[StatusMessage]) -> None:
+        """Publish what the zone decided on the status topic (``veil alpha set`` waits)."""
+        records = [OutgoingRecord(self.topics.status, *encode_status(s)) for s in statuses]
+        if self.signer is not None:  # signed with the edge key: the operator can trust it
+            records = [self.signer.signed(r) for r in records]
+        await send_all(self._producer, records, what="status", backoff=self.backoff)
 
 
 async def _finish_on_stop(supervisor: Supervisor, source: VideoSource) -> None:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from stream.frames import Frame
-from stream.wire import Envelope, Provenance
+from stream.wire import Envelope, EnvelopeFields, Provenance, ProvenanceFields
 from veil.detectors.base import InputGeometry, Letterbox, SplitDetector
 from veil.errors import ConfigError, ProfileError
 from veil.noise import entropy_generator
@@ -31,21 +31,13 @@ CLEAN_PROFILE_ID = "none"
 
 
 @dataclass(frozen=True)
-class ObfuscatedFrame:
+class ObfuscatedFrame(EnvelopeFields, ProvenanceFields):
     """One frame's noisy activation and what the outside needs to decode its boxes."""
 
     envelope: Envelope  # the frame's, unchanged
     provenance: Provenance  # detector, weights, the profile applied and its alpha
     activation: npt.NDArray[np.float32]  # (C, H, W), noise already added
     letterbox: Letterbox
-
-    @property
-    def profile_id(self) -> str:
-        return self.provenance.profile_id
-
-    @property
-    def alpha(self) -> float:
-        return self.provenance.alpha
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -5,6 +5,11 @@ Its stages run on the supervised runtime (:mod:`stream.runtime`), joined by boun
 
     consume -> parse -> infer -> decode -> publish -> commit
 
+With signing keys configured (:mod:`stream.signing`) every activation must carry the edge
+key's signature, checked before anything else: an unsigned, forged or tampered record is a
+dead letter with its reason and never reaches the dedupe window; every detection is signed
+with the detect key.
+
 Delivery is at least once: a batch's offsets are committed only after its detections and dead
 letters are acknowledged by the broker; a redelivered activation is recognised by (stream,
 sequence) and skipped. Failures of one record are data, not exceptions: a record that is
@@ -58,8 +63,10 @@ from stream.runtime import (
     retry,
     stop_on_signals,
 )
+from stream.signing import ROLE_EDGE, Signer, Verifier
 from stream.wire import ActivationMessage, DetectionMessage, decode, encode_detection
 from veil import observability as obs
+from veil.config import KafkaSecurityConfig
 from veil.detections import Detections
 from veil.detectors.base import SplitDetector
 from veil.errors import ConfigError, ServiceError, WireFormatError
@@ -90,6 +97,7 @@ class DetectStats:
     published: int = 0
     duplicates: int = 0
     dead_letters: int = 0
+    unverified: int = 0  # activations refused by the signature check (also dead letters)
     truncated_dead_letters: int = 0
     triton_rejected: int = 0
     commits: int = 0
@@ -109,6 +117,7 @@ class _Item:
     record: Any
     message: ActivationMessage | None = None
     reason: str | None = None
+    unverified: bool = False  # refused by the signature check, before anything else
     duplicate: bool = False
     raw: tuple[FloatArray, ...] | None = None  # its rows of the tail's outputs
     out: OutgoingRecord | None = None  # its detection record
@@ -194,8 +203,12 @@ class DetectWorker:
         backoff: Backoff = DEFAULT_BACKOFF,
         max_request_size: int = DETECT_MAX_REQUEST_SIZE,
         dead_letter_max_bytes: int = DEFAULT_MAX_REQUEST_SIZE,
+        signer: Signer | None = None,
+        verifier: Verifier | None = None,
+        security: KafkaSecurityConfig | None = None,
     ) -> None:
         self.bootstrap = bootstrap_servers
+        self.security = security  # how the consumer and the producer connect (TLS, SASL)
         # A single tail stands for its backend: the other models of the manifest get clients.
         self.router = (
             tail if isinstance(tail, TailRouter) else TailRouter.from_manifest(tail, manifest)
@@ -211,6 +224,10 @@ class DetectWorker:
         self.backoff = backoff
         self.max_request_size = max_request_size
         self.dead_letter_max_bytes = dead_letter_max_bytes
+        # The detect key signs every detection; the edge key must have signed every activation
+        # (checked before any state is touched). None: unsigned, as without keys.
+        self.signer = signer
+        self.verifier = verifier
         self.stats = DetectStats()
         self.deduper = SequenceDeduper()
         self.lag: dict[int, int] = {}
@@ -240,6 +257,7 @@ class DetectWorker:
                     idempotent=self.idempotent,
                     max_request_size=self.max_request_size,
                     client_id="veil-detect",
+                    security=self.security,
                 ),
                 f"kafka producer on {self.bootstrap}",
             )
@@ -250,6 +268,7 @@ class DetectWorker:
                     [self.topics.activations],
                     client_id="veil-detect",
                     listener=_Rebalance(),
+                    security=self.security,
                 ),
                 f"kafka consumer (group {self.group_id}) on {self.bootstrap}",
             )
@@ -406,10 +425,12 @@ class DetectWorker:
         await out.close()
 
     async def _parse(self, records: Sequence[Any]) -> _Batch:
-        """Decode and check every record (in a thread), then drop redeliveries."""
+        """Verify, decode and check every record (in a thread), then drop redeliveries: only
+        verified records reach the dedupe window."""
         items = await blocking("decode activations", self._parse_all, list(records))
         self.stats.consumed += len(items)
         self.stats.batches += 1
+        self.stats.unverified += sum(item.unverified for item in items)
         for item in items:
             msg = item.message
             if msg is not None and item.ok and not self.deduper.accept(msg.stream_id, msg.sequence):
@@ -422,6 +443,11 @@ class DetectWorker:
         return [self._parse_one(record) for record in records]
 
     def _parse_one(self, record: Any) -> _Item:
+        if self.verifier is not None:
+            try:
+                self.verifier.verify(record.key, record.value, record.headers or (), ROLE_EDGE)
+            except WireFormatError as exc:
+                return _Item(record, reason=f"activation refused: {exc}", unverified=True)
         try:
             msg = decode(record.key, record.value, record.headers)
             self._check_model(msg)
@@ -551,6 +577,8 @@ class DetectWorker:
     ) -> OutgoingRecord:
         out = DetectionMessage(msg.envelope, msg.provenance, dets, produced)
         key, value, headers = encode_detection(out)
+        if self.signer is not None:
+            headers = [*headers, *self.signer.headers(key, value, headers)]
         return OutgoingRecord(self.topics.detections, key, value, headers)
 
     # -- publish and commit ------------------------------------------------------------------

@@ -10,6 +10,10 @@ A repository exported with a profile bank serves one tail per profile that has i
 :class:`TailRouter` holds one :class:`TritonTail` per model and picks the one that a message's
 profile id names in the manifest (``"none"``: the clean tail).
 
+With ``tls`` (:class:`~veil.config.TritonTlsConfig`) the client speaks gRPC over TLS: the
+server is verified against ``ca_file`` and, for a server that wants one, ``cert_file``/
+``key_file`` are presented (mutual TLS). Without it, a non-loopback server gets one warning.
+
 Errors: a server that is down, overloaded or too slow raises :class:`ServiceError` (retriable);
 a request the server rejects as malformed raises :class:`ConfigError`; a failure inside the
 model raises a :class:`ServiceError` marked not retriable.
@@ -30,6 +34,8 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
+from stream.kafka import warn_unencrypted
+from veil.config import TritonTlsConfig
 from veil.errors import ConfigError, ServiceError, VeilError
 from workers.untrusted.triton_repo import (
     TAIL_SHA256_PARAMETER,
@@ -56,6 +62,25 @@ _REJECTED_STATUSES = {
 _INDEXED_NAME = re.compile(r"^(?P<base>.+)__(?P<index>\d+)$")
 
 
+def grpc_client(url: str, tls: TritonTlsConfig | None = None) -> Any:
+    """A ``tritonclient.grpc.aio`` client for ``url``: over TLS when ``tls.enabled`` (the
+    files are read now: a missing one is a ConfigError), else plaintext (one warning per
+    process when ``url`` is not loopback)."""
+    if tls is None or not tls.enabled:
+        warn_unencrypted("triton", url)
+        return InferenceServerClient(url)
+    try:
+        return InferenceServerClient(
+            url,
+            ssl=True,
+            root_certificates=tls.ca_file,
+            private_key=tls.key_file,
+            certificate_chain=tls.cert_file,
+        )
+    except OSError as exc:
+        raise ConfigError(f"triton.tls: cannot read {exc.filename}: {exc.strerror or exc}") from exc
+
+
 @dataclass(frozen=True)
 class TailSignature:
     """What the served model takes and returns, as read from the server."""
@@ -77,6 +102,7 @@ class TritonTail:
         manifest: TailManifest | None = None,
         *,
         timeout_s: float = 10.0,
+        tls: TritonTlsConfig | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ConfigError(f"timeout_s must be positive, got {timeout_s}")
@@ -84,6 +110,7 @@ class TritonTail:
         self.model_name = model_name
         self.manifest = manifest
         self.timeout_s = timeout_s
+        self.tls = tls  # gRPC over TLS when tls.enabled
         self._client: Any = None
         self._signature: TailSignature | None = None
 
@@ -97,7 +124,7 @@ class TritonTail:
         """Connect and check that the server serves the expected tail."""
         if self._client is not None:
             return
-        self._client = InferenceServerClient(self.url)
+        self._client = grpc_client(self.url, self.tls)
         try:
             if not await self._call(self._client.is_model_ready, self.model_name):
                 raise ServiceError(f"model {self.model_name!r} is not ready on {self.url}")
@@ -281,7 +308,7 @@ class TailRouter:
 
         ``tail`` (one of the repository's models, e.g. the clean ``<name>_tail`` or
         ``<name>_tail_ts``) says which backend the server runs; the other models of that
-        backend get clients like it (same URL and timeout).
+        backend get clients like it (same URL, timeout and TLS settings).
         """
         backend = manifest.backend_of(tail.model_name)
         if backend is None:
@@ -293,7 +320,9 @@ class TailRouter:
         tails = {tail.model_name: tail}
         for name in routes.values():
             if name not in tails:
-                tails[name] = TritonTail(tail.url, name, manifest, timeout_s=tail.timeout_s)
+                tails[name] = TritonTail(
+                    tail.url, name, manifest, timeout_s=tail.timeout_s, tls=tail.tls
+                )
         return cls(tails, routes, owned=frozenset(tails) - {tail.model_name})
 
     def model_for(self, profile_id: str) -> str | None:

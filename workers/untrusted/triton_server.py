@@ -37,12 +37,13 @@ from typing import Any
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
-from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
 from stream.broker import free_loopback_port
 from stream.runtime import die_with_parent, watch_child
+from veil.config import TritonTlsConfig
 from veil.errors import ConfigError, ServiceError
+from workers.untrusted.tail_client import grpc_client
 from workers.untrusted.triton_repo import SITE_PACKAGES_ENV, TailManifest
 
 _LOG_TAIL_CHARS = 4000
@@ -85,6 +86,12 @@ class EmbeddedTriton:
     ``veil-model.json``: the clean tail and one per profile that has its own tail. Use
     ``async with EmbeddedTriton(repo) as server:`` or :meth:`start` / :meth:`stop`;
     ``server.grpc_url`` is what a client connects to.
+
+    ``server_cert``/``server_key`` (PEM): gRPC over TLS only (``--grpc-use-ssl``);
+    ``client_ca`` also requires client certificates that it signed (``--grpc-use-ssl-mutual``).
+    ``client_tls`` is how clients connect (the CA that signed ``server_cert``, and a client
+    certificate for mutual TLS): the readiness wait uses it, and so can callers
+    (``server.client_tls``). The HTTP and metrics endpoints stay plaintext on loopback.
     """
 
     def __init__(
@@ -98,7 +105,13 @@ class EmbeddedTriton:
         startup_timeout_s: float = 180.0,
         stop_timeout_s: float = 30.0,
         log_verbose: int = 0,
+        server_cert: Path | str | None = None,
+        server_key: Path | str | None = None,
+        client_ca: Path | str | None = None,
+        client_tls: TritonTlsConfig | None = None,
     ) -> None:
+        self._tls_flags = _tls_flags(server_cert, server_key, client_ca, client_tls)
+        self.client_tls = client_tls if self._tls_flags else None
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
             raise ConfigError(f"model repository {self.model_repository} is not a folder")
@@ -167,6 +180,7 @@ class EmbeddedTriton:
             f"--exit-timeout-secs={_EXIT_TIMEOUT_S}",
             f"--log-verbose={self.log_verbose}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_region_prefix}",
+            *self._tls_flags,
         ]
         with self._log_path.open("wb") as log:
             # Own session: on a forced stop the whole group (server and stubs) can be killed.
@@ -270,7 +284,7 @@ class EmbeddedTriton:
     async def _wait_ready(self, deadline: float) -> None:
         process = self._process
         assert process is not None
-        async with InferenceServerClient(self.grpc_url) as client:
+        async with grpc_client(self.grpc_url, self.client_tls) as client:
             while True:
                 if process.poll() is not None:
                     raise ServiceError(
@@ -294,6 +308,34 @@ _PLATFORM_BACKENDS = {
     "tensorflow_savedmodel": "tensorflow",
     "tensorflow_graphdef": "tensorflow",
 }
+
+
+def _tls_flags(
+    server_cert: Path | str | None,
+    server_key: Path | str | None,
+    client_ca: Path | str | None,
+    client_tls: TritonTlsConfig | None,
+) -> list[str]:
+    """tritonserver's gRPC TLS flags; [] for plaintext. Refuses settings that do not fit."""
+    if server_cert is None and server_key is None:
+        if client_ca is not None:
+            raise ConfigError("EmbeddedTriton: client_ca (mutual TLS) needs server_cert/key")
+        return []
+    if server_cert is None or server_key is None:
+        raise ConfigError("EmbeddedTriton: server_cert and server_key go together")
+    if client_tls is None or not client_tls.enabled:
+        raise ConfigError(
+            "EmbeddedTriton: a TLS server needs client_tls (enabled, with the CA that signed "
+            "server_cert) for its readiness wait"
+        )
+    if client_ca is not None and client_tls.cert_file is None:
+        raise ConfigError("EmbeddedTriton: mutual TLS needs client_tls.cert_file/key_file")
+    for path in (server_cert, server_key, client_ca):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"EmbeddedTriton TLS: {path} is not a file")
+    mode = "--grpc-use-ssl-mutual=true" if client_ca is not None else "--grpc-use-ssl=true"
+    flags = [mode, f"--grpc-server-cert={server_cert}", f"--grpc-server-key={server_key}"]
+    return flags + ([f"--grpc-root-cert={client_ca}"] if client_ca is not None else [])
 
 
 def _parse_config(path: Path) -> Any:
