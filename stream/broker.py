@@ -51,7 +51,7 @@ from stream.objectstore import (
     StoreStats,
     check_store_settings,
 )
-from stream.runtime import die_with_parent
+from stream.runtime import start_child
 from veil.errors import ConfigError, ServiceError
 
 _API_VERSIONS_KEY: Final = 18
@@ -457,18 +457,7 @@ class EmbeddedBroker:
             # Record batches are ~0.5 MB: let malloc map each one, so freed ones leave the RSS.
             "MALLOC_MMAP_THRESHOLD_": str(128 * 1024),
         }
-        with self.store_log_path.open("wb") as log:
-            try:
-                store = subprocess.Popen(
-                    command,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    env=env,
-                    preexec_fn=die_with_parent,
-                )
-            except OSError as exc:
-                raise ServiceError(f"cannot run the broker's object store: {exc}") from exc
+        store = start_child(command, self.store_log_path, env, "the broker's object store")
         self._store = store
         self._store_finalizer = weakref.finalize(self, _terminate, store, self.stop_timeout_s)
         deadline = time.monotonic() + self.startup_timeout_s
@@ -526,18 +515,7 @@ class EmbeddedBroker:
         ]
         assert self.log_path is not None
         env = self._tansu_env()
-        with self.log_path.open("wb") as log:
-            try:
-                process = subprocess.Popen(
-                    command,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    env=env,
-                    preexec_fn=die_with_parent,  # no orphan on the port if this process dies
-                )
-            except OSError as exc:
-                raise ServiceError(f"cannot run the tansu broker {binary}: {exc}") from exc
+        process = start_child(command, self.log_path, env, f"the tansu broker {binary}")
         self._process, self._port = process, port
         # Kill the broker if this object is dropped or the interpreter exits without stop().
         self._finalizer = weakref.finalize(self, _terminate, process, self.stop_timeout_s)

@@ -511,6 +511,32 @@ async def close_consumer(consumer: Any) -> None:
     await consumer.stop()
 
 
+def _truncated(
+    full: OutgoingRecord,
+    original: Headers,
+    ours: Headers,
+    prefix_bytes: int,
+    header_value_bytes: int,
+    headers_bytes: int,
+) -> OutgoingRecord:
+    """``full`` cut down: a prefix of the value, capped key and headers, and marks saying so."""
+    kept: Headers = []
+    room = headers_bytes
+    for name, raw in original:
+        cut = (name[:256], raw[:header_value_bytes])
+        room -= len(cut[0].encode()) + len(cut[1])
+        if room < 0:
+            break
+        kept.append(cut)
+    original_size = str(len(full.value or b"")).encode()
+    marks: Headers = [("veil-truncated", b"1"), ("veil-original-size", original_size)]
+    if len(kept) < len(original):
+        marks.append(("veil-headers-dropped", str(len(original) - len(kept)).encode()))
+    key = None if full.key is None else full.key[:header_value_bytes]
+    value = None if full.value is None else full.value[:prefix_bytes]
+    return OutgoingRecord(full.topic, key, value, [*kept, *marks, *ours])
+
+
 async def publish_dead_letter(
     producer: Any,
     record: Any,
@@ -545,23 +571,6 @@ async def publish_dead_letter(
     full = OutgoingRecord(topics.dead_letter, key, value, [*original, *ours])
     size = len(key or b"") + len(value or b"") + sum(len(n) + len(v) for n, v in full.headers)
 
-    def truncated() -> OutgoingRecord:
-        kept: Headers = []
-        room = headers_bytes
-        for name, raw in original:
-            cut = (name[:256], raw[:header_value_bytes])
-            room -= len(cut[0].encode()) + len(cut[1])
-            if room < 0:
-                break
-            kept.append(cut)
-        original_size = str(len(value or b"")).encode()
-        marks: Headers = [("veil-truncated", b"1"), ("veil-original-size", original_size)]
-        if len(kept) < len(original):
-            marks.append(("veil-headers-dropped", str(len(original) - len(kept)).encode()))
-        short_key = None if key is None else key[:header_value_bytes]
-        short_value = None if value is None else value[:prefix_bytes]
-        return OutgoingRecord(topics.dead_letter, short_key, short_value, [*kept, *marks, *ours])
-
     where = f"{record.topic}[{record.partition}]@{record.offset}"
     log.warning("dead letter", source=where, size=size, reason=reason[:500])
     too_large = (
@@ -576,7 +585,8 @@ async def publish_dead_letter(
                 return False
             except too_large as exc:
                 log.warning("dead letter too large, truncating it", source=where, error=repr(exc))
-        await send_all(producer, [truncated()], what=f"dead letter {where}", backoff=backoff)
+        cut = _truncated(full, original, ours, prefix_bytes, header_value_bytes, headers_bytes)
+        await send_all(producer, [cut], what=f"dead letter {where}", backoff=backoff)
         return True
     except KafkaError as exc:
         error = ServiceError(f"cannot publish a dead letter for {where}: {exc!r}")

@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final, Generic, TypeVar
 
 import structlog
@@ -361,6 +362,25 @@ def die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def start_child(
+    command: list[str], log_path: Path, env: dict[str, str], what: str
+) -> subprocess.Popen[bytes]:
+    """Start a child server that dies with this process, its output in ``log_path``;
+    ServiceError naming ``what`` when it cannot be run."""
+    with log_path.open("wb") as log:
+        try:
+            return subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                preexec_fn=die_with_parent,  # no orphan on its port if this process dies
+            )
+        except OSError as exc:
+            raise ServiceError(f"cannot run {what}: {exc}") from exc
 
 
 async def watch_child(

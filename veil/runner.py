@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -44,6 +44,7 @@ from workers.trusted.edge import EdgeStats, EdgeWorker
 from workers.trusted.obfuscator import Obfuscator, ProfileTable, pick_device
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 CACHE = Path.home() / ".cache" / "veil"
 
@@ -168,29 +169,31 @@ async def broker_for(config: VeilConfig, supervisor: Supervisor) -> AsyncIterato
         yield config.kafka.bootstrap, idem
 
 
-def kafka_security(config: VeilConfig) -> KafkaSecurityConfig | None:
-    """How veil's Kafka clients connect: ``kafka.security`` for an external broker; None
-    (plaintext) for the embedded one, which listens on loopback only."""
-    if config.kafka.bootstrap != EMBEDDED:
-        return config.kafka.security
-    if config.kafka.security != KafkaSecurityConfig():
+def _external_only(value: T, default: T, embedded: bool, name: str, what: str) -> T | None:
+    """``value`` for an external server; None for an embedded one (plaintext on loopback),
+    which refuses settings that would not apply to it."""
+    if not embedded:
+        return value
+    if value != default:
         raise ConfigError(
-            "kafka.security applies to an external broker; the embedded one listens in "
-            "plaintext on loopback (leave kafka.security unset with bootstrap: embedded)"
+            f"{name} applies to an external {what}; the embedded one listens in plaintext on "
+            f"loopback (leave {name} unset with the embedded {what})"
         )
     return None
+
+
+def kafka_security(config: VeilConfig) -> KafkaSecurityConfig | None:
+    """How veil's Kafka clients connect: ``kafka.security`` for an external broker."""
+    embedded = config.kafka.bootstrap == EMBEDDED
+    return _external_only(
+        config.kafka.security, KafkaSecurityConfig(), embedded, "kafka.security", "broker"
+    )
 
 
 def triton_tls(config: VeilConfig) -> TritonTlsConfig | None:
-    """``triton.tls`` for an external Triton; None (plaintext loopback) for the embedded one."""
-    if config.triton.url != EMBEDDED:
-        return config.triton.tls
-    if config.triton.tls != TritonTlsConfig():
-        raise ConfigError(
-            "triton.tls applies to an external Triton; the embedded tritonserver serves "
-            "plaintext gRPC on loopback (leave triton.tls unset with url: embedded)"
-        )
-    return None
+    """``triton.tls`` for an external Triton; None for the embedded tritonserver."""
+    embedded = config.triton.url == EMBEDDED
+    return _external_only(config.triton.tls, TritonTlsConfig(), embedded, "triton.tls", "Triton")
 
 
 def topics_of(config: VeilConfig) -> TopicNames:
