@@ -119,10 +119,9 @@ class Site:
         port = port or self.broker_port
         extra = ["--data-dir", str(data_dir)] if data_dir is not None else []
         role = self.start("broker", "broker", "--port", str(port), *extra)
-        deadline = time.monotonic() + 30
-        while not kafka_api_versions_ok("127.0.0.1", port):
-            assert role.alive and time.monotonic() < deadline, role.log()[-2000:]
-            time.sleep(0.1)
+        # Serving once the wrapper says so (after it has created the topics).
+        role.wait_for("embedded Kafka-compatible broker", 60)
+        assert kafka_api_versions_ok("127.0.0.1", port), role.log()[-2000:]
         return role
 
     def triton(self) -> Role:

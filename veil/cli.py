@@ -306,11 +306,17 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
     from stream.broker import EmbeddedBroker
     from stream.kafka import ensure_topics
+    from veil.errors import ServiceError
 
     async def serve() -> None:
         data_dir = Path(args.data_dir) if args.data_dir else None
         async with EmbeddedBroker(port=args.port, data_dir=data_dir) as broker:
-            await ensure_topics(broker.bootstrap_servers)
+            try:
+                await ensure_topics(broker.bootstrap_servers)
+            except ServiceError:
+                if not broker.running:  # say what died, not only that a request failed
+                    await broker.watch()
+                raise
             await _until_stopped(
                 "broker",
                 broker.watch,
