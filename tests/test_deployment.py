@@ -57,3 +57,17 @@ def test_only_the_trusted_zone_runs_the_image_with_a_head() -> None:
     compose = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())
     assert compose["x-veil-outside"]["build"]["args"] == {"VEIL_EXTRAS": ""}
     assert compose["services"]["detect"]["image"] == "veil-outside:0.1.0"
+
+
+def test_compose_speaks_tls_between_the_services() -> None:
+    from veil.config import load_config
+
+    compose = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())
+    kafka = compose["services"]["kafka"]["environment"]
+    assert kafka["KAFKA_LISTENERS"] == "SSL://:9092,CONTROLLER://:9093"  # no plaintext clients
+    assert kafka["KAFKA_ADVERTISED_LISTENERS"] == "SSL://kafka:9092"
+    assert "--grpc-use-ssl=true" in compose["services"]["triton"]["command"]
+    configs = COMPOSE.parent / "configs"
+    edge, detect = (load_config(configs / f"{n}.yaml", env={}) for n in ("edge", "detect"))
+    assert edge.kafka.security.protocol == detect.kafka.security.protocol == "SSL"
+    assert detect.triton.tls.enabled and detect.triton.tls.ca_file == "/certs/ca.crt"
