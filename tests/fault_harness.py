@@ -31,6 +31,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from stream.broker import free_loopback_port, kafka_api_versions_ok
 from stream.kafka import TopicNames, ensure_topics
+from stream.runtime import die_with_parent
 from stream.wire import decode_detection
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +54,7 @@ class Role:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
+                preexec_fn=die_with_parent,  # a killed test run leaves no role behind
             )
 
     def log(self) -> str:
