@@ -37,7 +37,7 @@ import tempfile
 import time
 import urllib.request
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from pathlib import Path
 from types import TracebackType
@@ -130,6 +130,24 @@ def process_rss_bytes(pid: int) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def _wait_until(
+    process: subprocess.Popen[bytes],
+    ready: Callable[[], bool],
+    timeout_s: float,
+    interval_s: float,
+    never: str,
+) -> str | None:
+    """None once ``ready()`` while ``process`` runs; else why not: its exit status, or
+    ``never`` when ``timeout_s`` ran out first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        if ready():
+            return None
+        time.sleep(interval_s)
+    code = process.poll()
+    return f"exited with status {code}" if code is not None else never
 
 
 def _terminate(process: subprocess.Popen[bytes], timeout_s: float) -> None:
@@ -460,19 +478,17 @@ class EmbeddedBroker:
         store = start_child(command, self.store_log_path, env, "the broker's object store")
         self._store = store
         self._store_finalizer = weakref.finalize(self, _terminate, store, self.stop_timeout_s)
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline and store.poll() is None:
-            if port_file.exists():
-                self._store_port = int(port_file.read_text())
-                return
-            time.sleep(0.02)
-        code = store.poll()
-        self._stop_store()
-        state = (
-            f"exited with status {code}"
-            if code is not None
-            else f"did not start within {self.startup_timeout_s:.0f} s"
+        state = _wait_until(
+            store,
+            port_file.exists,
+            self.startup_timeout_s,
+            0.02,
+            f"did not start within {self.startup_timeout_s:.0f} s",
         )
+        if state is None:
+            self._store_port = int(port_file.read_text())
+            return
+        self._stop_store()
         raise ServiceError(
             f"the broker's object store {state}; its log ends with:\n{self.store_log_tail()}"
         )
@@ -519,22 +535,18 @@ class EmbeddedBroker:
         self._process, self._port = process, port
         # Kill the broker if this object is dropped or the interpreter exits without stop().
         self._finalizer = weakref.finalize(self, _terminate, process, self.stop_timeout_s)
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                break
-            # tansu exits (status 0) when it cannot bind, so "answers and is still alive" is
-            # what tells us that this broker, not another process, owns the port.
-            if kafka_api_versions_ok(self._tansu_host, port) and process.poll() is None:
-                return
-            time.sleep(0.05)
-        code = process.poll()
-        self._stop_process()
-        state = (
-            f"exited with status {code}"
-            if code is not None
-            else f"did not answer Kafka requests within {self.startup_timeout_s:.0f} s"
+        # tansu exits (status 0) when it cannot bind, so "answers and is still alive" is what
+        # tells us that this broker, not another process, owns the port.
+        state = _wait_until(
+            process,
+            lambda: kafka_api_versions_ok(self._tansu_host, port) and process.poll() is None,
+            self.startup_timeout_s,
+            0.05,
+            f"did not answer Kafka requests within {self.startup_timeout_s:.0f} s",
         )
+        if state is None:
+            return
+        self._stop_process()
         raise ServiceError(
             f"the tansu broker on {url} {state}; its log ends with:\n{self.log_tail()}"
         )

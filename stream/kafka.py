@@ -14,7 +14,7 @@ import ipaddress
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -248,13 +248,18 @@ async def send_all(
     waiting = list(records)
 
     async def attempt() -> None:
+        # Each topic's partitions once per attempt, as the broker has them now.
+        known = {
+            t: sorted(await producer.partitions_for(t))
+            for t in {r.topic for r in waiting if r.partition is not None}
+        }
         futures = [
             await producer.send(
                 r.topic,
                 value=r.value,
                 key=r.key,
                 headers=r.headers,
-                partition=await _existing_partition(producer, r),
+                partition=_existing_partition(r, known.get(r.topic, [])),
             )
             for r in waiting
         ]
@@ -271,12 +276,11 @@ async def send_all(
     await retry(attempt, what=what, transient=transient, backoff=backoff, on_retry=on_retry)
 
 
-async def _existing_partition(producer: Any, record: OutgoingRecord) -> int | None:
-    """The record's partition, mapped into the topic's partitions as the broker has them now:
-    a broker that came back without its data may have re-created a topic with fewer."""
+def _existing_partition(record: OutgoingRecord, known: list[int]) -> int | None:
+    """The record's partition, mapped into the topic's ``known`` partitions: a broker that
+    came back without its data may have re-created a topic with fewer."""
     if record.partition is None:
         return None
-    known = sorted(await producer.partitions_for(record.topic))
     if record.partition in known or not known:
         return record.partition
     return int(known[record.partition % len(known)])
@@ -627,23 +631,40 @@ async def read_control_table(
         if not assigned:
             raise ServiceError(f"control topic {topics.control} does not exist")
         consumer.assign(assigned)
-        await consumer.seek_to_beginning(*assigned)
-        end = await consumer.end_offsets(assigned)
-        deadline = time.monotonic() + timeout_s
-        while [tp for tp in assigned if await consumer.position(tp) < end[tp]]:
-            if time.monotonic() > deadline:
-                raise ServiceError(
-                    f"control topic {topics.control} not read to its end within {timeout_s} s"
-                )
-            batches = await consumer.getmany(*assigned, timeout_ms=200)
-            for records in batches.values():
-                for record in records:
-                    _fold_control(table, record)
+        await read_to_end(
+            consumer,
+            assigned,
+            lambda record: _fold_control(table, record),
+            timeout_s=timeout_s,
+            what=f"control topic {topics.control}",
+        )
     except KafkaError as exc:
         raise ServiceError(f"cannot read {topics.control} on {bootstrap_servers}: {exc!r}") from exc
     finally:
         await consumer.stop()
     return table
+
+
+async def read_to_end(
+    consumer: Any,
+    partitions: Sequence[TopicPartition],
+    on_record: Callable[[Any], None],
+    *,
+    timeout_s: float,
+    what: str,
+) -> None:
+    """Every record of ``partitions`` (assigned to ``consumer``) from the beginning to the end
+    they have now, handed to ``on_record``: how a compacted table is read. ServiceError naming
+    ``what`` when the end is not reached within ``timeout_s``."""
+    await consumer.seek_to_beginning(*partitions)
+    end = await consumer.end_offsets(list(partitions))
+    deadline = time.monotonic() + timeout_s
+    while [tp for tp in partitions if await consumer.position(tp) < end[tp]]:
+        if time.monotonic() > deadline:
+            raise ServiceError(f"{what} not read to its end within {timeout_s} s")
+        for records in (await consumer.getmany(*partitions, timeout_ms=200)).values():
+            for record in records:
+                on_record(record)
 
 
 def _fold_control(table: dict[str, float], record: Any) -> None:

@@ -183,7 +183,7 @@ async def retry(
                 what=what,
                 attempt=attempt,
                 delay_s=round(delay, 3),
-                error=_one_line(exc),
+                error=one_line(exc),
             )
             if on_retry is not None:
                 on_retry(exc, delay)
@@ -194,7 +194,8 @@ async def retry(
                     await asyncio.wait_for(stopping.wait(), delay)
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, for logs and dead-letter reasons."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
@@ -254,9 +255,9 @@ class Supervisor:
         """Record the first error (later ones are logged only)."""
         if self.error is None:
             self.error, self.failed_stage = error, stage
-            log.error("runtime.stage_failed", graph=self.name, stage=stage, error=_one_line(error))
+            log.error("runtime.stage_failed", graph=self.name, stage=stage, error=one_line(error))
         else:
-            log.info("runtime.later_error", graph=self.name, stage=stage, error=_one_line(error))
+            log.info("runtime.later_error", graph=self.name, stage=stage, error=one_line(error))
 
     async def run(self) -> None:
         """Run every stage until the foreground ends; raise the first error."""
@@ -311,7 +312,7 @@ async def _named(stage: _Stage) -> None:
 def _as_veil_error(stage: str, error: BaseException) -> BaseException:
     if isinstance(error, VeilError):
         return error
-    wrapped = StageFailed(f"stage {stage} failed: {_one_line(error)}")
+    wrapped = StageFailed(f"stage {stage} failed: {one_line(error)}")
     wrapped.__cause__ = error
     return wrapped
 

@@ -34,7 +34,7 @@ def test_requests_below_the_floor_clean_or_uncalibrated_are_refused_with_the_rea
     assert started["archive"].min_alpha == 0.5
 
     def ask(stream: str, alpha: float | None, at: float) -> tuple[str, str, float]:
-        status = control.request(ControlMessage(stream, alpha, at), 0.8)
+        status = control.request(ControlMessage(stream, alpha, at))
         assert status is not None
         return status.outcome, status.reason, status.alpha
 
@@ -46,7 +46,7 @@ def test_requests_below_the_floor_clean_or_uncalibrated_are_refused_with_the_rea
     # A replayed older request changes nothing, even one that was legitimate once.
     outcome, reason, alpha = ask("lobby", 0.8, 3.5)
     assert (outcome, alpha) == ("refused", 0.9) and "replayed" in reason
-    assert control.request(ControlMessage("not-mine", 0.9, 5.0), None) is None
+    assert control.request(ControlMessage("not-mine", 0.9, 5.0)) is None
     # A tombstone returns the stream to its configured alpha.
     assert ask("lobby", None, 6.0) == ("applied", "applied from the next batch", 0.8)
 
@@ -65,6 +65,6 @@ def test_the_floor_is_checked_at_start_and_clean_needs_allow_clean() -> None:
 
 def test_a_status_survives_the_wire() -> None:
     control = AlphaControl([StreamConfig("cam", "c.mp4", alpha=0.5)], _table(0.5, 0.9))
-    status = control.request(ControlMessage("cam", 0.9, 12.5), 0.5)
+    status = control.request(ControlMessage("cam", 0.9, 12.5))
     assert status is not None
     assert decode_status(*encode_status(status)) == status

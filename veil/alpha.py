@@ -16,7 +16,13 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from stream.kafka import DEFAULT_TOPICS, TopicNames, make_producer, security_kwargs
+from stream.kafka import (
+    DEFAULT_TOPICS,
+    TopicNames,
+    make_producer,
+    read_to_end,
+    security_kwargs,
+)
 from stream.signing import ROLE_EDGE, Signer, Verifier, sign_control
 from stream.wire import ControlMessage, StatusMessage, decode_status, encode_control
 from veil.config import KafkaSecurityConfig
@@ -78,14 +84,13 @@ async def read_status(
     consumer, parts = await _status_consumer(bootstrap, topics, security)
     table: dict[str, StatusMessage] = {}
     try:
-        await consumer.seek_to_beginning(*parts)
-        end = await consumer.end_offsets(parts)
-        deadline = time.monotonic() + timeout_s
-        while [tp for tp in parts if await consumer.position(tp) < end[tp]]:
-            if time.monotonic() > deadline:
-                raise ServiceError(f"{topics.status} not read to its end within {timeout_s} s")
-            for records in (await consumer.getmany(*parts, timeout_ms=200)).values():
-                _fold(table, records, verifier)
+        await read_to_end(
+            consumer,
+            parts,
+            lambda record: _fold(table, [record], verifier),
+            timeout_s=timeout_s,
+            what=topics.status,
+        )
     finally:
         await consumer.stop()
     return table

@@ -57,7 +57,8 @@ class AlphaControl:
                     "activations)"
                 )
             self.floors[s.id] = Floor(floor if floor is not None else 1.0, s.allow_clean)
-        self.alphas = {s.id: s.alpha for s in streams}
+        self.configured = {s.id: s.alpha for s in streams}
+        self.alphas = dict(self.configured)
         self.applied_at: dict[str, float] = {}  # the newest request applied, per stream
         for s in streams:
             reason = self.floors[s.id].refuses(s.alpha)
@@ -68,16 +69,15 @@ class AlphaControl:
     def started(self) -> list[StatusMessage]:
         return [self._status(sid, "started", "configured alpha") for sid in self.alphas]
 
-    def request(self, msg: ControlMessage, default: float | None) -> StatusMessage | None:
+    def request(self, msg: ControlMessage) -> StatusMessage | None:
         """Apply or refuse one control record; None when the stream is not this edge's.
 
-        A tombstone (alpha None) returns the stream to ``default``, its configured alpha. A
+        A tombstone (alpha None) returns the stream to its configured alpha. A
         request older than the last one applied is refused (a replayed record)."""
         sid = msg.stream_id
         if sid not in self.alphas:
             return None
-        alpha = default if msg.alpha is None else float(msg.alpha)
-        assert alpha is not None
+        alpha = self.configured[sid] if msg.alpha is None else float(msg.alpha)
         stamp = msg.updated_time
         reason = self._refusal(sid, alpha, stamp)
         if reason is not None:

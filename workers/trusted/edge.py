@@ -37,7 +37,6 @@ from stream.runtime import (
     Supervisor,
     blocking,
     retry,
-    stop_on_signals,
 )
 from stream.signing import Signer, Verifier, decode_signed_control
 from stream.sources import VideoSource
@@ -145,12 +144,12 @@ class _Encoded:
 class EdgeWorker:
     """The trusted zone's stages on a :class:`~stream.runtime.Supervisor`.
 
-    ``async with EdgeWorker(...) as edge: await edge.run()`` runs alone; :meth:`attach` adds
-    the stages to a supervisor shared with other roles (``veil run``). Stages: one reader per
-    stream -> batch -> head+noise (in a thread) -> publish (acks awaited, transient broker
-    failures retried forever: the queues fill and lossless sources stop reading) and, in the
-    background, the control reader. A graceful stop lets every source hand out the frames it
-    already decoded; they are all published before :meth:`run` returns.
+    ``async with EdgeWorker(...) as edge: edge.attach(supervisor)`` adds its stages to a
+    supervisor (``veil.runner.serve`` builds it, alone or beside other roles). Stages: one
+    reader per stream -> batch -> head+noise (in a thread) -> publish (acks awaited, transient
+    broker failures retried forever: the queues fill and lossless sources stop reading) and,
+    in the background, the control reader. A graceful stop lets every source hand out the frames it
+    already decoded; they are all published before the supervisor's run returns.
     """
 
     def __init__(
@@ -285,14 +284,6 @@ class EdgeWorker:
         if self.follow_control:
             supervisor.add("control", self._control_loop, background=True)
         supervisor.ready_when(lambda: len(self.stats.source_errors) < len(self._sources))
-
-    async def run(self) -> EdgeStats:
-        """Until every source has ended (files), a stop was asked, or a stage failed."""
-        supervisor = Supervisor("edge")
-        self.attach(supervisor)
-        with stop_on_signals(supervisor):
-            await supervisor.run()
-        return self.stats
 
     # -- stages ------------------------------------------------------------------------------
 
@@ -433,8 +424,7 @@ class EdgeWorker:
         except VeilError as exc:  # unsigned, forged, malformed: refused, nothing changes
             log.warning("edge.control_malformed", offset=record.offset, reason=str(exc))
             return
-        configured = {s.id: s.alpha for s in self.streams}
-        status = self.control.request(msg, configured.get(msg.stream_id))
+        status = self.control.request(msg)
         if status is None:
             return  # another edge's stream
         if status.outcome == "applied":

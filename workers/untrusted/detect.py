@@ -60,6 +60,7 @@ from stream.runtime import (
     Channel,
     Supervisor,
     blocking,
+    one_line,
     retry,
     stop_on_signals,
 )
@@ -153,11 +154,6 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("detect.partitions_assigned", partitions=sorted(str(tp) for tp in assigned))
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def _triton_down(exc: BaseException) -> bool:
@@ -455,8 +451,8 @@ class DetectWorker:
         except WireFormatError as exc:
             return _Item(record, reason=str(exc))
         except Exception as exc:  # one record must never fail its batch
-            log.warning("detect.undecodable", offset=record.offset, error=_first_line(exc))
-            return _Item(record, reason=f"cannot decode the activation: {_first_line(exc)}")
+            log.warning("detect.undecodable", offset=record.offset, error=one_line(exc))
+            return _Item(record, reason=f"cannot decode the activation: {one_line(exc)}")
         return _Item(record, message=msg)
 
     def _check_model(self, msg: ActivationMessage) -> None:
@@ -556,8 +552,8 @@ class DetectWorker:
             return list(self._decode_boxes(items))
         except Exception as exc:
             if len(items) == 1:
-                log.warning("detect.decode_failed", error=_first_line(exc))
-                return [f"box decoding failed: {_first_line(exc)}"]
+                log.warning("detect.decode_failed", error=one_line(exc))
+                return [f"box decoding failed: {one_line(exc)}"]
         return [d for item in items for d in self._decode_isolated([item])]
 
     def _decode_boxes(self, items: list[_Item]) -> list[Detections]:
@@ -643,7 +639,7 @@ class DetectWorker:
             # Lost to a rebalance, or the broker was away at a stop: the next owner re-reads
             # from the last commit and the (stream, sequence) dedupe drops the repeats.
             self.stats.commit_failures += 1
-            log.warning("detect.commit_failed", error=_first_line(exc))
+            log.warning("detect.commit_failed", error=one_line(exc))
 
     # -- counters ----------------------------------------------------------------------------
 
