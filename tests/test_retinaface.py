@@ -20,22 +20,31 @@ from veil.detectors.boxes import box_iou
 from veil.detectors.retinaface import ONNX_SHA256, RetinaFace, read_wheel_onnx
 from veil.errors import CheckpointError
 
-# Output of MobileNet stage 1 in the exported graph: where our head ends.
+# Outputs of MobileNet stages 1 and 2 in the exported graph: where the two splits' heads end.
 STAGE1_OUTPUT = "/fx/stage1/stage1.5/stage1.5.1/stage1.5.1.2/LeakyRelu_output_0"
+STAGE2_OUTPUT = "/fx/stage2/stage2.5/stage2.5.1/stage2.5.1.2/LeakyRelu_output_0"
 
 
 @pytest.fixture(scope="module")
 def model() -> RetinaFace:
+    """The split after stage 1 runs the whole original network: compared with the graph."""
+    return RetinaFace.from_package(split="retinaface-stage1")
+
+
+@pytest.fixture(scope="module")
+def deep() -> RetinaFace:
+    """The default split, after stage 2."""
     return RetinaFace.from_package()
 
 
 @pytest.fixture(scope="module")
 def session() -> ort.InferenceSession:
-    """The wheel's graph, also exposing the stage-1 tensor as an output."""
+    """The wheel's graph, also exposing the stage-1 and stage-2 tensors as outputs."""
     proto = onnx.load_from_string(read_wheel_onnx())
-    proto.graph.output.append(
-        onnx.helper.make_tensor_value_info(STAGE1_OUTPUT, onnx.TensorProto.FLOAT, None)
-    )
+    for name in (STAGE1_OUTPUT, STAGE2_OUTPUT):
+        proto.graph.output.append(
+            onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+        )
     return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
@@ -84,7 +93,7 @@ def test_raw_outputs_and_split_point_match_onnxruntime(
 ) -> None:
     image = fddb_fold1(1)[0][0]
     x, _ = model.preprocess([image], model.default_geometry)
-    loc_ref, conf_ref, landmarks_ref, stage1_ref = session.run(None, {"input": x.numpy()})
+    loc_ref, conf_ref, landmarks_ref, stage1_ref, _ = session.run(None, {"input": x.numpy()})
     with torch.no_grad():
         activation = model.head(x)
         loc, conf, landmarks = model.tail(activation)
@@ -101,26 +110,54 @@ def test_a_16_by_9_batch_matches_onnxruntime(
 ) -> None:
     torch.manual_seed(1)
     x = torch.randn(2, 3, 288, 512) * 50
-    loc_ref, conf_ref, _, _ = session.run(None, {"input": x.numpy()})
+    loc_ref, conf_ref, *_ = session.run(None, {"input": x.numpy()})
     with torch.no_grad():
         loc, conf, _ = model(x)
     np.testing.assert_allclose(loc.numpy(), loc_ref, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(conf.softmax(-1).numpy(), conf_ref, atol=1e-4, rtol=1e-4)
 
 
-def test_activation_is_stride_8_while_geometry_is_a_multiple_of_32(model: RetinaFace) -> None:
+def test_deep_split_sends_stage_2_and_keeps_the_detections(
+    deep: RetinaFace, model: RetinaFace, session: ort.InferenceSession
+) -> None:
+    """The default head ends at stage 2 (the graph's tensor); its tail builds the stride-8 level
+    without stage 1 and still finds the faces the whole network finds."""
+    image = fddb_fold1(1)[0][0]
+    x, _ = deep.preprocess([image], deep.default_geometry)
+    *_, stage2_ref = session.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        activation = deep.head(x)
+        loc, conf, _ = deep.tail(activation)
+        _, conf_full, _ = model(x)
+    assert activation.shape == (1, 128, 40, 40)  # stride 16 on a 640x640 input
+    np.testing.assert_allclose(activation.numpy(), stage2_ref, atol=1e-4, rtol=1e-4)
+    assert loc.shape == (1, 16800, 4)
+    assert deep.tail_state().keys() == model.tail_state().keys() - {
+        k for k in model.tail_state() if k.startswith("body.stage2.")
+    }
+    # the confident anchors of the whole network stay confident without stage 1's lateral
+    full, cut = conf_full.softmax(-1)[0, :, 1], conf.softmax(-1)[0, :, 1]
+    assert (cut[full > 0.9] > 0.5).float().mean() >= 0.9
+
+
+def test_activation_strides_while_geometry_is_a_multiple_of_32(
+    model: RetinaFace, deep: RetinaFace
+) -> None:
     assert model.activation_shape(InputGeometry(1920, 1088)) == (64, 136, 240)
-    assert model.stride == 32 and model.activation_stride == 8
+    assert deep.activation_shape(InputGeometry(1920, 1088)) == (128, 68, 120)
+    assert model.stride == deep.stride == 32
     assert model.priors(1088, 1920, torch.device("cpu")).shape == (
         (136 * 240 + 68 * 120 + 34 * 60) * 2,
         4,
     )
 
 
-def test_detections_on_fddb_faces_are_sensible(model: RetinaFace) -> None:
+@pytest.mark.parametrize("split", ["retinaface", "retinaface-stage1"])
+def test_detections_on_fddb_faces_are_sensible(split: str) -> None:
+    detector = RetinaFace.from_package(split=split)
     faces = found = 0
     for image, truth in fddb_fold1(8):
-        confident = model.detect([image])[0].above(0.5)
+        confident = detector.detect([image])[0].above(0.5)
         assert len(confident) >= 1
         iou = box_iou(torch.from_numpy(truth), torch.from_numpy(confident.xyxy)).numpy()
         faces += len(truth)

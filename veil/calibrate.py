@@ -59,7 +59,7 @@ LeakageLoss = Literal["channel", "log_sigma"]
 DETECTOR_DEFAULTS: dict[str, dict[str, Any]] = {
     "faceboxes": {"task_weight": 5.0, "initial_sigma_ratio": 1.0, "epochs": 8},
     # RetinaFace's stride-8 activation tolerates less: weight 5 kept only 0.80-0.91 of AP.
-    "retinaface": {"initial_sigma_ratio": 0.5, "epochs": 6},
+    "retinaface-stage1": {"initial_sigma_ratio": 0.5, "epochs": 6},
 }
 
 

@@ -59,7 +59,9 @@ def make_detect_fn(
     generator: torch.Generator | None = None
     tail_model = detector
     if profile is not None:
-        profile.check_fits(detector.name, detector.weights_id, geometry)
+        profile.check_fits(
+            detector.name, detector.weights_id, geometry, detector.activation_shape(geometry)
+        )
         layer = profile.layer(detector.device)
         tail_model = profile.detector_for(detector)
         if seed is None:

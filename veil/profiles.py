@@ -109,8 +109,15 @@ class NoiseProfile:
     def sigma(self) -> torch.Tensor:
         return self.layer().sigma().detach()
 
-    def check_fits(self, model: str, weights_id: str, geometry: InputGeometry) -> None:
-        """Raise a ProfileError naming every mismatch with the serving model."""
+    def check_fits(
+        self,
+        model: str,
+        weights_id: str,
+        geometry: InputGeometry,
+        activation_shape: tuple[int, ...] | None = None,
+    ) -> None:
+        """Raise a ProfileError naming every mismatch with the serving model (with
+        ``activation_shape``, also its head's output: a split moved under the same name)."""
         problems = []
         if self.meta.model != model:
             problems.append(f"model {self.meta.model!r} (serving {model!r})")
@@ -121,6 +128,11 @@ class NoiseProfile:
             )
         if self.meta.geometry != str(geometry):
             problems.append(f"geometry {self.meta.geometry} (serving {geometry})")
+        if activation_shape is not None and self.meta.activation_shape != tuple(activation_shape):
+            problems.append(
+                f"activation {self.meta.activation_shape} (the head now gives "
+                f"{tuple(activation_shape)}): calibrated for another split; calibrate again"
+            )
         if problems:
             raise ProfileError(
                 f"noise profile {self.profile_id} (alpha {self.alpha}) does not fit: "

@@ -8,10 +8,11 @@ import torch
 
 from veil.detectors.base import InputGeometry, Letterbox, SplitDetector
 from veil.detectors.faceboxes import SPLITS, FaceBoxes
+from veil.detectors.retinaface import SPLITS as RETINAFACE_SPLITS
 from veil.detectors.retinaface import RetinaFace
 from veil.errors import ConfigError
 
-DETECTORS: tuple[str, ...] = ("retinaface", "faceboxes", "faceboxes-stem")
+DETECTORS: tuple[str, ...] = ("retinaface", "retinaface-stage1", "faceboxes", "faceboxes-stem")
 
 
 def load_detector(
@@ -25,10 +26,10 @@ def load_detector(
     name a copy of the same ONNX file). ``faceboxes`` needs a FaceBoxes.PyTorch checkpoint.
     """
     key = name.strip().lower()
-    if key == "retinaface":
+    if key in RETINAFACE_SPLITS:
         if weights is None:
-            return RetinaFace.from_package(device)
-        return RetinaFace.from_onnx_file(Path(weights), device)
+            return RetinaFace.from_package(device, key)
+        return RetinaFace.from_onnx_file(Path(weights), device, key)
     if key in SPLITS:
         if weights is None:
             raise ConfigError(
@@ -48,7 +49,7 @@ def load_decoder(name: str) -> SplitDetector:
     key = name.strip().lower()
     if key not in DETECTORS:
         raise ConfigError(f"unknown detector {name!r}; known detectors: {', '.join(DETECTORS)}")
-    model: SplitDetector = RetinaFace() if key == "retinaface" else FaceBoxes(key)
+    model: SplitDetector = RetinaFace(key) if key in RETINAFACE_SPLITS else FaceBoxes(key)
     return model.eval().requires_grad_(False)
 
 

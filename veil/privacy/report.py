@@ -205,8 +205,9 @@ def _load_bank(bank_dir: Path, detector: SplitDetector) -> list[NoiseProfile]:
             "report compares one geometry; split the bank"
         )
     geometry = InputGeometry.parse(profiles[0].meta.geometry)
+    shape = detector.activation_shape(geometry)
     for profile in profiles:
-        profile.check_fits(detector.name, detector.weights_id, geometry)
+        profile.check_fits(detector.name, detector.weights_id, geometry, shape)
     return profiles
 
 
