@@ -34,7 +34,7 @@ def test_the_weightless_decoder_decodes_exactly_like_the_real_model() -> None:
 
 
 def test_unknown_decoder_names_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match="retinaface, faceboxes"):
+    with pytest.raises(ConfigError, match="retinaface, retinaface-stage1, faceboxes"):
         load_decoder("yolo")
 
 

@@ -16,7 +16,9 @@ def test_the_default_is_retinaface_from_the_wheel() -> None:
     detector = load_detector()
     assert isinstance(detector, RetinaFace)
     assert detector.weights_id == ONNX_SHA256
-    assert DETECTORS == ("retinaface", "faceboxes", "faceboxes-stem")
+    assert detector.name == "retinaface" and detector.head_modules == ("body.stage1", "body.stage2")
+    assert DETECTORS == ("retinaface", "retinaface-stage1", "faceboxes", "faceboxes-stem")
+    assert load_detector("retinaface-stage1").head_modules == ("body.stage1",)
 
 
 def test_retinaface_accepts_a_copy_of_its_onnx_file(tmp_path: Path) -> None:
@@ -39,5 +41,6 @@ def test_faceboxes_needs_weights_and_loads_them() -> None:
 
 
 def test_an_unknown_name_lists_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match=r"unknown detector 'yolo'.*retinaface, faceboxes"):
+    known = r"retinaface, retinaface-stage1, faceboxes"
+    with pytest.raises(ConfigError, match=r"unknown detector 'yolo'.*" + known):
         load_detector("yolo")

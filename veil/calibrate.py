@@ -54,10 +54,13 @@ LeakageLoss = Literal["channel", "log_sigma"]
 
 
 # Per-detector settings measured on FDDB (README, "How the calibration defaults were chosen").
-# FaceBoxes (split after its Inception blocks) with a tuned tail tolerates much stronger noise,
-# so its task term is weighted less and training starts from 1 activation std of noise.
+# The deep splits (FaceBoxes after its Inception blocks, RetinaFace after MobileNet stage 2)
+# with a tuned tail tolerate much stronger noise, so the task term is weighted less and
+# training starts from 1 activation std of noise.
+_DEEP_SPLIT = {"task_weight": 5.0, "initial_sigma_ratio": 1.0, "epochs": 8}
 DETECTOR_DEFAULTS: dict[str, dict[str, Any]] = {
-    "faceboxes": {"task_weight": 5.0, "initial_sigma_ratio": 1.0, "epochs": 8},
+    "faceboxes": _DEEP_SPLIT,
+    "retinaface": _DEEP_SPLIT,
     # RetinaFace's stride-8 activation tolerates less: weight 5 kept only 0.80-0.91 of AP.
     "retinaface-stage1": {"initial_sigma_ratio": 0.5, "epochs": 6},
 }

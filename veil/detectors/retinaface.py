@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from veil.detectors.base import InputGeometry, SplitDetector
 from veil.detectors.boxes import decode_ssd
 from veil.detectors.faceboxes import freeze
-from veil.errors import CheckpointError
+from veil.errors import CheckpointError, ConfigError
 
 WHEEL_PACKAGE = "retinaface"
 WHEEL_WEIGHTS_FILE = "weights.py"
