@@ -372,10 +372,11 @@ class FramePlacement:
 class ActivationMessage(_Enveloped):
     """One frame's (noisy) head activation, ``payload`` ``[C, H, W]``.
 
-    ``quantisation`` is how the payload travels: ``float16`` (default; relative error about
-    5e-4) or ``int8`` (per-channel affine, half the bytes, absolute error at most half a
-    channel step, see :func:`quantise_int8`). :func:`decode` always returns a float32 payload.
-    ``profile_id`` is the noise profile applied, or ``"none"`` for a clean activation.
+        ``quantisation`` is how the payload travels: ``float16`` (default; relative error about
+        5e-4) or ``int8`` (per-channel affine, half the bytes, absolute error at most half a
+        channel step, see :func:`quantise_int8`). :func:`decode` returns a float16 payload as it
+    travelled (the tail takes FP16) and an int8 one dequantised to float32.
+        ``profile_id`` is the noise profile applied, or ``"none"`` for a clean activation.
     """
 
     envelope: Envelope
@@ -490,7 +491,8 @@ def encode(msg: ActivationMessage) -> tuple[bytes, bytes, Headers]:
 def decode(
     key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] = ()
 ) -> ActivationMessage:
-    """(key, value, headers) from ``veil.activations`` -> ActivationMessage (float32 payload).
+    """(key, value, headers) from ``veil.activations`` -> ActivationMessage (a float16 payload
+    as float16, an int8 one dequantised to float32).
 
     Raises WireFormatError naming the reason: foreign message (magic), unsupported version,
     truncated value or payload, bad header JSON, missing or invalid field, shape/dtype
@@ -571,12 +573,12 @@ def decode(
 
 def _decode_payload(
     raw: memoryview, quantisation: str, shape: tuple[int, int, int]
-) -> Float32Array:
+) -> npt.NDArray[np.floating[Any]]:
     c = shape[0]
     if quantisation == "float16":
-        values = np.frombuffer(raw, dtype="<f2").reshape(shape).astype(np.float32)
-        _require(bool(np.isfinite(values).all()), "activation payload has non-finite values")
-        return values
+        half = np.frombuffer(raw, dtype="<f2").reshape(shape)  # a view of the record, read-only
+        _require(bool(np.isfinite(half).all()), "activation payload has non-finite values")
+        return half
     scale = np.frombuffer(raw, dtype="<f4", count=c).astype(np.float32)
     zero_point = np.frombuffer(raw, dtype=np.int8, count=c, offset=4 * c)
     quantised = np.frombuffer(raw, dtype=np.int8, offset=5 * c).reshape(shape)

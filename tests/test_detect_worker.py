@@ -42,7 +42,7 @@ from veil.detectors.base import InputGeometry, Letterbox
 from veil.errors import ConfigError, ServiceError, WireFormatError
 from workers.untrusted import detect as detect_module
 from workers.untrusted.detect import DetectWorker
-from workers.untrusted.tail_client import FloatArray, TailRouter, TritonTail
+from workers.untrusted.tail_client import ActivationArray, FloatArray, TailRouter, TritonTail
 from workers.untrusted.triton_repo import TailManifest
 
 GEOMETRY = InputGeometry(64, 48)
@@ -191,7 +191,7 @@ class FakeTail(TritonTail):
     async def stop(self) -> None:
         pass
 
-    async def infer(self, activations: FloatArray) -> tuple[FloatArray, ...]:
+    async def infer(self, activations: ActivationArray) -> tuple[FloatArray, ...]:
         if self.down:
             self.down -= 1
             raise ServiceError("Triton at fake:0: connection refused [StatusCode.UNAVAILABLE]")
@@ -203,7 +203,8 @@ class FakeTail(TritonTail):
                 "[StatusCode.INVALID_ARGUMENT]"
             )
         with torch.no_grad():
-            return tuple(o.numpy() for o in self.detector.tail(torch.from_numpy(activations)))
+            tail = self.detector.tail(torch.from_numpy(activations).float())
+            return tuple(o.numpy() for o in tail)
 
 
 class SlowDecoder(TinyDetector):

@@ -431,21 +431,48 @@ def test_a_failing_publish_ends_the_edge_non_zero_within_seconds_readyz_503_firs
     ).save()
 
 
+def _cut_short(clip: Path, out: Path) -> Path:
+    """``clip`` with its index first (so that it opens and decodes), cut at 60% of its bytes."""
+    with (
+        av.open(str(clip)) as src,
+        av.open(str(out), "w", options={"movflags": "faststart"}) as dst,
+    ):
+        video = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = video
+                dst.mux(packet)
+    data = out.read_bytes()
+    out.write_bytes(data[: len(data) * 6 // 10])
+    return out
+
+
 def test_an_edge_whose_source_failed_exits_non_zero(
     site: Site, broker: Role, short_clip: Path
 ) -> None:
     prefix = "f-source"
     make_topics(site.bootstrap, prefix)
-    config = site.config(
-        "source",
-        prefix,
-        [_stream(short_clip), _stream(site.root / "missing.mp4", "gone")],
-    )
+    cut = _cut_short(short_clip, site.root / "cut.mp4")
+    config = site.config("source", prefix, [_stream(short_clip), _stream(cut, "cut")])
     edge = site.edge(config)
     assert edge.wait(120) == 1
     read, published = edge_summary(edge)
-    assert read == published == 20
-    assert "stream gone failed" in edge.log()
+    assert read == published and 20 < read < 40  # the whole clip and the cut one's start
+    assert "stream cut failed" in edge.log() and "truncated" in edge.log()
+
+
+def test_an_edge_whose_source_is_missing_at_start_says_so_and_starts_nothing(
+    site: Site, broker: Role, short_clip: Path
+) -> None:
+    prefix = "f-missing"
+    missing = site.root / "missing.mp4"
+    config = site.config("missing", prefix, [_stream(short_clip), _stream(missing, "gone")])
+    edge = site.edge(config)
+    assert edge.wait(120) == 2
+    assert edge.log().strip().splitlines()[-1] == (
+        f"veil: error: streams.gone.source: {missing}: file not found"
+    )
+    assert "edge.started" not in edge.log()
 
 
 def test_a_camera_that_goes_away_and_returns_is_reconnected_and_nothing_read_is_lost(

@@ -72,7 +72,7 @@ from veil.config import SigningConfig, load_config
 from veil.detections import Detections
 from veil.detectors.base import Letterbox
 from veil.errors import ConfigError, WireFormatError
-from veil.runner import read_detection
+from veil.outputs import read_detection
 from workers.trusted.edge import EdgeWorker
 from workers.trusted.obfuscator import ObfuscatedFrame
 from workers.untrusted.detect import DetectWorker

@@ -504,14 +504,15 @@ async def test_inference_over_tls(
 ) -> None:
     manifest = TailManifest.read(repository)
     assert tls_triton.client_tls is not None
-    batch = np.ascontiguousarray(np.zeros((3, *manifest.activation_shape), dtype=np.float32))
-    batch[:] = np.random.default_rng(7).standard_normal(batch.shape).astype(np.float32)
+    # float16, as activations travel (the tail takes FP16): the reference reads the same values.
+    batch = np.random.default_rng(7).standard_normal((3, *manifest.activation_shape))
+    batch = np.ascontiguousarray(batch.astype(np.float16))
     async with TritonTail(
         tls_triton.grpc_url, manifest.python_model, manifest, tls=tls_triton.client_tls
     ) as tail:
         loc, conf = await tail.infer(batch)
     with torch.inference_mode():
-        want_loc, want_conf = tiny.tail(torch.from_numpy(batch))
+        want_loc, want_conf = tiny.tail(torch.from_numpy(batch).float())
     assert loc.shape == tuple(want_loc.shape) and conf.shape == tuple(want_conf.shape)
     np.testing.assert_allclose(loc, want_loc.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(conf, want_conf.numpy(), rtol=1e-4, atol=1e-5)

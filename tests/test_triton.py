@@ -30,7 +30,7 @@ from veil.errors import ConfigError, ServiceError
 from veil.inference import make_detect_fn
 from veil.noise import NoiseLayer
 from veil.profiles import ProfileBank, ProfileMeta, profile_from_layer
-from workers.untrusted.tail_client import FloatArray, TailRouter, TritonTail
+from workers.untrusted.tail_client import ActivationArray, FloatArray, TailRouter, TritonTail
 from workers.untrusted.triton_repo import TailManifest, export_model_repository
 from workers.untrusted.triton_server import EmbeddedTriton
 
@@ -83,11 +83,12 @@ def face_centres(data: Path) -> list[list[tuple[float, float]]]:
 
 
 @pytest.fixture(scope="module")
-def activations(detector: FaceBoxes, frames: list[Frame]) -> FloatArray:
-    """The real head activations of three FDDB images, as the trusted zone would send them."""
+def activations(detector: FaceBoxes, frames: list[Frame]) -> ActivationArray:
+    """The real head activations of three FDDB images, as the trusted zone sends them (float16,
+    which the detect worker passes to Triton as it is)."""
     with torch.no_grad():
         x, _ = detector.preprocess(frames, GEOMETRY)
-        return detector.head(x).numpy()
+        return detector.head(x).numpy().astype(np.float16)
 
 
 @pytest.fixture(scope="module")
@@ -110,20 +111,22 @@ async def server(repository: Path) -> AsyncIterator[EmbeddedTriton]:
     await triton.stop()
 
 
-def reference_tail(detector: FaceBoxes, activations: FloatArray) -> list[FloatArray]:
+def reference_tail(detector: FaceBoxes, activations: ActivationArray) -> list[FloatArray]:
+    """The eager tail in process on the same (float16) values, computed in float32."""
     with torch.no_grad():
-        return [out.numpy() for out in detector.tail(torch.from_numpy(activations))]
+        return [out.numpy() for out in detector.tail(torch.from_numpy(activations).float())]
 
 
 async def test_triton_tail_equals_the_in_process_tail(
     server: EmbeddedTriton,
     repository: Path,
     detector: FaceBoxes,
-    activations: FloatArray,
+    activations: ActivationArray,
 ) -> None:
     expected = reference_tail(detector, activations)
     async with TritonTail(server.grpc_url, "faceboxes_tail", TailManifest.read(repository)) as tail:
         assert tail.signature.output_names == ("loc", "conf")
+        assert tail.signature.datatype == "FP16"  # the wire's float16, not widened to FP32
         for batch in (1, 3):
             started = time.monotonic()
             got = await tail.infer(activations[:batch])
@@ -161,7 +164,7 @@ async def test_triton_outputs_find_the_fddb_faces(
 
 
 async def test_concurrent_requests_share_a_batch_and_get_their_own_rows(
-    server: EmbeddedTriton, detector: FaceBoxes, activations: FloatArray
+    server: EmbeddedTriton, detector: FaceBoxes, activations: ActivationArray
 ) -> None:
     expected = reference_tail(detector, activations)
     async with TritonTail(server.grpc_url, "faceboxes_tail") as tail:
@@ -184,7 +187,7 @@ async def _statistics(tail: TritonTail) -> Any:
 
 
 async def test_batches_above_max_batch_size_are_sent_in_chunks(
-    server: EmbeddedTriton, detector: FaceBoxes, activations: FloatArray
+    server: EmbeddedTriton, detector: FaceBoxes, activations: ActivationArray
 ) -> None:
     batch = np.concatenate([activations, activations[::-1]])  # 6 rows, max_batch_size 4
     expected = reference_tail(detector, batch)
@@ -195,12 +198,12 @@ async def test_batches_above_max_batch_size_are_sent_in_chunks(
 
 
 async def test_wrong_inputs_get_clear_errors(
-    server: EmbeddedTriton, activations: FloatArray
+    server: EmbeddedTriton, activations: ActivationArray
 ) -> None:
     async with TritonTail(server.grpc_url, "faceboxes_tail") as tail:
         with pytest.raises(ConfigError, match=r"\(1, 128, 8, 8\) do not fit .* \[N, 128, 16, 16\]"):
             await tail.infer(activations[:1, :, :8, :8])
-        with pytest.raises(ConfigError, match="must be a float32 array, not float64"):
+        with pytest.raises(ConfigError, match="must be a float16 or float32 array, not float64"):
             await tail.infer(activations[:1].astype(np.float64))
         # Past the client's own check, the server refuses the shape; that maps to ConfigError.
         with pytest.raises(ConfigError, match="INVALID_ARGUMENT") as refused:
@@ -318,7 +321,7 @@ async def test_export_refuses_a_bank_for_another_geometry_in_one_line(
     assert not (tmp_path / "repo").exists()
 
 
-async def test_server_stops_cleanly(server: EmbeddedTriton, activations: FloatArray) -> None:
+async def test_server_stops_cleanly(server: EmbeddedTriton, activations: ActivationArray) -> None:
     """Runs last: stops the module's server."""
     pid = server.pid
     assert pid is not None and server.is_running()

@@ -31,7 +31,7 @@ from veil.errors import ConfigError, ProfileError
 from veil.noise import NoiseLayer
 from veil.profiles import NoiseProfile, ProfileBank, ProfileMeta, profile_from_layer
 from workers.untrusted.detect import DetectWorker
-from workers.untrusted.tail_client import FloatArray, TailRouter, TritonTail
+from workers.untrusted.tail_client import ActivationArray, FloatArray, TailRouter, TritonTail
 from workers.untrusted.triton_repo import (
     MANIFEST_FILE,
     PROFILE_PARAMETER,
@@ -444,10 +444,11 @@ class FakeTail(TritonTail):
     async def stop(self) -> None:
         self.started = False
 
-    async def infer(self, activations: FloatArray) -> tuple[FloatArray, ...]:
+    async def infer(self, activations: ActivationArray) -> tuple[FloatArray, ...]:
         self.batches.append([int(a.flat[0]) for a in activations])
         with torch.no_grad():
-            return tuple(o.numpy() for o in self.detector.tail(torch.from_numpy(activations)))
+            tail = self.detector.tail(torch.from_numpy(activations).float())
+            return tuple(o.numpy() for o in tail)
 
 
 @dataclasses.dataclass

@@ -1,8 +1,12 @@
 """``veil bench``: the trusted zone's cost and the pipeline's throughput on a real video.
 
-Figures (all printed and saved as JSON, with the device):
-* head+noise time per frame at the video's size (median, p99), batch 1, preprocessing
-  included; the head alone likewise, and their ratio (the noise layer's overhead);
+Figures (all printed and saved as JSON, with the device, the thread counts and the load):
+* the trusted zone per frame at the video's size (median, p99, batch 1): letterbox + head +
+  noise + wire encoding, against onnxruntime running the same head alone (goal <= 1.25x)
+  and against a FLOP floor (the head's FLOPs over this CPU's matmul rate per thread);
+* head+noise against the head alone, letterbox included in both (goal <= 1.05x);
+* the tail through Triton against the same TorchScript tail in process, same threads
+  (goal <= 1.15x);
 * frames per second through the whole pipeline (embedded broker, Triton tail) with noise and
   without it, and their ratio; end-to-end latency p50/p99 (capture to detection published);
 * bytes per frame on the wire.
@@ -12,30 +16,41 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from stream.frames import Frame as StreamFrame
+from stream.wire import ActivationMessage, Envelope, FramePlacement, encode
 from veil.calibrate import video_frames
 from veil.config import (
     BatchingConfig,
     KafkaConfig,
     ModelConfig,
     StreamConfig,
+    ThreadsConfig,
     TritonConfig,
     VeilConfig,
 )
 from veil.detectors import load_detector
 from veil.detectors.base import Frame, InputGeometry, SplitDetector
+from veil.detectors.head_runtime import HeadRunner, OnnxHead
 from veil.profiles import ProfileBank
-from veil.runner import RunSummary, default_bank, ensure_profiles, run_pipeline
+from veil.runner import default_bank, ensure_profiles, run_pipeline
 from workers.trusted.obfuscator import Obfuscator, ProfileTable, pick_device
+
+MS = 1000.0
+# veil run's roles on one host: the edge's share of the cores is what the figures use.
+PIPELINE_GROUP = frozenset({"edge", "detect", "triton"})
 
 
 @dataclass(frozen=True)
@@ -48,79 +63,199 @@ class BenchSettings:
     device: str = "auto"
     micro_frames: int = 50
     bank: Path | None = None
+    head_runtime: str = "auto"  # model.head_runtime of the zone measured
+    threads: int | None = None  # the zone's and Triton's threads; default: veil run's shares
 
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def load_line() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f}"
 
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
+def _synchroniser(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _seconds(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+    sync()
+    started = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - started
+
+
+def head_gflop(detector: SplitDetector, geometry: InputGeometry) -> float:
+    """The head's floating-point operations for one input (convolutions and matmuls, a
+    multiply-add counted as two), in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    probe = torch.zeros(1, 3, geometry.height, geometry.width, device=detector.device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        detector.head(probe)
+    return float(counter.get_total_flops()) / 1e9
+
+
+def matmul_gflops_per_thread(n: int = 1024, repeats: int = 7) -> float:
+    """This CPU's float32 matmul rate on one thread (the best of ``repeats``), GFLOP/s."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    try:
+        best = min(_seconds(lambda: a @ b, lambda: None) for _ in range(repeats))
+    finally:
+        torch.set_num_threads(previous)
+    return 2 * n**3 / best / 1e9
+
+
+def _encoded_zone(obfuscator: Obfuscator, pixels: Frame, alpha: float, i: int) -> int:
+    """What the edge does for one frame: letterbox, head, noise, wire encoding; bytes."""
+    (r,) = obfuscator.run([StreamFrame(Envelope("bench", i, None, 0.0), pixels)], [alpha])
+    message = ActivationMessage(
+        r.envelope,
+        r.provenance,
+        placement=FramePlacement.from_letterbox(r.letterbox, obfuscator.geometry),
+        payload=r.activation,
+    )
+    return len(encode(message)[1])
+
+
+def zone_steps(
+    obfuscator: Obfuscator, reference: HeadRunner, alpha: float, x: torch.Tensor
+) -> dict[str, Callable[[Frame, int], object]]:
+    """The steps timed on every frame, by name."""
+    row = torch.tensor([obfuscator.table.row(alpha)])
+    return {
+        "head": lambda f, i: obfuscator.head_and_noise([f], row, noise=False),
+        "head_noise": lambda f, i: obfuscator.head_and_noise([f], row),
+        "zone": lambda f, i: _encoded_zone(obfuscator, f, alpha, i),
+        "onnxruntime_head": lambda f, i: reference(x),
+    }
+
+
 def micro_timings(
-    detector: SplitDetector,
-    geometry: InputGeometry,
-    table: ProfileTable,
-    device: torch.device,
-    frames: list[Frame],
-    alpha: float,
+    obfuscator: Obfuscator, reference: HeadRunner, frames: list[Frame], alpha: float
 ) -> dict[str, Any]:
-    from stream.frames import Frame as StreamFrame
-    from stream.wire import Envelope
-
-    obfuscator = Obfuscator(detector, geometry, table, device, lanes=1)
-    row = torch.tensor([table.row(alpha)])
-
-    def timed(noise: bool) -> list[float]:
-        out = []
+    """Median and p99 ms of each of :func:`zone_steps`, interleaved frame by frame so that
+    the machine's noise hits them alike; one warm-up pass first."""
+    sync = _synchroniser(obfuscator.device)
+    x = obfuscator.letterbox([frames[0]])[0].cpu().clone()  # onnxruntime's own input, CPU
+    steps = zone_steps(obfuscator, reference, alpha, x)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for rep in range(3):
         for i, pixels in enumerate(frames):
-            frame = StreamFrame(Envelope("bench", i, None, 0.0), pixels)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            act, _ = obfuscator.head_and_noise([obfuscator._pixels(frame)], row, noise=noise)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            out.append(time.perf_counter() - t0)
-            del act
-        return out
+            torch.set_num_threads(obfuscator.threads)
+            for name, step in steps.items():
+                seconds = _seconds(partial(step, pixels, i), sync)
+                if rep:  # the first pass warms allocators, kernels and caches
+                    times[name].append(seconds)
+    out: dict[str, Any] = {"frames": len(times["head"])}
+    for name, values in times.items():
+        out[f"{name}_ms_median"] = statistics.median(values) * MS
+        out[f"{name}_ms_p99"] = percentile(values, 99) * MS
+    out["noise_overhead_ratio"] = out["head_noise_ms_median"] / out["head_ms_median"]
+    out["zone_vs_onnxruntime_ratio"] = out["zone_ms_median"] / out["onnxruntime_head_ms_median"]
+    return out
 
-    timed(True)  # warm up (allocator, kernels, caches)
-    # Interleave the two so that machine noise hits both alike.
-    head, head_noise = [], []
-    for _ in range(2):
-        head += timed(False)
-        head_noise += timed(True)
-    ms = 1000.0
+
+def floor_figures(
+    detector: SplitDetector, geometry: InputGeometry, threads: int, zone_ms: float
+) -> dict[str, float]:
+    gflop = head_gflop(detector, geometry)
+    rate = matmul_gflops_per_thread()
+    floor_ms = gflop / (rate * threads) * MS
     return {
-        "frames": len(head),
-        "head_ms_median": statistics.median(head) * ms,
-        "head_ms_p99": percentile(head, 99) * ms,
-        "head_noise_ms_median": statistics.median(head_noise) * ms,
-        "head_noise_ms_p99": percentile(head_noise, 99) * ms,
-        "noise_overhead_ratio": statistics.median(head_noise) / statistics.median(head),
+        "head_gflop": gflop,
+        "gflops_per_thread": rate,
+        "floor_ms": floor_ms,
+        "zone_vs_floor_ratio": zone_ms / floor_ms,
     }
 
 
-def pipeline_figures(summary: RunSummary) -> dict[str, Any]:
-    dets = summary.detections
-    first = min(d.capture_time for d in dets)
-    last = max(d.produced_time for d in dets)
-    lat = summary.latencies()
+async def tail_timings(
+    url: str, repo: Path, activation: np.ndarray[Any, Any], threads: int, repeats: int = 20
+) -> dict[str, float]:
+    """One float16 activation through the clean tail on Triton and through the same
+    TorchScript in this process with Triton's thread count, interleaved (median ms)."""
+    from workers.untrusted.tail_client import TritonTail
+    from workers.untrusted.triton_repo import TORCHSCRIPT_FILE, TailManifest
+
+    manifest = TailManifest.read(repo)
+    path = repo / manifest.python_model / "1" / TORCHSCRIPT_FILE
+    local_tail = torch.jit.load(str(path)).eval()  # type: ignore[no-untyped-call]
+    x = torch.from_numpy(activation)
+    served: list[float] = []
+    local: list[float] = []
+    async with TritonTail(url, manifest.python_model, manifest) as tail:
+        for rep in range(repeats + 1):
+            started = time.perf_counter()
+            await tail.infer(activation)
+            middle = time.perf_counter()
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                local_tail(x)
+            if rep:  # the first of each warms up
+                served.append(middle - started)
+                local.append(time.perf_counter() - middle)
+    triton_ms, local_ms = statistics.median(served) * MS, statistics.median(local) * MS
     return {
-        "frames": len(dets),
-        "fps": len(dets) / (last - first),
-        "latency_ms_p50": percentile(lat, 50) * 1000,
-        "latency_ms_p99": percentile(lat, 99) * 1000,
-        "bytes_per_frame": summary.edge.bytes_published / max(1, summary.edge.frames_published),
-        "lost_frames": summary.edge.frames_published - len(dets),
+        "triton_ms_median": triton_ms,
+        "in_process_ms_median": local_ms,
+        "triton_vs_in_process_ratio": triton_ms / local_ms,
     }
 
 
-async def _pipelines(config: VeilConfig, alpha: float) -> dict[str, dict[str, Any]]:
+def pipeline_figures(
+    times: list[tuple[float, float]], frames_published: int, bytes_published: int
+) -> dict[str, Any]:
+    """From (capture, produced) times of every detection: fps and end-to-end latency."""
+    first = min(c for c, _ in times)
+    last = max(p for _, p in times)
+    latencies = [p - c for c, p in times]
+    return {
+        "frames": len(times),
+        "fps": len(times) / (last - first),
+        "latency_ms_p50": percentile(latencies, 50) * MS,
+        "latency_ms_p99": percentile(latencies, 99) * MS,
+        "bytes_per_frame": bytes_published / max(1, frames_published),
+        "lost_frames": frames_published - len(times),
+    }
+
+
+async def _pipeline(config: VeilConfig, label: str, alpha: float) -> dict[str, Any]:
+    """One ``veil run`` of the first stream at ``alpha`` on the broker and Triton given."""
+    stream = replace(
+        config.streams[0], id=f"bench-{label}-{time.time_ns()}", alpha=alpha, allow_clean=not alpha
+    )
+    run_config = replace(
+        config,
+        streams=(stream,),
+        kafka=replace(config.kafka, group_id=f"bench-{label}-{time.time_ns()}"),
+    )
+    times: list[tuple[float, float]] = []
+    summary = await run_pipeline(
+        run_config,
+        print_detections=False,
+        on_detection=lambda d: times.append((d.capture_time, d.produced_time)),
+    )
+    return pipeline_figures(times, summary.edge.frames_published, summary.edge.bytes_published)
+
+
+async def _served(
+    config: VeilConfig, alpha: float, activation: np.ndarray[Any, Any], triton_threads: int
+) -> dict[str, dict[str, Any]]:
+    """On one embedded broker and Triton: the tail's timings, then the pipelines."""
     from stream.broker import EmbeddedBroker
     from stream.kafka import ensure_topics
     from veil.runner import export_tail
@@ -128,34 +263,26 @@ async def _pipelines(config: VeilConfig, alpha: float) -> dict[str, dict[str, An
 
     geometry = InputGeometry.parse(config.model.geometry or "")
     detector = load_detector(config.model.name, Path(config.model.weights or ""), "cpu")
-    repo = Path(config.triton.model_repository)
+    repo = Path(config.triton.model_repository or "")
     # Serve the tail of every profile the edge may apply (the same set veil run exports).
     profiles = ProfileBank(config.profile_bank).profiles() if config.profile_bank else []
     export_tail(detector, geometry, repo, profiles)
     results: dict[str, dict[str, Any]] = {}
-    async with EmbeddedBroker() as broker, EmbeddedTriton(repo) as triton:
+    async with EmbeddedBroker() as broker, EmbeddedTriton(repo, threads=triton_threads) as triton:
         await ensure_topics(broker.bootstrap_servers)
+        results["tail"] = await tail_timings(triton.grpc_url, repo, activation, triton_threads)
+        served = replace(
+            config,
+            kafka=replace(config.kafka, bootstrap=broker.bootstrap_servers, idempotent=False),
+            triton=replace(config.triton, url=triton.grpc_url),
+        )
         for label, a in (("without_noise", 0.0), ("with_noise", alpha)):
-            stream = replace(
-                config.streams[0], id=f"bench-{label}-{time.time_ns()}", alpha=a, allow_clean=a == 0
-            )
-            run_config = replace(
-                config,
-                streams=(stream,),
-                kafka=replace(
-                    config.kafka,
-                    bootstrap=broker.bootstrap_servers,
-                    idempotent=False,
-                    group_id=f"bench-{label}-{time.time_ns()}",
-                ),
-                triton=replace(config.triton, url=triton.grpc_url),
-            )
-            summary = await run_pipeline(run_config, print_detections=False)
-            results[label] = pipeline_figures(summary)
+            results[label] = await _pipeline(served, label, a)
     return results
 
 
-def run_bench(settings: BenchSettings, say: Any = print) -> dict[str, Any]:
+def _zone(settings: BenchSettings, say: Any) -> tuple[Obfuscator, list[Frame], dict[str, Any]]:
+    """The detector, frames and trusted zone of a bench run (profiles calibrated if missing)."""
     device = pick_device(settings.device)
     detector = load_detector(settings.model, settings.weights, device)
     frames = video_frames(settings.video, every=1)
@@ -167,58 +294,107 @@ def run_bench(settings: BenchSettings, say: Any = print) -> dict[str, Any]:
     bank = settings.bank or default_bank(detector, geometry)
     ensure_profiles(detector, geometry, bank, [settings.alpha], str(settings.video), say)
     table = ProfileTable.from_bank(detector, geometry, ProfileBank(bank), device)
-    say(
-        f"bench: {detector.name} at {geometry} on {device_name(device)}; {len(frames)} frames "
-        f"of {w}x{h} from {settings.video}"
+    threads = settings.threads or ThreadsConfig().for_role("edge", PIPELINE_GROUP)
+    obfuscator = Obfuscator(
+        detector, geometry, table, device, 1, head_runtime=settings.head_runtime, threads=threads
     )
-    micro = micro_timings(
-        detector, geometry, table, device, frames[: settings.micro_frames], settings.alpha
-    )
-    say(
-        f"head+noise per {w}x{h} frame: median {micro['head_noise_ms_median']:.2f} ms, "
-        f"p99 {micro['head_noise_ms_p99']:.2f} ms (seed: 5.07 ms on a V100)"
-    )
-    say(
-        f"head alone: median {micro['head_ms_median']:.2f} ms, p99 {micro['head_ms_p99']:.2f} ms;"
-        f" noise overhead x{micro['noise_overhead_ratio']:.3f}"
-    )
-    config = VeilConfig(
-        model=ModelConfig(
-            settings.model,
-            str(settings.weights) if settings.weights else None,
-            str(geometry),
-            settings.device,
-        ),
-        profile_bank=str(bank),
-        streams=(StreamConfig(id="bench", source=str(settings.video), policy="lossless"),),
-        kafka=KafkaConfig(),
-        batching=BatchingConfig(max_batch=4, max_wait_ms=20),
-        triton=TritonConfig(model_repository=str(Path("runs") / f"bench-repo-{detector.name}")),
-    )
-    pipes = asyncio.run(_pipelines(config, settings.alpha))
-    wn, won = pipes["with_noise"], pipes["without_noise"]
-    say(
-        f"pipeline fps: with noise {wn['fps']:.2f}, without {won['fps']:.2f} "
-        f"(ratio {wn['fps'] / won['fps']:.3f})"
-    )
-    say(
-        f"end-to-end latency with noise: p50 {wn['latency_ms_p50']:.0f} ms, "
-        f"p99 {wn['latency_ms_p99']:.0f} ms; without: p50 {won['latency_ms_p50']:.0f} ms, "
-        f"p99 {won['latency_ms_p99']:.0f} ms"
-    )
-    say(f"bytes per frame on the wire: {wn['bytes_per_frame']:,.0f} (float16 payload)")
-    return {
+    info = {
         "device": device_name(device),
         "model": detector.name,
         "geometry": str(geometry),
         "video": str(settings.video),
         "frame_size": f"{w}x{h}",
         "alpha": settings.alpha,
+        "bank": str(bank),
+        "head_runtime": obfuscator.head.name,
+        "threads": {
+            "edge": threads,
+            "triton": settings.threads or ThreadsConfig().for_role("triton", PIPELINE_GROUP),
+            "detect": settings.threads or ThreadsConfig().for_role("detect", PIPELINE_GROUP),
+        },
+    }
+    return obfuscator, frames, info
+
+
+def _pipeline_config(settings: BenchSettings, info: dict[str, Any]) -> VeilConfig:
+    threads = info["threads"]
+    return VeilConfig(
+        model=ModelConfig(
+            settings.model,
+            str(settings.weights) if settings.weights else None,
+            info["geometry"],
+            settings.device,
+            head_runtime=info["head_runtime"],  # type: ignore[arg-type]
+        ),
+        profile_bank=info["bank"],
+        streams=(StreamConfig(id="bench", source=str(settings.video), policy="lossless"),),
+        kafka=KafkaConfig(),
+        batching=BatchingConfig(max_batch=4, max_wait_ms=20),
+        triton=TritonConfig(model_repository=str(Path("runs") / f"bench-repo-{info['model']}")),
+        threads=ThreadsConfig(threads["edge"], threads["detect"], threads["triton"]),
+    )
+
+
+def run_bench(settings: BenchSettings, say: Any = print) -> dict[str, Any]:
+    obfuscator, frames, info = _zone(settings, say)
+    say(
+        f"bench: {info['model']} at {info['geometry']} on {info['device']}, head through "
+        f"{info['head_runtime']}; threads {info['threads']}; {load_line()}; {len(frames)} "
+        f"frames of {info['frame_size']} from {settings.video}"
+    )
+    threads = info["threads"]["edge"]
+    reference = OnnxHead(obfuscator.detector, obfuscator.geometry, threads)
+    micro = micro_timings(obfuscator, reference, frames[: settings.micro_frames], settings.alpha)
+    floor = floor_figures(
+        obfuscator.detector, obfuscator.geometry, threads, micro["zone_ms_median"]
+    )
+    row = torch.tensor([obfuscator.table.row(settings.alpha)])
+    activation = obfuscator.head_and_noise([frames[0]], row)[0].cpu().numpy().astype(np.float16)
+    config = _pipeline_config(settings, info)
+    served = asyncio.run(_served(config, settings.alpha, activation, info["threads"]["triton"]))
+    result = {
+        **info,
         "micro": micro,
-        "pipeline": pipes,
-        "fps_ratio_noise_vs_clean": wn["fps"] / won["fps"],
+        "floor": floor,
+        "tail": served.pop("tail"),
+        "pipeline": served,
+        "fps_ratio_noise_vs_clean": served["with_noise"]["fps"] / served["without_noise"]["fps"],
+        "load_average_after": list(os.getloadavg()),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    for line in report_lines(result):
+        say(line)
+    return result
+
+
+def report_lines(result: dict[str, Any]) -> list[str]:
+    """The figures of a :func:`run_bench` result, each with its goal."""
+    m, f, t = result["micro"], result["floor"], result["tail"]
+    wn, won = result["pipeline"]["with_noise"], result["pipeline"]["without_noise"]
+    size = result["frame_size"]
+    return [
+        f"trusted zone per {size} frame (letterbox + head + noise + encode): median "
+        f"{m['zone_ms_median']:.1f} ms, p99 {m['zone_ms_p99']:.1f} ms "
+        "(seed: 5.07 ms on a V100)",
+        f"onnxruntime, the same head alone: median {m['onnxruntime_head_ms_median']:.1f} ms; "
+        f"zone / onnxruntime x{m['zone_vs_onnxruntime_ratio']:.2f} (goal <= 1.25)",
+        f"FLOP floor: {f['head_gflop']:.2f} GFLOP at {result['geometry']} over "
+        f"{f['gflops_per_thread']:.0f} GFLOP/s per thread x {result['threads']['edge']} = "
+        f"{f['floor_ms']:.1f} ms; zone / floor x{f['zone_vs_floor_ratio']:.2f}",
+        f"head alone (letterbox included): median {m['head_ms_median']:.1f} ms; head + noise "
+        f"{m['head_noise_ms_median']:.1f} ms; noise x{m['noise_overhead_ratio']:.3f} "
+        "(goal <= 1.05)",
+        f"tail through Triton: median {t['triton_ms_median']:.1f} ms; in process "
+        f"{t['in_process_ms_median']:.1f} ms; x{t['triton_vs_in_process_ratio']:.2f} "
+        "(goal <= 1.15)",
+        f"pipeline fps: with noise {wn['fps']:.2f}, without {won['fps']:.2f} "
+        f"(ratio {result['fps_ratio_noise_vs_clean']:.3f})",
+        f"end-to-end latency with noise: p50 {wn['latency_ms_p50']:.0f} ms, p99 "
+        f"{wn['latency_ms_p99']:.0f} ms; without: p50 {won['latency_ms_p50']:.0f} ms, "
+        f"p99 {won['latency_ms_p99']:.0f} ms",
+        f"bytes per frame on the wire: {wn['bytes_per_frame']:,.0f} (float16 payload); "
+        + load_line(),
+    ]
 
 
 def save(result: dict[str, Any], path: Path) -> None:

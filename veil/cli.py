@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,9 +31,11 @@ def _geometry(args: argparse.Namespace, detector):  # type: ignore[no-untyped-de
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="retinaface", help="faceboxes | retinaface (default)")
-    p.add_argument("--weights", help="checkpoint path (FaceBoxes needs one)")
-    p.add_argument("--geometry", help="model input WxH; frames are letterboxed into it")
+    p.add_argument("--model", default="retinaface", help="faceboxes | retinaface")
+    p.add_argument("--weights", help="checkpoint path (FaceBoxes needs one; default: none)")
+    p.add_argument(
+        "--geometry", help="model input WxH; frames are letterboxed into it (default: the model's)"
+    )
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
 
 
@@ -113,6 +116,24 @@ def _detect_fn_for(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return detector, geometry, profile, make_detect_fn(detector, geometry, profile, seed=args.seed)
 
 
+def _fddb_records(
+    detector: Any, geometry: Any, profiles: dict[str, Any], results: dict[str, Any], draws: int
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "benchmark": "fddb",
+            "model": detector.name,
+            "weights_id": detector.weights_id,
+            "geometry": str(geometry),
+            "alpha": p.alpha if p else 0.0,
+            "profile_id": p.profile_id if p else "none",
+            "noise_draws": draws if p else 0,
+            "result": results[name].to_json(),
+        }
+        for name, p in profiles.items()
+    ]
+
+
 def cmd_eval_fddb(args: argparse.Namespace) -> int:
     from veil.eval.fddb import evaluate_fddb_many, load_fddb
     from veil.inference import HeadCache, make_detect_fn
@@ -153,19 +174,7 @@ def cmd_eval_fddb(args: argparse.Namespace) -> int:
         flush=True,
     )
     results = evaluate_fddb_many(runs, dataset, batch_size=args.batch_size)
-    records = [
-        {
-            "benchmark": "fddb",
-            "model": detector.name,
-            "weights_id": detector.weights_id,
-            "geometry": str(geometry),
-            "alpha": p.alpha if p else 0.0,
-            "profile_id": p.profile_id if p else "none",
-            "noise_draws": args.draws if p else 0,
-            "result": results[name].to_json(),
-        }
-        for name, p in profiles.items()
-    ]
+    records = _fddb_records(detector, geometry, profiles, results, args.draws)
     if len(records) > 1:
         from veil.eval.table import fddb_table
 
@@ -200,6 +209,28 @@ def cmd_eval_widerface(args: argparse.Namespace) -> int:
     return 0
 
 
+def stream_ids(sources: Sequence[str]) -> list[str]:
+    """Readable, unique stream ids for ``--source``: a file's stem, a camera URL's host and
+    last path segment (``rtsp://10.0.0.5/live/ch1`` is ``10.0.0.5-ch1``)."""
+    from urllib.parse import urlsplit
+
+    ids: list[str] = []
+    for source in sources:
+        if "://" in source:
+            parts = urlsplit(source)
+            tail = parts.path.rstrip("/").rsplit("/", 1)[-1]
+            base = "-".join(p for p in (parts.hostname or "camera", tail) if p)
+        else:
+            base = Path(source).stem
+        base = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-") or "stream"
+        sid, n = base, 1
+        while sid in ids:
+            n += 1
+            sid = f"{base}-{n}"
+        ids.append(sid)
+    return ids
+
+
 def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from dataclasses import replace
 
@@ -207,16 +238,18 @@ def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from veil.observability import configure_logging
 
     config = load_config(args.config)
+    if getattr(args, "bank", None):
+        config = replace(config, profile_bank=args.bank)
     if getattr(args, "source", None):
         streams = tuple(
             StreamConfig(
-                id=f"cam-{i}",
+                id=sid,
                 source=src,
                 policy="lossless" if "://" not in src else "realtime",
                 alpha=args.alpha if args.alpha is not None else 0.8,
                 allow_clean=args.alpha == 0,  # asked for on the trusted zone's own command line
             )
-            for i, src in enumerate(args.source)
+            for sid, src in zip(stream_ids(args.source), args.source, strict=True)
         )
         config = replace(config, streams=streams)
     elif getattr(args, "alpha", None) is not None:
@@ -252,23 +285,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
     from dataclasses import replace
 
-    from veil.runner import demo_streams, run_pipeline, write_jsonl
+    from veil.runner import demo_streams, run_pipeline
 
     config = _config(args)
+    outputs = config.outputs
     if args.annotated_dir:
-        config = replace(config, outputs=replace(config.outputs, annotated_dir=args.annotated_dir))
+        outputs = replace(outputs, annotated_dir=args.annotated_dir)
+    if args.jsonl:
+        outputs = replace(outputs, jsonl=args.jsonl)
+    config = replace(config, outputs=outputs)
     if not config.streams:
         config = replace(config, streams=demo_streams(args.alpha if args.alpha else 0.8))
         print(f"no --source given: using the demo clip {config.streams[0].source}", flush=True)
     summary = asyncio.run(run_pipeline(config, print_detections=not args.quiet))
-    jsonl = args.jsonl or config.outputs.jsonl
-    if jsonl:
-        write_jsonl(Path(jsonl), summary.detections)
-        print(f"detections written to {jsonl}")
     print("summary:")
     for line in summary.lines():
         print(f"  {line}")
-    lost = summary.edge.frames_published - len(summary.detections)
+    lost = summary.edge.frames_published - summary.tally.frames
     return 1 if lost or summary.edge.source_errors else 0
 
 
@@ -307,6 +340,10 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from stream.broker import EmbeddedBroker
     from stream.kafka import ensure_topics
     from veil.errors import ServiceError
+    from veil.preflight import check_port_free
+
+    if args.port is not None:
+        check_port_free("127.0.0.1", args.port, "--port")
 
     async def serve() -> None:
         data_dir = Path(args.data_dir) if args.data_dir else None
@@ -330,7 +367,11 @@ def cmd_broker(args: argparse.Namespace) -> int:
 def cmd_triton(args: argparse.Namespace) -> int:
     import asyncio
 
+    from veil.preflight import check_port_free
     from workers.untrusted.triton_server import EmbeddedTriton
+
+    if args.grpc_port is not None:
+        check_port_free("127.0.0.1", args.grpc_port, "--grpc-port")
 
     async def serve() -> None:
         async with EmbeddedTriton(Path(args.repository), grpc_port=args.grpc_port) as server:
@@ -345,9 +386,11 @@ def cmd_triton(args: argparse.Namespace) -> int:
 def cmd_edge(args: argparse.Namespace) -> int:
     import asyncio
 
+    from veil.preflight import check_edge
     from veil.runner import build_obfuscator, serve
 
     config = _config(args)
+    check_edge(config)
     obfuscator = build_obfuscator(config)
     print(f"edge worker: {len(config.streams)} streams on {obfuscator.device}", flush=True)
     graph = asyncio.run(serve(config, frozenset({"edge"}), obfuscator=obfuscator))
@@ -366,9 +409,11 @@ def cmd_edge(args: argparse.Namespace) -> int:
 def cmd_detect(args: argparse.Namespace) -> int:
     import asyncio
 
+    from veil.preflight import check_http_port
     from veil.runner import serve
 
     config = _config(args)
+    check_http_port(config)
     graph = asyncio.run(serve(config, frozenset({"detect"})))
     print(f"detect: {graph.detect.stats}", flush=True)
     return 0
@@ -450,6 +495,67 @@ def cmd_alpha_list(args: argparse.Namespace) -> int:
         print(describe(status))
     if not table:
         print("no stream announced yet")
+    return 0
+
+
+def _detection_filter(args: argparse.Namespace) -> Any:
+    from veil.detection_feed import DetectionFilter, parse_time
+
+    return DetectionFilter(
+        frozenset(args.stream or ()),
+        parse_time(args.since, "--since") if args.since else None,
+        parse_time(args.until, "--until") if args.until else None,
+        args.min_score,
+    )
+
+
+def _detect_verifier(args: argparse.Namespace) -> Any:
+    """Who must have signed the detections: --detect-key, else --config's signing section."""
+    from stream.signing import ROLE_DETECT, TrustedKey, Verifier, keys_for, load_public_key
+
+    if args.detect_key:
+        return Verifier([TrustedKey(ROLE_DETECT, load_public_key(args.detect_key))])
+    if not args.config:
+        return None
+    from veil.config import load_config
+
+    return keys_for(load_config(args.config).signing, "sink").verifier
+
+
+def cmd_detections_tail(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from stream.kafka import TopicNames
+    from veil.detection_feed import tail_detections
+    from veil.observability import configure_logging
+    from veil.outputs import detection_record
+
+    configure_logging()  # warnings (an unverified record) on stderr: stdout is JSON lines
+    where = _detection_filter(args)
+    verifier = _detect_verifier(args)
+
+    def out(msg: Any) -> None:
+        print(json.dumps(detection_record(msg)), flush=True)
+
+    async def tail() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await tail_detections(
+            args.bootstrap,
+            out,
+            topics=TopicNames(args.topic_prefix),
+            where=where,
+            follow=args.follow,
+            stop=stop,
+            verifier=verifier,
+            security=_kafka_security(args),
+            timeout_s=args.timeout,
+        )
+
+    asyncio.run(tail())
     return 0
 
 
@@ -591,25 +697,60 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="veil", description="Confidential face detection on video: split model + noise."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default; a flag's reads "off", an unset one "none"
+    (options whose help says what their default means are left as they are)."""
 
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        if action.required:
+            return f"{text} (required)"
+        if action.nargs == 0:
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        if action.default is None:
+            return f"{text} (default: none)"
+        return f"{text} (default: %(default)s)"
+
+
+Subparsers = Any  # argparse's _SubParsersAction, private
+
+
+def _command(sub: Subparsers, name: str, text: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=text, description=text, formatter_class=_HelpFormatter
+    )
+    return parser
+
+
+def _group(sub: Subparsers, name: str, text: str, dest: str) -> Subparsers:
+    return _command(sub, name, text).add_subparsers(dest=dest, required=True)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("veil")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _add_calibrate(sub: Subparsers) -> None:
     from veil.calibrate import DEFAULT_ALPHAS
 
-    p = sub.add_parser("calibrate", help="learn noise profiles (one per alpha), detector frozen")
+    p = _command(sub, "calibrate", "learn noise profiles (one per alpha), detector frozen")
     _add_model_args(p)
     p.add_argument("--images", help="folder of calibration images (your cameras' stills)")
     p.add_argument("--video", help="a video file of your footage (every --every-th frame)")
-    p.add_argument("--every", type=int, default=5)
+    p.add_argument("--every", type=int, default=5, help="take every N-th frame of --video")
     p.add_argument("--labels", help="WIDER FACE folder with ground truth, for --task multibox")
-    p.add_argument("--task", default="distill", choices=["distill", "multibox"])
-    p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS))
-    p.add_argument("--max-images", type=int, default=200)
+    p.add_argument("--task", default="distill", choices=["distill", "multibox"], help="task loss")
+    p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS), help="alphas")
+    p.add_argument("--max-images", type=int, default=200, help="calibration images at most")
     p.add_argument("--epochs", type=int, help="default: 8 faceboxes, 6 retinaface, else 5")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="images per step")
     p.add_argument(
         "--task-weight", type=float, help="task vs noise scale (default: 5 faceboxes, 30 others)"
     )
@@ -618,27 +759,27 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="x activation std (default: 1 faceboxes, 0.5 retinaface, else 0.25)",
     )
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=0.05, help="learning rate of the noise")
     p.add_argument("--sigma-max", type=float, default=10.0, help="upper noise bound, x act. std")
     p.add_argument(
         "--leakage",
         default="channel",
         choices=["channel", "log_sigma"],
-        help="noise term: Gaussian-channel bound (default) or -log mean sigma",
+        help="noise term: Gaussian-channel bound or -log mean sigma",
     )
     p.add_argument(
         "--frozen-tail", action="store_true", help="learn the noise only (no tail per profile)"
     )
     p.add_argument("--tail-lr", type=float, default=1e-4, help="learning rate of the tail")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", required=True, help="profile bank folder")
     p.set_defaults(func=cmd_calibrate)
 
-    ev = sub.add_parser("eval", help="accuracy benchmarks").add_subparsers(
-        dest="benchmark", required=True
-    )
+
+def _add_eval(sub: Subparsers) -> None:
+    ev = _group(sub, "eval", "accuracy benchmarks", "benchmark")
     for name, func in (("fddb", cmd_eval_fddb), ("widerface", cmd_eval_widerface)):
-        e = ev.add_parser(name, help=f"{name.upper()} average precision")
+        e = _command(ev, name, f"{name.upper()} average precision")
         _add_model_args(e)
         e.add_argument("--dataset", required=True, help="benchmark folder")
         e.add_argument("--alpha", type=float, help="use the bank's profile for this alpha")
@@ -647,38 +788,53 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--noisy", action="store_true", help="(implied by --alpha/--profile)")
         e.add_argument("--draws", type=int, default=3, help="noise draws averaged (noisy runs)")
         e.add_argument("--seed", type=int, default=None, help="fix the noise (reproducibility)")
-        e.add_argument("--batch-size", type=int, default=8)
+        e.add_argument("--batch-size", type=int, default=8, help="images per batch")
         e.add_argument("--json", help="write machine-readable results here")
         if name == "fddb":
-            e.add_argument("--max-images-per-fold", type=int)
+            e.add_argument("--max-images-per-fold", type=int, help="images per fold at most")
             e.add_argument(
                 "--all-alphas",
                 action="store_true",
                 help="clean and every profile of --bank in one pass (the README table)",
             )
         else:
-            e.add_argument("--max-images", type=int)
+            e.add_argument("--max-images", type=int, help="images at most")
         e.set_defaults(func=func)
-    p = sub.add_parser("run", help="everything on embedded defaults (broker, Triton, workers)")
-    p.add_argument("--config", help="YAML configuration (see configs/)")
-    p.add_argument("--source", action="append", help="file or URL; repeatable")
-    p.add_argument("--alpha", type=float, help="alpha for every stream")
-    p.add_argument("--jsonl", help="write detections as JSON lines here")
-    p.add_argument("--annotated-dir", help="write one annotated MP4 per stream here")
+
+
+def _add_run(sub: Subparsers) -> None:
+    p = _command(sub, "run", "everything on embedded defaults (broker, Triton, workers)")
+    p.add_argument(
+        "--config", help="YAML configuration (default: the embedded defaults of configs/)"
+    )
+    p.add_argument(
+        "--source", action="append", help="file or URL; repeatable (default: the demo clip)"
+    )
+    p.add_argument("--alpha", type=float, help="alpha for every stream (default: 0.8)")
+    p.add_argument(
+        "--bank",
+        help="profile bank folder (profile_bank; default: the cache's, calibrated on the footage)",
+    )
+    p.add_argument("--jsonl", help="append detections here as JSON lines, each as it arrives")
+    p.add_argument("--annotated-dir", help="write annotated H.264 MP4s per stream here")
     p.add_argument("--quiet", action="store_true", help="do not print each detection")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("export", help="write a Triton model repository for the tail")
+
+def _add_export(sub: Subparsers) -> None:
+    p = _command(sub, "export", "write a Triton model repository for the tail")
     _add_model_args(p)
-    p.add_argument("--out", required=True)
-    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--out", required=True, help="the repository folder")
+    p.add_argument("--max-batch", type=int, default=16, help="Triton max_batch_size")
     p.add_argument("--gpu", action="store_true", help="KIND_GPU instances")
     p.add_argument(
         "--bank", help="profile bank: also serve its profiles, each tuned tail as its own model"
     )
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("broker", help="run the embedded Kafka-compatible broker")
+
+def _add_servers(sub: Subparsers) -> None:
+    p = _command(sub, "broker", "run the embedded Kafka-compatible broker")
     p.add_argument("--port", type=int, help="default: a free loopback port")
     p.add_argument(
         "--data-dir",
@@ -687,21 +843,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_broker)
 
-    p = sub.add_parser("triton", help="run the bundled tritonserver on a model repository")
-    p.add_argument("--repository", required=True)
-    p.add_argument("--grpc-port", type=int)
+    p = _command(sub, "triton", "run the bundled tritonserver on a model repository")
+    p.add_argument("--repository", required=True, help="the folder `veil export --out` wrote")
+    p.add_argument("--grpc-port", type=int, help="default: a free loopback port")
     p.set_defaults(func=cmd_triton)
 
     for name, func, text in (
         ("edge", cmd_edge, "trusted zone: sources -> head + noise -> Kafka"),
         ("detect", cmd_detect, "outside: Kafka -> Triton tail -> detections"),
     ):
-        p = sub.add_parser(name, help=text)
+        p = _command(sub, name, text)
         p.add_argument("--config", required=True, help="YAML configuration (see configs/)")
         p.add_argument("--alpha", type=float, help="override every stream's alpha")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("privacy", help="attack a profile bank; write the privacy report")
+
+def _add_privacy(sub: Subparsers) -> None:
+    p = _command(sub, "privacy", "attack a profile bank; write the privacy report")
     _add_model_args(p)
     p.add_argument("--bank", required=True, help="profile bank folder")
     p.add_argument("--footage", help="your own footage (video file or folder of frames)")
@@ -709,8 +867,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--footage-train-share", type=float, default=0.6, help="attacker's part")
     p.add_argument("--train-images", help="the attacker's images (default: $VEIL_DATA WIDER)")
     p.add_argument("--eval-fddb", help="FDDB folder: victims + faces (default: $VEIL_DATA)")
-    p.add_argument("--max-train", type=int, default=300)
-    p.add_argument("--max-eval-per-fold", type=int, default=4)
+    p.add_argument("--max-train", type=int, default=300, help="attacker's images at most")
+    p.add_argument("--max-eval-per-fold", type=int, default=4, help="victims per FDDB fold")
     p.add_argument(
         "--distractors-per-fold", type=int, default=6, help="further FDDB images, gallery only"
     )
@@ -721,56 +879,95 @@ def build_parser() -> argparse.ArgumentParser:
         help="add --accuracy to the report already in --out (no attacks are run)",
     )
     p.add_argument("--deployed-alpha", type=float, help="the alpha in service (marked)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--rmle-images", type=int, default=20)
-    p.add_argument("--rmle-steps", type=int, default=60)
-    p.add_argument("--linkage-epochs", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=30, help="epochs of the trained attacks")
+    p.add_argument("--image-size", type=int, default=256, help="attack image side, pixels")
+    p.add_argument("--rmle-images", type=int, default=20, help="images the RMLE attack inverts")
+    p.add_argument("--rmle-steps", type=int, default=60, help="RMLE optimisation steps")
+    p.add_argument("--linkage-epochs", type=int, default=30, help="epochs of the linkage attack")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument(
         "--no-record-leakage", action="store_true", help="leave the profiles' meta untouched"
     )
-    p.add_argument("--out", default="runs/privacy")
+    p.add_argument("--out", default="runs/privacy", help="report folder")
     p.set_defaults(func=cmd_privacy)
 
-    p = sub.add_parser("bench", help="head+noise timings and pipeline throughput on a video")
+
+def _add_bench(sub: Subparsers) -> None:
+    p = _command(sub, "bench", "head+noise timings and pipeline throughput on a video")
     p.add_argument("--video", help="default: the 1080p clip of the reference data")
-    p.add_argument("--model", default="faceboxes")
+    p.add_argument("--model", default="faceboxes", help="faceboxes | retinaface")
     p.add_argument("--weights", help="default: the reference data's FaceBoxesProd.pth")
     p.add_argument("--geometry", help="default: the video's size rounded up to the stride")
-    p.add_argument("--alpha", type=float, default=0.8)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--alpha", type=float, default=0.8, help="alpha of the noisy run")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--frames", type=int, default=50, help="frames for the micro timings")
     p.add_argument("--bank", help="profile bank (default: calibrate one on the video, cached)")
-    p.add_argument("--json", default="runs/bench.json")
+    p.add_argument("--json", default="runs/bench.json", help="write the results here")
     p.set_defaults(func=cmd_bench)
 
-    keys = sub.add_parser("keys", help="signing keys of the Kafka records").add_subparsers(
-        dest="keys_command", required=True
-    )
-    p = keys.add_parser("init", help="write edge, detect and operator Ed25519 key pairs to DIR")
+
+def _add_kafka_reader_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers")
+    p.add_argument("--topic-prefix", default="veil", help="topics <prefix>.control, .status, ...")
+    p.add_argument("--config", help="YAML whose kafka.security says how to connect (TLS, SASL)")
+
+
+def _add_keys_and_alpha(sub: Subparsers) -> None:
+    keys = _group(sub, "keys", "signing keys of the Kafka records", "keys_command")
+    p = _command(keys, "init", "write edge, detect and operator Ed25519 key pairs to DIR")
     p.add_argument("dir", help="folder for <role>.key (mode 0600) and <role>.pub; not overwritten")
     p.set_defaults(func=cmd_keys_init)
 
-    alpha = sub.add_parser("alpha", help="change a stream's noise live").add_subparsers(
-        dest="alpha_command", required=True
-    )
-    p = alpha.add_parser("set", help="ask the trusted zone for a new alpha; wait for its answer")
-    p.add_argument("stream")
-    p.add_argument("value", type=float)
-    p.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers")
-    p.add_argument("--topic-prefix", default="veil", help="topics <prefix>.control, .status")
-    p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait (default 15)")
+    alpha = _group(sub, "alpha", "change a stream's noise live", "alpha_command")
+    p = _command(alpha, "set", "ask the trusted zone for a new alpha; wait for its answer")
+    p.add_argument("stream", help="stream id")
+    p.add_argument("value", type=float, help="the new alpha, in [0, 1]")
+    _add_kafka_reader_args(p)
+    p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the answer")
     p.add_argument("--key", help="the operator's private key (veil keys init): signs the request")
     p.add_argument("--edge-key", help="the edge's public key: only answers it signed count")
-    p.add_argument("--config", help="YAML whose kafka.security says how to connect (TLS, SASL)")
     p.set_defaults(func=cmd_alpha_set)
-    p = alpha.add_parser("list", help="each stream's alpha, profile, floor and last answer")
-    p.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers")
-    p.add_argument("--topic-prefix", default="veil", help="topics <prefix>.control, .status")
+    p = _command(alpha, "list", "each stream's alpha, profile, floor and last answer")
+    _add_kafka_reader_args(p)
     p.add_argument("--edge-key", help="the edge's public key: only answers it signed count")
-    p.add_argument("--config", help="YAML whose kafka.security says how to connect (TLS, SASL)")
     p.set_defaults(func=cmd_alpha_list)
+
+
+def _add_detections(sub: Subparsers) -> None:
+    group = _group(sub, "detections", "read the detections topic", "detections_command")
+    p = _command(group, "tail", "detections as JSON lines, filtered; to the end or --follow")
+    _add_kafka_reader_args(p)
+    p.add_argument("--stream", action="append", help="only this stream; repeatable (default: all)")
+    p.add_argument("--since", help="captured at or after: unix seconds, ISO 8601, or ago (10m, 2h)")
+    p.add_argument("--until", help="captured at or before (same forms as --since)")
+    p.add_argument("--min-score", type=float, help="keep boxes scoring at least this")
+    p.add_argument("--follow", action="store_true", help="keep reading new detections")
+    p.add_argument(
+        "--detect-key",
+        help="the detect worker's public key: only detections it signed are shown "
+        "(default: signing.detect_public_key of --config, else unverified)",
+    )
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to read to the end")
+    p.set_defaults(func=cmd_detections_tail)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="veil",
+        description="Confidential face detection on video: split model + noise.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"veil {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_calibrate(sub)
+    _add_eval(sub)
+    _add_run(sub)
+    _add_export(sub)
+    _add_servers(sub)
+    _add_privacy(sub)
+    _add_bench(sub)
+    _add_keys_and_alpha(sub)
+    _add_detections(sub)
     return parser
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import types
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -28,6 +28,58 @@ class ModelConfig:
     weights: str | None = None  # checkpoint path; FaceBoxes needs one, RetinaFace ships its own
     geometry: str | None = None  # "WxH"; default: the model's own
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # How the edge runs the head (veil.detectors.head_runtime): torch (batch norm folded,
+    # channels_last), onnxruntime (the same head exported to ONNX, CPU provider) or auto:
+    # onnxruntime on a CPU where it is installed (on the 2-core reference host it ran the
+    # FaceBoxes head at 1920x1088 in about half the time of torch), torch on a GPU. The
+    # activation is the same to float rounding either way; the noise layer is always torch.
+    head_runtime: Literal["auto", "torch", "onnxruntime"] = "auto"
+
+
+# The roles whose compute has a thread count, and their weights in the default share.
+THREAD_ROLES: dict[str, int] = {"edge": 2, "triton": 1, "detect": 1}
+
+
+def host_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class ThreadsConfig:
+    """Intra-op threads (torch's, and onnxruntime's for the head) per role, each set when the
+    role starts: ``edge`` (letterbox, head, noise), ``detect`` (box decoding and NMS) and
+    ``triton`` (the tail in the embedded tritonserver's Python model).
+
+    Unset (the default), a role gets its share of the host's cores among the roles of its
+    process group, weighted edge 2, triton 1, detect 1 (the head is the heaviest step, box
+    decoding the lightest), at least 1: ``veil run`` on 2 cores gives each 1 and on 16 cores
+    8/4/4; a role run alone (``veil edge``) takes every core. More threads than cores costs
+    more than it gives: OpenMP threads spin against each other (two threads per process on two
+    busy cores ran the pipeline at 4.4 fps against 5.6).
+    """
+
+    edge: int | None = None
+    detect: int | None = None
+    triton: int | None = None
+
+    def __post_init__(self) -> None:
+        for role in THREAD_ROLES:
+            value = getattr(self, role)
+            if value is not None and value < 1:
+                raise ConfigError(f"threads.{role} must be at least 1, got {value}")
+
+    def for_role(self, role: str, group: Collection[str], cores: int | None = None) -> int:
+        """``role``'s threads when the roles of ``group`` share this host's ``cores``."""
+        if role not in THREAD_ROLES:
+            raise ConfigError(f"threads: no role {role!r}; known: {', '.join(THREAD_ROLES)}")
+        configured: int | None = getattr(self, role)
+        if configured is not None:
+            return configured
+        weights = sum(THREAD_ROLES[r] for r in {role, *group} if r in THREAD_ROLES)
+        return max(1, (cores or host_cores()) * THREAD_ROLES[role] // weights)
 
 
 @dataclass(frozen=True)
@@ -150,7 +202,8 @@ class BatchingConfig:
 @dataclass(frozen=True)
 class TritonConfig:
     url: str = EMBEDDED  # "embedded" starts the bundled tritonserver on an exported repository
-    model_repository: str = "runs/triton-repository"
+    # The folder `veil export --out` wrote; None: `veil run` exports under the cache folder.
+    model_repository: str | None = None
     timeout_s: float = 30.0
     # Model ``veil detect`` calls; None = the repository's Python-backend ``<name>_tail``. The
     # NGC image serves ``<name>_tail_ts`` (pytorch_libtorch) instead.
@@ -161,7 +214,14 @@ class TritonConfig:
 @dataclass(frozen=True)
 class OutputConfig:
     jsonl: str | None = None  # detections, one JSON object per line
-    annotated_dir: str | None = None  # one annotated MP4 per stream
+    annotated_dir: str | None = None  # one annotated MP4 per stream (veil run)
+    # A live source's annotated video starts a new file past this size or this age.
+    annotated_rotate_mb: float = 512.0
+    annotated_rotate_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if self.annotated_rotate_mb <= 0 or self.annotated_rotate_s <= 0:
+            raise ConfigError("outputs: annotated_rotate_mb and annotated_rotate_s must be > 0")
 
 
 @dataclass(frozen=True)
@@ -199,6 +259,7 @@ class VeilConfig:
     outputs: OutputConfig = field(default_factory=OutputConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     signing: SigningConfig = field(default_factory=SigningConfig)
+    threads: ThreadsConfig = field(default_factory=ThreadsConfig)
 
     def __post_init__(self) -> None:
         ids = [s.id for s in self.streams]

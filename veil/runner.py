@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import json
-import statistics
+import hashlib
+import os
+import shlex
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,22 +26,32 @@ from typing import Any, TypeVar
 import structlog
 
 from stream.frames import Frame
-from stream.kafka import TopicNames, close_consumer, ensure_topics, make_consumer
+from stream.kafka import (
+    DEFAULT_TOPICS,
+    SequenceDeduper,
+    TopicNames,
+    close_consumer,
+    ensure_topics,
+    make_consumer,
+)
 from stream.runtime import Supervisor, stop_on_signals
 from stream.signing import (
     PIPELINE_ROLES,
-    ROLE_DETECT,
     RoleKeys,
     Verifier,
     keys_for,
     log_signing_state,
+    signing_enabled,
 )
-from stream.wire import CLEAN_PROFILE, DetectionMessage, decode_detection
+from stream.sources import LIVE_SCHEMES
+from stream.wire import CLEAN_PROFILE, DetectionMessage
 from veil.config import EMBEDDED, KafkaSecurityConfig, StreamConfig, TritonTlsConfig, VeilConfig
 from veil.detectors import load_decoder, load_detector
 from veil.detectors.base import InputGeometry, SplitDetector
-from veil.errors import ConfigError, ProfileError, VeilError, WireFormatError
+from veil.errors import ConfigError, ProfileError, VeilError
 from veil.observability import StatusServer
+from veil.outputs import DetectionTally, JsonlWriter, read_detection
+from veil.preflight import check_edge
 from veil.profiles import NoiseProfile, ProfileBank
 from workers.trusted.edge import EdgeStats, EdgeWorker
 from workers.trusted.obfuscator import Obfuscator, ProfileTable, pick_device
@@ -46,50 +59,86 @@ from workers.trusted.obfuscator import Obfuscator, ProfileTable, pick_device
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
-CACHE = Path.home() / ".cache" / "veil"
+# Caches and run files of `veil run`: $XDG_CACHE_HOME/veil, else ~/.cache/veil.
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "veil"
+ANNOTATE_BACKLOG = 256  # detections waiting for the annotated-video encoder, at most
 
 
 @dataclass
 class RunSummary:
+    """What ``veil run`` reports at its end: bounded counters, whatever the run's length."""
+
     edge: EdgeStats
-    detections: list[DetectionMessage] = field(default_factory=list)
+    tally: DetectionTally = field(default_factory=DetectionTally)
     seconds: float = 0.0
     device: str = "cpu"
+    alpha_command: str = ""
 
     def latencies(self) -> list[float]:
-        return [d.produced_time - d.capture_time for d in self.detections]
+        """End-to-end latencies: all of them, or a uniform sample of a long run's."""
+        return list(self.tally.latencies)
 
     def lines(self) -> list[str]:
-        lat = sorted(self.latencies())
-        per_stream: dict[str, list[int]] = {}
-        for d in self.detections:
-            per_stream.setdefault(d.stream_id, []).append(len(d.detections))
         out = [
             f"frames read {self.edge.frames_in}, published {self.edge.frames_published}, "
-            f"detections received for {len(self.detections)} frames in {self.seconds:.1f} s "
+            f"detections received for {self.tally.frames} frames in {self.seconds:.1f} s "
             f"on {self.device}",
         ]
         if self.edge.frames_published:
             per_frame = self.edge.bytes_published / self.edge.frames_published
             out.append(f"bytes per frame on the wire: {per_frame:,.0f}")
-        for sid, counts in sorted(per_stream.items()):
-            out.append(
-                f"stream {sid}: {len(counts)} frames, {sum(counts)} faces "
-                f"(mean {statistics.fmean(counts):.2f} per frame)"
-            )
-        if lat:
-            p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))]
-            out.append(
-                f"end-to-end latency p50 {statistics.median(lat) * 1000:.0f} ms, "
-                f"p99 {p99 * 1000:.0f} ms"
-            )
+        out.extend(self.tally.lines())
         for sid, err in self.edge.source_errors.items():
             out.append(f"stream {sid} failed: {err}")
+        if self.alpha_command:
+            out.append(f"change a stream's alpha while it runs: {self.alpha_command}")
         return out
 
 
-def default_bank(detector: SplitDetector, geometry: InputGeometry) -> Path:
-    return CACHE / "banks" / f"{detector.name}-{detector.weights_id[:12]}-{geometry}"
+def _model_key(detector: SplitDetector, geometry: InputGeometry) -> str:
+    return f"{detector.name}-{detector.weights_id[:12]}-{geometry}"
+
+
+def footage_key(source: str) -> str:
+    """A folder name for one piece of footage: its stem and a hash of its absolute path."""
+    path = Path(source).resolve()
+    return f"{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:10]}"
+
+
+def default_bank(
+    detector: SplitDetector, geometry: InputGeometry, footage: str | None = None
+) -> Path:
+    """The cache's bank for this model: one folder per footage profiles are calibrated on."""
+    root = CACHE / "banks" / _model_key(detector, geometry)
+    return root if footage is None else root / footage_key(footage)
+
+
+def default_repository(detector: SplitDetector, geometry: InputGeometry) -> Path:
+    return CACHE / "triton-repositories" / _model_key(detector, geometry)
+
+
+def calibrated_on(profile: NoiseProfile) -> str:
+    """The footage a profile was calibrated on, as its meta records it."""
+    return str(profile.meta.trained_on.get("source") or "unrecorded footage")
+
+
+def _same_footage(recorded: str, source: str) -> bool:
+    path = recorded.removeprefix("video:")
+    return Path(path).resolve() == Path(source).resolve()
+
+
+def _note_foreign_footage(
+    profiles: Sequence[NoiseProfile], bank_dir: Path, source: str, say: Callable[[str], None]
+) -> None:
+    for profile in profiles:
+        footage = calibrated_on(profile)
+        if not _same_footage(footage, source):
+            say(
+                f"note: the alpha {profile.alpha} profile in {bank_dir} was calibrated on "
+                f"{footage}, not on {source}; leave out --bank (profile_bank) to calibrate on "
+                f"{source} (once, cached), or `veil calibrate --video {source} --out DIR` and "
+                "pass --bank DIR"
+            )
 
 
 def ensure_profiles(
@@ -99,17 +148,31 @@ def ensure_profiles(
     alphas: list[float],
     calibration_source: str | None,
     say: Callable[[str], None],
+    *,
+    note_footage: bool = True,
 ) -> None:
-    """Calibrate missing alphas on the operator's own footage (the zero-config path)."""
-    bank = ProfileBank(bank_dir)
-    have = set(bank.alphas(detector.name, str(geometry)))
-    missing = sorted({round(a, 2) for a in alphas if a > 0} - have)
+    """Calibrate missing alphas on the operator's own footage (the zero-config path). With
+    ``note_footage``, say which footage each profile in use came from when it is not
+    ``calibration_source``."""
+    wanted = {round(a, 2) for a in alphas if a > 0}
+    found = [
+        p
+        for p in ProfileBank(bank_dir).profiles()
+        if p.meta.model == detector.name and p.meta.geometry == str(geometry)
+    ]
+    have = {p.alpha for p in found}
+    if calibration_source is not None and note_footage:
+        _note_foreign_footage(
+            [p for p in found if p.alpha in wanted], bank_dir, calibration_source, say
+        )
+    missing = sorted(wanted - have)
     if not missing:
         return
     if calibration_source is None:
         raise ProfileError(
             f"no calibrated profile for alpha(s) {missing} in {bank_dir}; available: "
-            f"{sorted(have) or 'none'}. Run `veil calibrate` first."
+            f"{sorted(have) or 'none'}. Run `veil calibrate --video <your footage> --out DIR` "
+            "first and pass --bank DIR (profile_bank)"
         )
     from veil.calibrate import calibrate, config_for, video_frames
 
@@ -142,13 +205,35 @@ def build_obfuscator(
         if config.model.geometry
         else detector.default_geometry
     )
+    explicit = config.profile_bank is not None
     bank_dir = (
-        Path(config.profile_bank) if config.profile_bank else default_bank(detector, geometry)
+        Path(config.profile_bank)
+        if config.profile_bank
+        else default_bank(detector, geometry, calibration_source)
     )
     alphas = [s.alpha for s in config.streams]
-    ensure_profiles(detector, geometry, bank_dir, alphas, calibration_source, say)
+    ensure_profiles(
+        detector, geometry, bank_dir, alphas, calibration_source, say, note_footage=explicit
+    )
     table = ProfileTable.from_bank(detector, geometry, ProfileBank(bank_dir), device)
-    return Obfuscator(detector, geometry, table, device, config.batching.cuda_streams)
+    return Obfuscator(
+        detector,
+        geometry,
+        table,
+        device,
+        config.batching.cuda_streams,
+        head_runtime=config.model.head_runtime,
+        threads=config.threads.for_role("edge", {"edge"}),  # serve() sets the edge role's
+    )
+
+
+def thread_group(config: VeilConfig, roles: Collection[str]) -> frozenset[str]:
+    """The roles of a graph of ``roles`` whose compute shares this host's cores: the edge, the
+    detect worker and, beside it, an embedded Triton (``threads``' default shares)."""
+    group = {r for r in roles if r in ("edge", "detect")}
+    if "detect" in group and config.triton.url == EMBEDDED:
+        group.add("triton")
+    return frozenset(group)
 
 
 @contextlib.asynccontextmanager
@@ -225,46 +310,33 @@ def export_tail(
 
 
 @contextlib.asynccontextmanager
-async def triton_for(config: VeilConfig, repo: Path, supervisor: Supervisor) -> AsyncIterator[str]:
-    """Triton's gRPC URL; an embedded tritonserver is a supervised child like the broker."""
+async def triton_for(
+    config: VeilConfig, repo: Path, supervisor: Supervisor, threads: int | None = None
+) -> AsyncIterator[str]:
+    """Triton's gRPC URL; an embedded tritonserver is a supervised child like the broker,
+    its Python models running ``threads`` torch threads."""
     triton_tls(config)  # refuses TLS settings for the embedded server before it starts
     if config.triton.url == EMBEDDED:
         from workers.untrusted.triton_server import EmbeddedTriton
 
-        async with EmbeddedTriton(repo) as server:
+        async with EmbeddedTriton(repo, threads=threads) as server:
             supervisor.add("triton", server.watch, background=True)
             yield server.grpc_url
     else:
         yield config.triton.url
 
 
-def read_detection(record: Any, verifier: Verifier | None = None) -> DetectionMessage | None:
-    """A detection record verified with the detect key (when ``verifier`` is given) and
-    decoded; None, with a warning, for one that is unsigned, forged, tampered or malformed."""
-    try:
-        if verifier is not None:
-            verifier.verify(record.key, record.value, record.headers or (), ROLE_DETECT)
-    except WireFormatError as exc:
-        log.warning("sink.unverified_detection", offset=record.offset, reason=str(exc))
-        return None
-    try:
-        return decode_detection(record.key, record.value, record.headers)
-    except WireFormatError as exc:
-        log.warning("sink.malformed_detection", reason=str(exc))
-        return None
-
-
 async def collect_detections(
     bootstrap: str,
     topics: TopicNames,
     streams: set[str],
-    sink: list[DetectionMessage],
     on_message: Callable[[DetectionMessage], None],
     verifier: Verifier | None = None,
     security: KafkaSecurityConfig | None = None,
 ) -> None:
     """A background stage of ``veil run``: the detections of ``streams``, once each (only
-    those the detect key signed, when ``verifier`` is given)."""
+    those the detect key signed, when ``verifier`` is given), handed to ``on_message``. Its
+    memory is bounded: redeliveries are dropped by a window per stream, nothing is kept."""
     consumer = await make_consumer(
         bootstrap,
         f"veil-sink-{time.time_ns()}",
@@ -272,20 +344,17 @@ async def collect_detections(
         client_id="veil-sink",
         security=security,
     )
-    seen: set[tuple[str, int]] = set()
+    seen = SequenceDeduper()
     try:
         while True:
             batches = await consumer.getmany(timeout_ms=100)
             for records in batches.values():
                 for r in records:
                     msg = read_detection(r, verifier)
-                    if msg is None:
+                    if msg is None or msg.stream_id not in streams:
                         continue
-                    if msg.stream_id not in streams or (msg.stream_id, msg.sequence) in seen:
-                        continue  # at-least-once: a redelivery
-                    seen.add((msg.stream_id, msg.sequence))
-                    sink.append(msg)
-                    on_message(msg)
+                    if seen.accept(msg.stream_id, msg.sequence):  # else a redelivery
+                        on_message(msg)
     finally:
         await close_consumer(consumer)
 
@@ -311,7 +380,8 @@ class Graph:
     supervisor: Supervisor
     edge: EdgeWorker | None = None
     detect: Any = None  # DetectWorker (imported lazily: the outside's module)
-    detections: list[DetectionMessage] = field(default_factory=list)
+    tally: DetectionTally = field(default_factory=DetectionTally)  # what the sink received
+    alpha_command: str = ""  # how an operator changes a stream's alpha on this graph
 
 
 async def serve(
@@ -343,27 +413,19 @@ async def serve(
         if "detect" in roles:
             # Under veil run the detect worker outlives the edge (it stops once drained).
             graph.detect = await _detect_role(
-                config, stack, sup, bootstrap, idempotent, keys["detect"], own_stop="sink" in roles
+                config, stack, sup, bootstrap, idempotent, keys["detect"], roles
             )
             say(f"detect worker: {graph.detect.manifest.detector} tail on {bootstrap}")
         if "edge" in roles:
             assert obfuscator is not None, "the edge role needs the trusted zone's obfuscator"
-            graph.edge = EdgeWorker(
-                config.streams,
-                obfuscator,
-                bootstrap,
-                idempotent=idempotent,
-                quantisation=config.kafka.payload,
-                batching=config.batching,
-                topics=topics_of(config),
-                max_request_size=config.kafka.max_request_size,
-                frame_hook=frame_hook,
-                signer=keys["edge"].signer,
-                control_verifier=keys["edge"].verifier,
-                security=kafka_security(config),
+            obfuscator.set_threads(config.threads.for_role("edge", thread_group(config, roles)))
+            graph.edge = _edge_role(
+                config, obfuscator, bootstrap, idempotent, keys["edge"], frame_hook
             )
             await stack.enter_async_context(graph.edge)
             graph.edge.attach(sup)
+            graph.alpha_command = alpha_command(config, bootstrap, obfuscator.table.alphas)
+            say(f"change a stream's alpha while this runs: {graph.alpha_command}")
         if "sink" in roles:
             _attach_sink(
                 config, graph, bootstrap, say, on_detection, settle_timeout_s, keys["sink"].verifier
@@ -373,6 +435,30 @@ async def serve(
         with stop_on_signals(sup):
             await sup.run()
     return graph
+
+
+def _edge_role(
+    config: VeilConfig,
+    obfuscator: Obfuscator,
+    bootstrap: str,
+    idempotent: bool,
+    keys: RoleKeys,
+    frame_hook: Callable[[Frame], None] | None,
+) -> EdgeWorker:
+    return EdgeWorker(
+        config.streams,
+        obfuscator,
+        bootstrap,
+        idempotent=idempotent,
+        quantisation=config.kafka.payload,
+        batching=config.batching,
+        topics=topics_of(config),
+        max_request_size=config.kafka.max_request_size,
+        frame_hook=frame_hook,
+        signer=keys.signer,
+        control_verifier=keys.verifier,
+        security=kafka_security(config),
+    )
 
 
 async def _stop_on(event: asyncio.Event, supervisor: Supervisor) -> None:
@@ -387,18 +473,25 @@ async def _detect_role(
     bootstrap: str,
     idempotent: bool,
     keys: RoleKeys,
-    *,
-    own_stop: bool,
+    roles: frozenset[str],
 ) -> Any:
+    """The detect worker (and an embedded Triton) of a graph of ``roles``: with its own stop
+    under veil run (a sink), each with the threads of its share of the host's cores."""
     from workers.untrusted.detect import DetectWorker
     from workers.untrusted.tail_client import TritonTail
     from workers.untrusted.triton_repo import TailManifest
 
+    if config.triton.model_repository is None:
+        raise ConfigError(
+            "triton.model_repository is not set: name the folder `veil export --out` wrote"
+        )
     repo = Path(config.triton.model_repository)
     manifest = TailManifest.read(repo)
     # The outside needs the architecture only, for anchors and box decoding: no weights.
     decoder = load_decoder(manifest.detector)
-    url = await stack.enter_async_context(triton_for(config, repo, supervisor))
+    group = thread_group(config, roles)
+    triton_threads = config.threads.for_role("triton", group)
+    url = await stack.enter_async_context(triton_for(config, repo, supervisor, triton_threads))
     tail = TritonTail(
         url,
         config.triton.model or manifest.python_model,
@@ -418,9 +511,10 @@ async def _detect_role(
         signer=keys.signer,
         verifier=keys.verifier,
         security=kafka_security(config),
+        threads=config.threads.for_role("detect", group),
     )
     await stack.enter_async_context(worker)
-    worker.attach(supervisor, stop=asyncio.Event() if own_stop else None)
+    worker.attach(supervisor, stop=asyncio.Event() if "sink" in roles else None)
     return worker
 
 
@@ -434,6 +528,7 @@ def _attach_sink(
     verifier: Verifier | None = None,
 ) -> None:
     def on_message(msg: DetectionMessage) -> None:
+        graph.tally.add(msg)
         if on_detection is not None:
             on_detection(msg)
 
@@ -445,7 +540,6 @@ def _attach_sink(
             bootstrap,
             topics_of(config),
             streams,
-            graph.detections,
             on_message,
             verifier,
             kafka_security(config),
@@ -461,11 +555,11 @@ async def _settle(graph: Graph, timeout_s: float, say: Callable[[str], None]) ->
     assert graph.edge is not None and graph.detect is not None
     await graph.edge.finished.wait()
     deadline = time.monotonic() + timeout_s
-    while len(graph.detections) < graph.edge.stats.frames_published:
+    while graph.tally.frames < graph.edge.stats.frames_published:
         if time.monotonic() > deadline:
             say(
                 f"gave up waiting after {timeout_s:.0f} s: "
-                f"{graph.edge.stats.frames_published - len(graph.detections)} frames have no "
+                f"{graph.edge.stats.frames_published - graph.tally.frames} frames have no "
                 "detections"
             )
             break
@@ -484,7 +578,13 @@ async def _status(
         yield
         return
     server = StatusServer(obs_config.http_port, lambda: supervisor.ready, obs_config.http_host)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:  # taken since the check before start
+        raise ConfigError(
+            f"observability.http_port: cannot listen on {obs_config.http_host}:"
+            f"{obs_config.http_port} ({exc.strerror or exc})"
+        ) from exc
     say(f"metrics and health on http://{server.host}:{server.port}/metrics")
     try:
         yield
@@ -492,6 +592,99 @@ async def _status(
         if supervisor.error is not None:
             await asyncio.sleep(obs_config.failure_linger_s)
         await server.stop()
+
+
+def alpha_command(config: VeilConfig, bootstrap: str, alphas: Sequence[float]) -> str:
+    """The ``veil alpha set`` command line that changes the first stream's alpha on this
+    broker (to another calibrated alpha when there is one); the other stream ids follow."""
+    first = config.streams[0]
+    others = [a for a in alphas if a != first.alpha]
+    value = others[0] if others else first.alpha
+    words = ["veil", "alpha", "set", first.id, f"{value:g}", "--bootstrap", bootstrap]
+    if config.kafka.topic_prefix != DEFAULT_TOPICS.prefix:
+        words += ["--topic-prefix", config.kafka.topic_prefix]
+    keys = config.signing.private_key
+    if keys is not None and Path(keys).is_dir():
+        words += [
+            "--key",
+            str(Path(keys) / "operator.key"),
+            "--edge-key",
+            str(Path(keys) / "edge.pub"),
+        ]
+    elif signing_enabled(config.signing):
+        words += ["--key", "OPERATOR_KEY", "--edge-key", "EDGE_PUB"]
+    command = shlex.join(words)
+    if len(config.streams) > 1:
+        command += f"  (streams: {', '.join(s.id for s in config.streams)})"
+    return command
+
+
+class _RunOutputs:
+    """``veil run``'s outputs as detections arrive: a JSON line each (appended, flushed), the
+    annotated videos (encoded on a thread of their own, which keeps the frames in order) and
+    the printed line."""
+
+    def __init__(
+        self,
+        config: VeilConfig,
+        rates: dict[str, Fraction | None],
+        say: Callable[[str], None],
+        print_detections: bool,
+    ) -> None:
+        self.say, self.print_detections = say, print_detections
+        out = config.outputs
+        self.jsonl = JsonlWriter(Path(out.jsonl)) if out.jsonl else None
+        self.annotator: Any = None
+        self.encoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="veil-annotate")
+        # Frames waiting for the encoder, at most: past it (an encoder slower than the stream),
+        # frames go unannotated and are counted, rather than queueing without bound.
+        self._backlog = threading.Semaphore(ANNOTATE_BACKLOG)
+        self.unannotated = 0
+        if out.annotated_dir:
+            from workers.trusted.annotate import AnnotatedWriter, Rotation
+
+            live = [s.id for s in config.streams if _is_live(s.source)]
+            rotation = Rotation(round(out.annotated_rotate_mb * 2**20), out.annotated_rotate_s)
+            self.annotator = AnnotatedWriter(Path(out.annotated_dir), rates, live, rotation)
+
+    @property
+    def frame_hook(self) -> Callable[[Frame], None] | None:
+        return self.annotator.keep if self.annotator is not None else None
+
+    def on_message(self, msg: DetectionMessage) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(msg)
+        if self.annotator is not None:
+            if self._backlog.acquire(blocking=False):
+                self.encoder.submit(self._annotate, msg)
+            else:
+                self.unannotated += 1
+        if self.print_detections:
+            self.say(describe(msg))
+
+    def _annotate(self, msg: DetectionMessage) -> None:
+        try:
+            self.annotator.on_detection(msg)
+        finally:
+            self._backlog.release()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.encoder.shutdown, True)
+        if self.unannotated:
+            self.say(f"annotated video: {self.unannotated} frames skipped (encoder behind)")
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.say(f"detections written to {self.jsonl.path} ({self.jsonl.lines} lines)")
+        if self.annotator is not None:
+            self.annotator.close()
+            for files in self.annotator.files.values():
+                for path, count in files:
+                    self.say(f"annotated video: {path} ({count} frames)")
+
+
+def _is_live(source: str) -> bool:
+    scheme, sep, _ = source.partition("://")
+    return bool(sep) and scheme.lower() in LIVE_SCHEMES
 
 
 async def run_pipeline(
@@ -506,54 +699,46 @@ async def run_pipeline(
 ) -> RunSummary:
     """``veil run``: every role on one host until the (file) sources end, then drain and
     stop. SIGTERM/SIGINT stop reading at once; what was already read is still published and
-    detected. Missing profiles are calibrated on the first file source."""
+    detected. Ports, sources and model files are checked before anything starts; missing
+    profiles are calibrated on the first file source; the tail is exported under the cache
+    folder unless ``triton.model_repository`` names one."""
     started = time.perf_counter()
     if not config.streams:
         raise ProfileError("no streams configured")
+    rates = check_edge(config)
     first_file = next((s.source for s in config.streams if "://" not in s.source), None)
     obfuscator = build_obfuscator(config, first_file if calibrate_missing else None, say)
-    repo = Path(config.triton.model_repository)
+    repo = config.triton.model_repository or default_repository(
+        obfuscator.detector, obfuscator.geometry
+    )
+    config = replace(config, triton=replace(config.triton, model_repository=str(repo)))
     # Every profile the zone may apply gets its tail served, so live alpha changes keep working.
-    export_tail(obfuscator.detector, obfuscator.geometry, repo, obfuscator.table.profiles)
-    annotator = None
-    # Video encoding blocks: one thread of its own, which also keeps the frames in order.
-    encoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="veil-annotate")
-    if config.outputs.annotated_dir:
-        from workers.trusted.annotate import AnnotatedWriter
-
-        annotator = AnnotatedWriter(Path(config.outputs.annotated_dir))
+    export_tail(obfuscator.detector, obfuscator.geometry, Path(repo), obfuscator.table.profiles)
+    outputs = _RunOutputs(config, rates, say, print_detections)
 
     def on_message(msg: DetectionMessage) -> None:
-        if annotator is not None:
-            encoder.submit(annotator.on_detection, msg)
-        if print_detections:
-            say(describe(msg))
+        outputs.on_message(msg)
         if on_detection is not None:
             on_detection(msg)
 
     say(f"device {obfuscator.device}; profiles {obfuscator.table.alphas}")
-    graph = await serve(
-        config,
-        frozenset({"edge", "detect", "sink"}),
-        obfuscator=obfuscator,
-        say=say,
-        on_detection=on_message,
-        settle_timeout_s=settle_timeout_s,
-        frame_hook=annotator.keep if annotator is not None else None,
-        stop=stop,
-    )
-    await asyncio.to_thread(encoder.shutdown, True)
-    if annotator is not None:
-        annotator.close()
-        for sid, count in annotator.written.items():
-            say(f"annotated video: {annotator.path(sid)} ({count} frames)")
+    try:
+        graph = await serve(
+            config,
+            frozenset({"edge", "detect", "sink"}),
+            obfuscator=obfuscator,
+            say=say,
+            on_detection=on_message,
+            settle_timeout_s=settle_timeout_s,
+            frame_hook=outputs.frame_hook,
+            stop=stop,
+        )
+    finally:
+        await outputs.close()
     assert graph.edge is not None
-    return RunSummary(
-        graph.edge.stats,
-        graph.detections,
-        time.perf_counter() - started,
-        str(obfuscator.device),
-    )
+    seconds = time.perf_counter() - started
+    device = str(obfuscator.device)
+    return RunSummary(graph.edge.stats, graph.tally, seconds, device, graph.alpha_command)
 
 
 def demo_streams(alpha: float = 0.8) -> tuple[StreamConfig, ...]:
@@ -564,25 +749,3 @@ def demo_streams(alpha: float = 0.8) -> tuple[StreamConfig, ...]:
         clip.parent.mkdir(parents=True, exist_ok=True)
         make_demo_clip(clip)
     return (StreamConfig(id="demo", source=str(clip), policy="lossless", alpha=alpha),)
-
-
-def write_jsonl(path: Path, detections: list[DetectionMessage]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as fh:
-        for d in detections:
-            fh.write(
-                json.dumps(
-                    {
-                        "stream": d.stream_id,
-                        "sequence": d.sequence,
-                        "pts": d.pts,
-                        "capture_time": d.capture_time,
-                        "produced_time": d.produced_time,
-                        "model": d.model,
-                        "profile_id": d.profile_id,
-                        "alpha": d.alpha,
-                        **d.detections.to_json(),
-                    }
-                )
-                + "\n"
-            )

@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from veil.detections import Detections
@@ -79,6 +79,37 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _host_pixels(frame: Frame | Tensor, index: int) -> Frame:
+    """A frame as a host ``H x W x 3`` uint8 array (a view where it already is one)."""
+    pixels = frame.cpu().numpy() if isinstance(frame, Tensor) else np.asarray(frame)
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+        raise ValueError(
+            f"frame {index}: expected an HxWx3 uint8 BGR image, got shape "
+            f"{tuple(pixels.shape)} dtype {pixels.dtype}"
+        )
+    return np.ascontiguousarray(pixels)
+
+
+def _input_buffer(
+    out: Tensor | None, n: int, geometry: InputGeometry, device: torch.device
+) -> Tensor:
+    """The first ``n`` inputs of ``out`` where it fits (float32, contiguous, on ``device``,
+    large enough), else a new uninitialised input."""
+    shape = (3, geometry.height, geometry.width)
+    fits = (
+        out is not None
+        and out.dtype == torch.float32
+        and out.device == device
+        and out.is_contiguous()
+        and tuple(out.shape[1:]) == shape
+        and out.shape[0] >= n
+    )
+    if fits:
+        assert out is not None  # for mypy
+        return out[:n]
+    return torch.empty((n, *shape), dtype=torch.float32, device=device)
 
 
 class SplitDetector(nn.Module, ABC):
@@ -163,38 +194,49 @@ class SplitDetector(nn.Module, ABC):
             )
 
     def preprocess(
-        self, frames: Sequence[Frame | Tensor], geometry: InputGeometry
+        self,
+        frames: Sequence[Frame | Tensor],
+        geometry: InputGeometry,
+        out: Tensor | None = None,
     ) -> tuple[Tensor, list[Letterbox]]:
         """Letterbox BGR uint8 frames into ``geometry`` and normalise, on the model's device.
 
-        Frames may differ in size. Resizing runs on the device (bilinear, as cv2.INTER_LINEAR
-        up to rounding), so on a GPU worker only uint8 pixels cross the PCIe bus.
+        Frames may differ in size. Each is resized as uint8 on the host (cv2.INTER_LINEAR; a
+        frame that already fits, such as 1080p into 1920x1088, is not resized), copied to the
+        device as uint8 and normalised there in one fused multiply-add into the input, whose
+        padding alone is zeroed. ``out`` (a float32 ``[M, 3, H, W]`` buffer on the device,
+        ``M >= len(frames)``, e.g. the previous call's result) is reused instead of a new input;
+        the batch returned is then a view of it.
         """
         self.check_geometry(geometry)
-        device = self.device
-        mean = torch.tensor(self.mean_bgr, device=device).view(3, 1, 1)
-        std = torch.tensor(self.std_bgr, device=device).view(3, 1, 1)
-        batch = torch.zeros(len(frames), 3, geometry.height, geometry.width, device=device)
+        batch = _input_buffer(out, len(frames), geometry, self.device)
+        shift, scale = self._normalisation(batch.device)
         boxes: list[Letterbox] = []
         for i, frame in enumerate(frames):
-            pixels = frame if isinstance(frame, Tensor) else torch.from_numpy(np.asarray(frame))
-            if pixels.dim() != 3 or pixels.shape[2] != 3 or pixels.dtype != torch.uint8:
-                raise ValueError(
-                    f"frame {i}: expected an HxWx3 uint8 BGR image, got shape "
-                    f"{tuple(pixels.shape)} dtype {pixels.dtype}"
-                )
-            h, w = int(pixels.shape[0]), int(pixels.shape[1])
-            scale = letterbox_scale(w, h, geometry)
-            new_w = min(geometry.width, max(1, round(w * scale)))
-            new_h = min(geometry.height, max(1, round(h * scale)))
-            img = pixels.to(device, non_blocking=True).permute(2, 0, 1).float()
+            pixels = _host_pixels(frame, i)
+            h, w = pixels.shape[:2]
+            scale_factor = letterbox_scale(w, h, geometry)
+            new_w = min(geometry.width, max(1, round(w * scale_factor)))
+            new_h = min(geometry.height, max(1, round(h * scale_factor)))
             if (new_h, new_w) != (h, w):
-                img = F.interpolate(
-                    img[None], size=(new_h, new_w), mode="bilinear", align_corners=False
-                )[0]
-            batch[i, :, :new_h, :new_w] = (img - mean) / std
-            boxes.append(Letterbox(scale, w, h))
+                resized = cv2.resize(pixels, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+                pixels = np.asarray(resized, dtype=np.uint8)
+            src = torch.from_numpy(pixels)
+            if batch.device.type != "cpu":
+                src = src.pin_memory().to(batch.device, non_blocking=True)
+            dst = batch[i]
+            torch.addcmul(shift, src.permute(2, 0, 1), scale, out=dst[:, :new_h, :new_w])
+            dst[:, new_h:].zero_()
+            dst[:, :new_h, new_w:].zero_()
+            boxes.append(Letterbox(scale_factor, w, h))
         return batch, boxes
+
+    def _normalisation(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(-mean / std, 1 / std)`` as ``[3, 1, 1]``: ``x * scale + shift`` normalises."""
+        std = torch.tensor(self.std_bgr, dtype=torch.float64)
+        mean = torch.tensor(self.mean_bgr, dtype=torch.float64)
+        shift = (-mean / std).to(device, torch.float32).view(3, 1, 1)
+        return shift, (1.0 / std).to(device, torch.float32).view(3, 1, 1)
 
     def decode(
         self,

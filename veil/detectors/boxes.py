@@ -22,32 +22,61 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Greedy non-maximum suppression; indices of kept boxes, by descending score.
 
     Same rule as the classic py_cpu_nms used by FaceBoxes/RetinaFace: a box is dropped when
-    its IoU with an already kept, higher-scoring box is strictly above the threshold. The IoU
-    matrix is computed once, then the greedy pass walks it on the CPU.
+    its IoU with an already kept, higher-scoring box is strictly above the threshold (boxes
+    pixel-inclusive: widths + 1). Vectorised: the overlapping pairs come from row blocks of
+    the IoU matrix (:func:`overlapping_pairs`), the greedy pass is their fixed point
+    (:func:`greedy_keep`); no Python loop runs over boxes.
     """
     if boxes.numel() == 0:
         return torch.zeros((0,), dtype=torch.long, device=boxes.device)
     order = torch.argsort(scores, descending=True, stable=True)
-    sorted_boxes = boxes[order].float()
-    # The original implementation adds 1 to widths (pixel-inclusive boxes); keep that so that
-    # results match the reference formulation.
-    x1, y1, x2, y2 = sorted_boxes.unbind(1)
+    first, second = overlapping_pairs(boxes[order].float(), iou_threshold)
+    keep = greedy_keep(len(order), first, second)
+    return order[torch.nonzero(keep).flatten()]
+
+
+def overlapping_pairs(
+    boxes: Tensor, iou_threshold: float, block: int = 512
+) -> tuple[Tensor, Tensor]:
+    """Index pairs ``(i, j)``, ``i < j``, of xyxy boxes whose IoU is above the threshold.
+
+    The upper triangle of the IoU matrix, a block of rows at a time: memory stays at a few
+    blocks of floats for thousands of boxes (noisy activations give up to top_k of them).
+    """
+    x1, y1, x2, y2 = boxes.unbind(1)
     areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    xx1 = torch.maximum(x1[:, None], x1[None, :])
-    yy1 = torch.maximum(y1[:, None], y1[None, :])
-    xx2 = torch.minimum(x2[:, None], x2[None, :])
-    yy2 = torch.minimum(y2[:, None], y2[None, :])
-    inter = (xx2 - xx1 + 1).clamp(min=0) * (yy2 - yy1 + 1).clamp(min=0)
-    iou = (inter / (areas[:, None] + areas[None, :] - inter)).cpu()
-    n = iou.shape[0]
-    suppressed = torch.zeros(n, dtype=torch.bool)
-    keep: list[int] = []
-    for i in range(n):
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        suppressed |= iou[i] > iou_threshold
-    return order[torch.tensor(keep, dtype=torch.long, device=order.device)]
+    n = len(boxes)
+    firsts: list[Tensor] = []
+    seconds: list[Tensor] = []
+    for start in range(0, n, block):
+        r, c = slice(start, min(n, start + block)), slice(start, n)
+        xx1 = torch.maximum(x1[r, None], x1[None, c])
+        yy1 = torch.maximum(y1[r, None], y1[None, c])
+        xx2 = torch.minimum(x2[r, None], x2[None, c])
+        yy2 = torch.minimum(y2[r, None], y2[None, c])
+        inter = (xx2 - xx1 + 1).clamp(min=0) * (yy2 - yy1 + 1).clamp(min=0)
+        over = (inter / (areas[r, None] + areas[None, c] - inter)) > iou_threshold
+        i, j = torch.nonzero(over.triu_(diagonal=1), as_tuple=True)
+        firsts.append(i + start)
+        seconds.append(j + start)
+    return torch.cat(firsts), torch.cat(seconds)
+
+
+def greedy_keep(n: int, first: Tensor, second: Tensor) -> Tensor:
+    """The greedy pass, vectorised: box j is kept iff no kept box i < j overlaps it, for the
+    overlapping pairs ``(first[k], second[k])`` (each ``first < second``) of ``n`` boxes.
+
+    Starting from "all kept", each step recomputes every box from the previous mask. The
+    boxes before the first one that changes are final, so the mask reaches the greedy
+    result (the only fixed point) in at most as many steps as the longest chain of boxes
+    that each suppress the next: a handful on detections.
+    """
+    keep = torch.ones(n, dtype=torch.bool, device=first.device)
+    while True:
+        new = torch.bincount(second[keep[first]], minlength=n) == 0
+        if torch.equal(new, keep):
+            return keep
+        keep = new
 
 
 def decode_ssd(loc: Tensor, priors: Tensor, variances: tuple[float, float]) -> Tensor:

@@ -3,8 +3,9 @@ into what may leave the trusted zone.
 
 Each frame gets its own stream's noise profile inside a mixed batch: the profiles' ``mu`` and
 ``sigma`` are stacked once on the device and indexed per frame. On a GPU the batch is split
-over several CUDA streams ("lanes"); each lane copies its frames from pinned host memory with
-non-blocking copies, so that one lane's copies overlap another's compute. On the CPU the same
+over several CUDA streams ("lanes"); each lane copies its (letterboxed, uint8) frames from
+pinned host memory with non-blocking copies, so that one lane's copies overlap another's
+compute. On the CPU the same
 code runs with lanes that are plain contexts.
 """
 
@@ -20,9 +21,10 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from stream.frames import Frame
+from stream.frames import Frame as StreamFrame
 from stream.wire import Envelope, EnvelopeFields, Provenance, ProvenanceFields
-from veil.detectors.base import InputGeometry, Letterbox, SplitDetector
+from veil.detectors.base import Frame, InputGeometry, Letterbox, SplitDetector
+from veil.detectors.head_runtime import build_head
 from veil.errors import ConfigError, ProfileError
 from veil.noise import entropy_generator
 from veil.profiles import NoiseProfile, ProfileBank, check_alpha
@@ -110,7 +112,14 @@ class ProfileTable:
 
 
 class Obfuscator:
-    """Synchronous batch step (run it in a worker thread): frames -> noisy activations."""
+    """Synchronous batch step (run it in a worker thread): frames -> noisy activations.
+
+    The head runs through ``head_runtime`` (:mod:`veil.detectors.head_runtime`: torch or
+    onnxruntime, ``auto`` picks the faster one for the device) with ``threads`` intra-op
+    threads, set again at the start of every :meth:`run` in the thread that runs it (torch's
+    OpenMP thread count is per thread), so that this role keeps its share of the host's cores
+    beside others in the same process. Each lane letterboxes into an input it reuses.
+    """
 
     def __init__(
         self,
@@ -119,12 +128,17 @@ class Obfuscator:
         table: ProfileTable,
         device: torch.device,
         lanes: int = 2,
+        *,
+        head_runtime: str = "auto",
+        threads: int | None = None,
     ) -> None:
         detector.check_geometry(geometry)
         self.detector = detector.to(device).eval().requires_grad_(False)
         self.geometry = geometry
         self.table = table
         self.device = device
+        self.threads = threads or torch.get_num_threads()
+        self.head = build_head(self.detector, geometry, device, head_runtime, self.threads)
         self.generator = entropy_generator(device)  # never a fixed seed in serving
         self.cuda = device.type == "cuda"
         self.streams = (
@@ -133,12 +147,20 @@ class Obfuscator:
             else []
         )
         self.lanes = max(1, lanes)
+        self._inputs: dict[int, Tensor] = {}  # per lane, the letterboxed input it reuses
         self.last_timing: dict[str, float] = {}
         # One provenance per table row, made once: every activation of that row carries it.
         self._provenance = [
             Provenance(detector.name, detector.weights_id, table.profile_id(r), table.alpha(r))
             for r in range(len(table.profiles) + 1)
         ]
+
+    def set_threads(self, threads: int) -> None:
+        """This role's intra-op threads (the head's runtime and torch's, from the next run)."""
+        if threads < 1:
+            raise ConfigError(f"threads must be at least 1, got {threads}")
+        self.threads = threads
+        self.head.set_threads(threads)
 
     @contextlib.contextmanager
     def _lane(self, i: int) -> Iterator[None]:
@@ -148,38 +170,46 @@ class Obfuscator:
         else:
             yield
 
-    def _pixels(self, frame: Frame) -> Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(frame.pixels))
-        return t.pin_memory() if self.cuda else t
+    def letterbox(self, pixels: Sequence[Frame], lane: int = 0) -> tuple[Tensor, list[Letterbox]]:
+        """The lane's input, refilled with ``pixels`` letterboxed and normalised."""
+        buffer = self._inputs.get(lane)
+        x, letterboxes = self.detector.preprocess(pixels, self.geometry, buffer)
+        if buffer is None or len(buffer) < len(x):
+            self._inputs[lane] = x  # the first or a larger batch: the next ones reuse it
+        return x, letterboxes
+
+    def add_noise(self, a: Tensor, rows: Tensor) -> Tensor:
+        """Each frame's own profile: ``a + mu[row] + sigma[row] * eps``, fresh ``eps``."""
+        rows = rows.to(self.device, non_blocking=True)
+        eps = torch.randn(a.shape, generator=self.generator, device=a.device, dtype=a.dtype)
+        return torch.addcmul(a + self.table.mu[rows], self.table.sigma[rows], eps)  # one pass less
 
     @torch.no_grad()
     def head_and_noise(
-        self, pixels: Sequence[Tensor], rows: Tensor, noise: bool = True
+        self, pixels: Sequence[Frame], rows: Tensor, noise: bool = True, lane: int = 0
     ) -> tuple[Tensor, list[Letterbox]]:
         """Device-side step on one lane: letterbox, head, per-frame noise."""
-        x, letterboxes = self.detector.preprocess(list(pixels), self.geometry)
-        a = self.detector.head(x)
-        if noise:
-            rows = rows.to(self.device, non_blocking=True)
-            eps = torch.randn(a.shape, generator=self.generator, device=a.device, dtype=a.dtype)
-            a = a + self.table.mu[rows] + self.table.sigma[rows] * eps
-        return a, letterboxes
+        x, letterboxes = self.letterbox(pixels, lane)
+        a = self.head(x)
+        return (self.add_noise(a, rows) if noise else a), letterboxes
 
-    def run(self, frames: Sequence[Frame], alphas: Sequence[float]) -> list[ObfuscatedFrame]:
+    def run(self, frames: Sequence[StreamFrame], alphas: Sequence[float]) -> list[ObfuscatedFrame]:
         """Obfuscate a mixed batch; ``alphas[i]`` is frame i's stream alpha."""
         if len(frames) != len(alphas):
             raise ValueError("one alpha per frame is needed")
         if not frames:
             return []
         started = time.perf_counter()
+        torch.set_num_threads(self.threads)
         rows = [self.table.row(a) for a in alphas]
         n_lanes = min(self.lanes, len(frames)) if self.cuda else 1
         chunks = np.array_split(np.arange(len(frames)), n_lanes)
         outputs: list[tuple[Tensor, list[Letterbox], npt.NDArray[np.int64]]] = []
         for lane, idx in enumerate(chunks):
             with self._lane(lane):
-                pixels = [self._pixels(frames[int(i)]) for i in idx]
-                act, lbs = self.head_and_noise(pixels, torch.tensor([rows[int(i)] for i in idx]))
+                pixels = [frames[int(i)].pixels for i in idx]
+                lane_rows = torch.tensor([rows[int(i)] for i in idx])
+                act, lbs = self.head_and_noise(pixels, lane_rows, lane=lane)
                 host = act.to("cpu", non_blocking=self.cuda)
                 outputs.append((host, lbs, idx))
         if self.cuda:

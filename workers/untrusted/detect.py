@@ -202,8 +202,11 @@ class DetectWorker:
         signer: Signer | None = None,
         verifier: Verifier | None = None,
         security: KafkaSecurityConfig | None = None,
+        threads: int | None = None,
     ) -> None:
         self.bootstrap = bootstrap_servers
+        # Torch threads of box decoding, set in the thread that decodes (None: torch's).
+        self.threads = threads
         self.security = security  # how the consumer and the producer connect (TLS, SASL)
         # A single tail stands for its backend: the other models of the manifest get clients.
         self.router = (
@@ -493,7 +496,8 @@ class DetectWorker:
     async def _infer_group(self, model: str, items: list[_Item]) -> None:
         """A rejected request is retried message by message: only the messages Triton still
         rejects become dead letters (with Triton's reason)."""
-        stacked = np.stack([i.activation.payload for i in items]).astype(np.float32, copy=False)
+        # float16 payloads stay float16 to Triton (the tail takes FP16; int8 ones arrive float32).
+        stacked = np.stack([i.activation.payload for i in items])
         try:
             raw = await self._infer_retrying(model, stacked)
         except ConfigError as exc:
@@ -535,7 +539,7 @@ class DetectWorker:
         items = [i for i in batch.ok() if i.raw is not None]
         if not items:
             return
-        detections = await blocking("box decoding", self._decode_isolated, items)
+        detections = await blocking("box decoding", self._decode_in_thread, items)
         produced = time.time()
         for item, dets in zip(items, detections, strict=True):
             if isinstance(dets, str):
@@ -545,6 +549,11 @@ class DetectWorker:
                 item.out = self._detection_record(item.activation, dets, produced)
             except WireFormatError as exc:
                 item.reason = f"the tail's detections cannot be published: {exc}"
+
+    def _decode_in_thread(self, items: list[_Item]) -> list[Detections | str]:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)  # per thread under OpenMP: this role's share
+        return self._decode_isolated(items)
 
     def _decode_isolated(self, items: list[_Item]) -> list[Detections | str]:
         """Detections per item; when the batch fails, item by item, a failure's reason."""

@@ -44,6 +44,9 @@ from workers.untrusted.triton_repo import (
 )
 
 FloatArray = npt.NDArray[np.float32]
+ActivationArray = npt.NDArray[np.floating[Any]]  # float16 as from the wire, or float32
+# The input types a tail may declare, and the numpy type each is sent as.
+_INPUT_TYPES: dict[str, type[np.floating[Any]]] = {"FP16": np.float16, "FP32": np.float32}
 
 _RETRIABLE_STATUSES = {
     "StatusCode.UNAVAILABLE",
@@ -86,6 +89,7 @@ class TailSignature:
     """What the served model takes and returns, as read from the server."""
 
     input_name: str
+    datatype: str  # FP16 (veil's exports) or FP32 (older ones); activations are sent as it
     activation_shape: tuple[int, int, int]
     output_names: tuple[str, ...]  # as the server names them, in the tail's order
     max_batch_size: int
@@ -152,15 +156,22 @@ class TritonTail:
     ) -> None:
         await self.stop()
 
-    async def infer(self, activations: FloatArray) -> tuple[FloatArray, ...]:
-        """``[N, C, H, W]`` float32 activations -> the tail's raw outputs, each ``[N, ...]``.
+    async def infer(self, activations: ActivationArray) -> tuple[FloatArray, ...]:
+        """``[N, C, H, W]`` float16 or float32 activations -> the tail's raw outputs, each
+        ``[N, ...]``. They are sent in the model's input type: a float16 payload to an FP16
+        tail (veil's exports) as it is, without a copy.
 
         Batches larger than the model's ``max_batch_size`` are sent as concurrent chunks.
         """
         signature = self.signature
-        if not isinstance(activations, np.ndarray) or activations.dtype != np.float32:
+        if (
+            not isinstance(activations, np.ndarray)
+            or activations.dtype not in _INPUT_TYPES.values()
+        ):
             kind = activations.dtype if isinstance(activations, np.ndarray) else type(activations)
-            raise ConfigError(f"{self.model_name}: activations must be a float32 array, not {kind}")
+            raise ConfigError(
+                f"{self.model_name}: activations must be a float16 or float32 array, not {kind}"
+            )
         if activations.ndim != 4 or activations.shape[1:] != signature.activation_shape:
             raise ConfigError(
                 f"{self.model_name}: activations of shape {activations.shape} do not fit the "
@@ -175,10 +186,11 @@ class TritonTail:
             return results[0]
         return tuple(np.concatenate(parts) for parts in zip(*results, strict=True))
 
-    async def _infer_chunk(self, chunk: FloatArray) -> tuple[FloatArray, ...]:
+    async def _infer_chunk(self, chunk: ActivationArray) -> tuple[FloatArray, ...]:
         signature = self.signature
-        request = InferInput(signature.input_name, list(chunk.shape), "FP32")
-        request.set_data_from_numpy(np.ascontiguousarray(chunk))
+        request = InferInput(signature.input_name, list(chunk.shape), signature.datatype)
+        wanted = _INPUT_TYPES[signature.datatype]
+        request.set_data_from_numpy(np.ascontiguousarray(chunk, dtype=wanted))
         outputs = [InferRequestedOutput(name) for name in signature.output_names]
         result = await self._call(self._client.infer, self.model_name, [request], outputs=outputs)
         arrays: list[FloatArray] = []
@@ -221,10 +233,10 @@ def _signature(
         raise ConfigError(f"model {model!r} has {len(metadata.inputs)} inputs; a tail has one")
     tensor = metadata.inputs[0]
     dims = [int(d) for d in tensor.shape]
-    if tensor.datatype != "FP32" or config.max_batch_size < 1 or len(dims) != 4:
+    if tensor.datatype not in _INPUT_TYPES or config.max_batch_size < 1 or len(dims) != 4:
         raise ConfigError(
             f"model {model!r} takes {tensor.datatype} {dims} with max_batch_size "
-            f"{config.max_batch_size}; a tail takes batched FP32 [N, C, H, W]"
+            f"{config.max_batch_size}; a tail takes batched FP16 or FP32 [N, C, H, W]"
         )
     c, h, w = dims[1:]
     served_names = [output.name for output in metadata.outputs]
@@ -253,7 +265,14 @@ def _signature(
             )
         _check_tail_sha256(model, config, manifest)
         ordered = tuple(by_base[name] for name in manifest.output_names)
-    return TailSignature(tensor.name, (c, h, w), ordered, int(config.max_batch_size), weights_id)
+    return TailSignature(
+        tensor.name,
+        tensor.datatype,
+        (c, h, w),
+        ordered,
+        int(config.max_batch_size),
+        weights_id,
+    )
 
 
 def _check_tail_sha256(model: str, config: Any, manifest: TailManifest) -> None:
@@ -341,7 +360,7 @@ class TailRouter:
     async def stop(self) -> None:
         await asyncio.gather(*(self.tails[name].stop() for name in sorted(self._owned)))
 
-    async def infer(self, profile_id: str, activations: FloatArray) -> tuple[FloatArray, ...]:
+    async def infer(self, profile_id: str, activations: ActivationArray) -> tuple[FloatArray, ...]:
         """Run ``activations`` (all of one profile) through that profile's tail."""
         model = self.model_for(profile_id)
         if model is None:

@@ -1,6 +1,7 @@
 """Export a detector's tail as a Triton model repository.
 
-Two models serve the same TorchScript of the tail:
+Two models serve the same TorchScript of the tail; both take the activation in FP16, as it
+travels on the wire (the TorchScript casts it to float32 first), and return FP32:
 
 * ``<name>_tail``: Python backend (the only backend in the ``nvidia-pytriton`` wheel that
   :mod:`workers.untrusted.triton_server` runs); ``1/model.py`` runs ``1/tail.pt`` with torch.
@@ -58,6 +59,8 @@ DEFAULT_OUTPUT_NAMES = ("loc", "conf", "landmarks")
 # config.pbtxt parameters; the client reads the veil_* ones back to check the tail it talks to.
 SITE_PACKAGES_PARAMETER = "veil_site_packages"
 SITE_PACKAGES_ENV = "VEIL_TRITON_SITE_PACKAGES"
+# Torch threads of the Python model (threads.triton, set by EmbeddedTriton); unset: torch's.
+THREADS_ENV = "VEIL_TRITON_THREADS"
 WEIGHTS_ID_PARAMETER = "veil_weights_id"
 DETECTOR_PARAMETER = "veil_detector"
 GEOMETRY_PARAMETER = "veil_geometry"
@@ -217,14 +220,15 @@ class TailManifest:
 
 
 class _Tail(nn.Module):
-    """The tail as a module's ``forward``, which is what tracing and Triton call."""
+    """The tail as a module's ``forward``, which is what tracing and Triton call: it takes
+    the float16 activation as it travelled on the wire and computes in float32."""
 
     def __init__(self, detector: SplitDetector) -> None:
         super().__init__()
         self.detector = detector
 
     def forward(self, activation: Tensor) -> tuple[Tensor, ...]:
-        return tuple(self.detector.tail(activation))
+        return tuple(self.detector.tail(activation.float()))
 
 
 def export_model_repository(
@@ -424,6 +428,7 @@ def python_model_source() -> str:
         "\n"
         f"SITE_PACKAGES_PARAMETER = {SITE_PACKAGES_PARAMETER!r}\n"
         f"SITE_PACKAGES_ENV = {SITE_PACKAGES_ENV!r}\n"
+        f"THREADS_ENV = {THREADS_ENV!r}\n"
         f"TORCHSCRIPT_FILE = {TORCHSCRIPT_FILE!r}\n"
         "\n\n"
     )
@@ -487,6 +492,8 @@ class TritonPythonModel:
             self._device = torch.device(f"cuda:{args['model_instance_device_id']}")
         else:
             self._device = torch.device("cpu")
+        if os.environ.get(THREADS_ENV):
+            torch.set_num_threads(int(os.environ[THREADS_ENV]))
         path = Path(args["model_repository"]) / args["model_version"] / TORCHSCRIPT_FILE
         self._tail = torch.jit.load(str(path), map_location=self._device).eval()  # type: ignore[no-untyped-call]
         self._input_name: str = config["input"][0]["name"]
@@ -497,7 +504,7 @@ class TritonPythonModel:
         # TorchScript's profiling executor optimises on the first calls: pay that while the
         # server is starting rather than on the first requests.
         dims = [int(d) for d in config["input"][0]["dims"]]  # int64s come as JSON strings
-        probe = torch.zeros(1, *dims, device=self._device)
+        probe = torch.zeros(1, *dims, device=self._device, dtype=torch.float16)
         with torch.inference_mode():
             for _ in range(2):
                 self._tail(probe)
@@ -543,7 +550,7 @@ class _ConfigCommon:
     ) -> Any:
         config = model_config_pb2.ModelConfig(name=name, max_batch_size=self.max_batch_size)
         config.input.add(
-            name=input_name, data_type=model_config_pb2.TYPE_FP32, dims=self.activation_shape
+            name=input_name, data_type=model_config_pb2.TYPE_FP16, dims=self.activation_shape
         )
         for out_name, shape in zip(output_names, self.output_shapes, strict=True):
             config.output.add(name=out_name, data_type=model_config_pb2.TYPE_FP32, dims=shape)
@@ -559,13 +566,13 @@ class _ConfigCommon:
 
 def _trace_tail(source: SplitDetector, activation_shape: tuple[int, int, int]) -> Any:
     generator = torch.Generator().manual_seed(0)
-    example = torch.randn(_TRACE_BATCH, *activation_shape, generator=generator)
+    example = torch.randn(_TRACE_BATCH, *activation_shape, generator=generator).half()
     with torch.no_grad(), _torchscript_deprecations_silenced():
         # check_trace would trace a second time; the batch-3 check below covers more.
         traced = torch.jit.trace(_Tail(source), example, check_trace=False)  # type: ignore[no-untyped-call]
         frozen = torch.jit.freeze(traced.eval())
-        check = torch.randn(_CHECK_BATCH, *activation_shape, generator=generator)
-        expected = source.tail(check)
+        check = torch.randn(_CHECK_BATCH, *activation_shape, generator=generator).half()
+        expected = source.tail(check.float())
         got = frozen(check)
     for i, (e, g) in enumerate(zip(expected, got, strict=True)):
         if e.shape != g.shape or not torch.allclose(

@@ -44,7 +44,7 @@ from stream.runtime import die_with_parent, watch_child
 from veil.config import TritonTlsConfig
 from veil.errors import ConfigError, ServiceError
 from workers.untrusted.tail_client import grpc_client
-from workers.untrusted.triton_repo import SITE_PACKAGES_ENV, TailManifest
+from workers.untrusted.triton_repo import SITE_PACKAGES_ENV, THREADS_ENV, TailManifest
 
 _LOG_TAIL_CHARS = 4000
 _EXIT_TIMEOUT_S = 5  # Triton's own grace period for in-flight requests on shutdown
@@ -109,7 +109,11 @@ class EmbeddedTriton:
         server_key: Path | str | None = None,
         client_ca: Path | str | None = None,
         client_tls: TritonTlsConfig | None = None,
+        threads: int | None = None,
     ) -> None:
+        if threads is not None and threads < 1:
+            raise ConfigError(f"threads.triton must be at least 1, got {threads}")
+        self.threads = threads  # torch threads of the Python models (None: torch's default)
         self._tls_flags = _tls_flags(server_cert, server_key, client_ca, client_tls)
         self.client_tls = client_tls if self._tls_flags else None
         self.model_repository = Path(model_repository).resolve()
@@ -279,6 +283,8 @@ class EmbeddedTriton:
         env[SITE_PACKAGES_ENV] = os.pathsep.join(
             dict.fromkeys([paths["purelib"], paths["platlib"]])
         )
+        if self.threads is not None:
+            env[THREADS_ENV] = str(self.threads)
         return env
 
     async def _wait_ready(self, deadline: float) -> None:
