@@ -23,15 +23,21 @@ $VEIL privacy "${FB[@]}" --bank runs/bank-faceboxes --max-train 200 --max-eval-p
     --deployed-alpha 0.9 --out runs/privacy-faceboxes
 $VEIL privacy "${FB[@]}" --bank runs/bank-faceboxes --accuracy runs/fddb-faceboxes.json \
     --attach-accuracy-only --out runs/privacy-faceboxes
-# 3b. RetinaFace (the default detector): tuned-tail profiles for alpha 0.9 and 0.95, then the
-#     same report (reconstructions at 320x320). About 25 minutes.
-.venv/bin/python scripts/noise_sweep.py --model retinaface --geometry 640x640 --alphas 0.9 0.95 \
-    --epochs 6 --images 300 --initial-sigma 0.5 --task-weight 30 --tail-lr 1e-4 \
-    --save-bank runs/sweep-bank-retina-tw30
-$VEIL privacy --model retinaface --geometry 640x640 --bank runs/sweep-bank-retina-tw30 \
-    --max-train 200 --max-eval-per-fold 4 --distractors-per-fold 6 --epochs 8 --image-size 320 \
-    --rmle-images 20 --rmle-steps 60 --deployed-alpha 0.9 --out runs/privacy-retinaface
+# 3b. RetinaFace (the default detector, split after MobileNet stage 2): the default alphas with
+#     tuned tails (about 20 minutes), FDDB clean and every alpha, the whole original network
+#     (retinaface-stage1, clean) for reference, then the same report (reconstructions at
+#     320x320; about an hour).
+RF=(--model retinaface --geometry 640x640)
+$VEIL calibrate "${RF[@]}" --images "$DATA/widerface/WIDER_val/images" --max-images 300 \
+    --epochs 8 --task-weight 5 --initial-sigma 1.0 --out runs/bank-retinaface
+$VEIL eval fddb "${RF[@]}" --dataset "$DATA/fddb" --bank runs/bank-retinaface --all-alphas \
+    --draws 1 --json runs/fddb-retinaface.json
+$VEIL eval fddb --model retinaface-stage1 --geometry 640x640 --dataset "$DATA/fddb" \
+    --json runs/fddb-retinaface-original.json
+$VEIL privacy "${RF[@]}" --bank runs/bank-retinaface --max-train 200 --max-eval-per-fold 4 \
+    --distractors-per-fold 6 --epochs 8 --image-size 320 --rmle-images 20 --rmle-steps 60 \
+    --deployed-alpha 0.8 --out runs/privacy-retinaface
+$VEIL privacy "${RF[@]}" --bank runs/bank-retinaface --accuracy runs/fddb-retinaface.json \
+    --attach-accuracy-only --out runs/privacy-retinaface
 # 4. Trusted-zone cost and pipeline throughput on the 1080p clip.
-# (RetinaFace's table: calibrate with --model retinaface --geometry 640x640 --max-images 100
-#  --epochs 4 --out runs/bank-retinaface, then step 2 with those flags and --draws 1.)
 $VEIL bench --json runs/bench-faceboxes.json

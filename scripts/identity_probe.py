@@ -5,6 +5,9 @@ trains only the inversion decoder per setting and scores rank-1 re-identificatio
 faces with dlib, to compare calibration settings cheaply. Example::
 
     python scripts/identity_probe.py --model faceboxes --bank runs/sweep-bank --epochs 8
+    python scripts/identity_probe.py --model retinaface-stage1 --geometry 640x640 --image-size 320
+
+Without ``--bank`` only the clean activation is attacked (comparing split points).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="faceboxes")
     p.add_argument("--geometry", default="1024x1024")
-    p.add_argument("--bank", required=True)
+    p.add_argument("--bank", help="profile bank to attack (default: the clean activation only)")
     p.add_argument("--train-images", type=int, default=200)
     p.add_argument("--eval-per-fold", type=int, default=6)
     p.add_argument("--image-size", type=int, default=256)
@@ -68,7 +71,7 @@ def main() -> None:
     settings = [(NoiseModel.clean(shape), "clean")] if args.clean else []  # type: ignore[arg-type]
     settings += [
         (NoiseModel.from_profile(pr), f"alpha {pr.alpha:.2f} {pr.profile_id[:8]}")
-        for pr in ProfileBank(args.bank).profiles()
+        for pr in (ProfileBank(args.bank).profiles() if args.bank else [])
     ]
     for noise, label in settings:
         observed = noise.observe(evals.activations, torch.Generator().manual_seed(1))

@@ -242,23 +242,43 @@ class ProfileBank:
     def get(
         self,
         alpha: float,
-        model: str,
-        weights_id: str,
-        geometry: InputGeometry,
+        model: str | None = None,
+        weights_id: str | None = None,
+        geometry: InputGeometry | str | None = None,
     ) -> NoiseProfile:
-        """The profile for exactly this alpha, checked against the serving model."""
+        """The profile for exactly this alpha, checked against the serving model.
+
+        ``model``, ``weights_id`` and ``geometry`` narrow the choice and are checked when
+        given; without them the bank must hold one profile of that alpha (else a ProfileError
+        lists what it holds). ``veil.api.Bank.profile`` passes all three.
+        """
         alpha = check_alpha(alpha)
+        wanted = None if geometry is None else str(geometry)
         candidates = [
             p
             for p in self.profiles()
-            if p.alpha == alpha and p.meta.model == model and p.meta.geometry == str(geometry)
+            if p.alpha == alpha
+            and (model is None or p.meta.model == model)
+            and (wanted is None or p.meta.geometry == wanted)
         ]
         if not candidates:
-            available = self.alphas(model, str(geometry))
+            available = self.alphas(model, wanted)
+            serving = f" ({model or 'any model'}, {wanted or 'any geometry'})"
             raise ProfileError(
-                f"no calibrated profile for alpha {alpha} ({model}, {geometry}) in {self.root}; "
+                f"no calibrated profile for alpha {alpha}{serving} in {self.root}; "
                 f"available alphas: {available or 'none'}"
             )
+        if len(candidates) > 1:
+            held = ", ".join(sorted(f"{p.meta.model} {p.meta.geometry}" for p in candidates))
+            raise ProfileError(
+                f"{self.root} holds {len(candidates)} profiles for alpha {alpha} ({held}): "
+                "pass model= and geometry= to choose"
+            )
         profile = candidates[0]
-        profile.check_fits(model, weights_id, geometry)
+        meta = profile.meta
+        profile.check_fits(
+            model or meta.model,
+            weights_id or meta.weights_id,
+            InputGeometry.parse(wanted or meta.geometry),
+        )
         return profile

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from veil.detectors.base import InputGeometry, Letterbox, SplitDetector
 from veil.detectors.faceboxes import SPLITS, FaceBoxes
@@ -50,7 +52,30 @@ def load_decoder(name: str) -> SplitDetector:
     if key not in DETECTORS:
         raise ConfigError(f"unknown detector {name!r}; known detectors: {', '.join(DETECTORS)}")
     model: SplitDetector = RetinaFace(key) if key in RETINAFACE_SPLITS else FaceBoxes(key)
-    return model.eval().requires_grad_(False)
+    return refuse_head(model.eval().requires_grad_(False))
+
+
+_GUARDED = "_veil_head_refused"
+
+
+def refuse_head(model: SplitDetector) -> SplitDetector:
+    """``model`` with a hook on each head module that raises a one-line ConfigError when it
+    runs (tail, priors and decoding still work). Idempotent; returns ``model``."""
+    if getattr(model, _GUARDED, False):
+        return model
+    message = (
+        f"{model.name}: this decoder holds no weights of the head (load_decoder builds the "
+        "architecture only, to decode a tail's outputs); run heads with load_detector() "
+        "inside the trusted zone"
+    )
+
+    def refuse(module: nn.Module, args: Any) -> None:
+        raise ConfigError(message)
+
+    for prefix in model.head_modules:
+        model.get_submodule(prefix).register_forward_pre_hook(refuse)
+    setattr(model, _GUARDED, True)
+    return model
 
 
 __all__ = [
@@ -62,4 +87,5 @@ __all__ = [
     "SplitDetector",
     "load_decoder",
     "load_detector",
+    "refuse_head",
 ]
