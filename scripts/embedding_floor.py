@@ -55,8 +55,9 @@ def main() -> None:
     mean = np.concatenate(attacker.embeddings).mean(axis=0, keepdims=True)
     faces = len(ctx.gallery.rows(range(len(ctx.evals))))
     scored = score_embeddings(ctx, np.repeat(mean, faces, axis=0), range(len(ctx.evals)), "mean", 0)
-    print(json.dumps({"rank1": str(scored.scores.identity.rank1),
-                      "same_person": str(scored.scores.identity.same_person)}))
+    identity = scored.scores.identity
+    assert identity is not None  # embeddings are always scored for identity
+    print(json.dumps({"rank1": str(identity.rank1), "same_person": str(identity.same_person)}))
 
 
 if __name__ == "__main__":
