@@ -11,6 +11,9 @@ A role is a graph of **stages**, asyncio tasks joined by bounded :class:`Channel
   last item, and :meth:`Supervisor.run` returns when every foreground stage has ended;
 * background stages (control readers, watchdogs) never keep a graph alive: they are cancelled
   once the foreground has ended;
+* stages may be added while the graph runs (a stream added at runtime); a foreground stage that
+  returns is simply done (a stream removed on purpose ends its reader that way), only one
+  that raises fails the graph;
 * work that blocks (PyAV decode, torch, NMS, video encode) goes through :func:`blocking`, which
   runs it in a thread and names it, and a loop watchdog logs whenever the loop stalled anyway;
 * transient faults (broker, Triton, network) are retried by :func:`retry` with exponential
@@ -87,7 +90,8 @@ class Channel(Generic[T]):
     """A bounded queue between stages that ends: ``async for item in channel``.
 
     Each producer calls :meth:`close` once when done; the consumer's iteration ends after the
-    last item of the last producer. :meth:`put` waits while the channel is full (backpressure).
+    last item of the last producer. :meth:`put` waits while the channel is full (backpressure),
+    producers in the order they came (none is starved by another).
     """
 
     def __init__(self, name: str, capacity: int, producers: int = 1) -> None:
@@ -96,9 +100,19 @@ class Channel(Generic[T]):
         self.name = name
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=capacity)
         self._open_producers = producers
+        # Producers wait their turn in order: asyncio.Queue alone lets a producer that always
+        # has an item take every freed slot, and starve another (a lossless stream).
+        self._turn = asyncio.Lock()
 
     async def put(self, item: T) -> None:
-        await self._queue.put(item)
+        async with self._turn:
+            await self._queue.put(item)
+
+    def add_producer(self) -> None:
+        """One more producer (a stage added while the graph runs) that will :meth:`close`."""
+        if self.closed:
+            raise ConfigError(f"channel {self.name} has ended: no producer can join it")
+        self._open_producers += 1
 
     async def close(self) -> None:
         """This producer is done; the last one to close ends the channel."""
@@ -222,15 +236,24 @@ class Supervisor:
         self.failed_stage: str | None = None
         self._stages: list[_Stage] = []
         self._running = False
+        self._ended = False
         self._gates: list[Callable[[], bool]] = []
+        self._tasks: dict[asyncio.Task[None], _Stage] = {}
+        self._added = asyncio.Event()  # wakes run() when a stage joins the running graph
 
     def add(
         self, name: str, factory: Callable[[], Awaitable[None]], *, background: bool = False
     ) -> None:
-        """A stage: ``factory()`` is awaited as its own task once :meth:`run` starts."""
-        if self._running:
-            raise ConfigError(f"{self.name}: stage {name} added after the graph started")
-        self._stages.append(_Stage(name, factory, background))
+        """A stage: ``factory()`` is awaited as its own task once :meth:`run` starts, or at
+        once while it runs (refused once the graph is stopping or has ended)."""
+        if self._ended or self.stopping.is_set() or self.error is not None:
+            raise ConfigError(f"{self.name}: stage {name} added after the graph stopped")
+        stage = _Stage(name, factory, background)
+        if not self._running:
+            self._stages.append(stage)
+            return
+        self._tasks[asyncio.create_task(_named(stage), name=f"{self.name}:{name}")] = stage
+        self._added.set()
 
     def ready_when(self, gate: Callable[[], bool]) -> None:
         """Readiness also needs ``gate()`` (e.g. at least one source up)."""
@@ -264,36 +287,50 @@ class Supervisor:
         if self._running:
             raise ConfigError(f"{self.name}: run() called twice")
         self._running = True
-        tasks = {
-            asyncio.create_task(_named(stage), name=f"{self.name}:{stage.name}"): stage
-            for stage in self._stages
-        }
+        tasks = self._tasks
+        for stage in self._stages:
+            tasks[asyncio.create_task(_named(stage), name=f"{self.name}:{stage.name}")] = stage
         tasks[asyncio.create_task(_watch_loop(), name=f"{self.name}:loop-watchdog")] = _Stage(
             "loop-watchdog", _watch_loop, background=True
         )
         try:
             await self._until_done(tasks)
         finally:
+            self._ended = True
             await self._cancel(t for t in tasks if not t.done())
             self._running = False
         if self.error is not None:
             raise self.error
 
     async def _until_done(self, tasks: dict[asyncio.Task[None], _Stage]) -> None:
-        foreground = {t for t, s in tasks.items() if not s.background}
-        pending = set(tasks)
-        while foreground & pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                stage = tasks[task]
-                if task.cancelled():
-                    continue
-                error = task.exception()
-                if error is not None:
-                    self.fail(stage.name, _as_veil_error(stage.name, error))
+        """Until no foreground stage is left (stages added meanwhile included) or one fails."""
+        seen: set[asyncio.Task[None]] = set()
+        while any(t not in seen and not s.background for t, s in tasks.items()):
+            self._added.clear()
+            added = asyncio.create_task(_until_set(self._added))
+            try:
+                done, _ = await asyncio.wait(
+                    {t for t in tasks if t not in seen} | {added},
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                added.cancel()
+            for task in done - {added}:
+                seen.add(task)
+                if self._ended_badly(task, tasks[task]):
                     return
-                if stage.background:
-                    log.info("runtime.background_stage_ended", graph=self.name, stage=stage.name)
+
+    def _ended_badly(self, task: asyncio.Task[None], stage: _Stage) -> bool:
+        """Record a stage's end: True when it raised (the graph fails)."""
+        if task.cancelled():
+            return False
+        error = task.exception()
+        if error is not None:
+            self.fail(stage.name, _as_veil_error(stage.name, error))
+            return True
+        if stage.background:
+            log.info("runtime.background_stage_ended", graph=self.name, stage=stage.name)
+        return False
 
     async def _cancel(self, tasks: Iterable[asyncio.Task[None]]) -> None:
         pending = list(tasks)
@@ -303,6 +340,10 @@ class Supervisor:
             _, stuck = await asyncio.wait(pending, timeout=self.cancel_timeout_s)
             for task in stuck:
                 log.error("runtime.stage_stuck", graph=self.name, stage=task.get_name())
+
+
+async def _until_set(event: asyncio.Event) -> None:
+    await event.wait()
 
 
 async def _named(stage: _Stage) -> None:

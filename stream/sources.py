@@ -112,6 +112,23 @@ def _describe(error: BaseException, url: str) -> str:
     return f"{type(error).__name__}: {text}"
 
 
+def _checked_queue(
+    label: str, policy: str, queue_size: int | None, open_s: float, read_s: float
+) -> int:
+    """The buffer size for ``policy``; ConfigError naming the setting out of range."""
+    if policy not in ("realtime", "lossless"):
+        raise ConfigError(f"{label}: policy must be 'realtime' or 'lossless', not {policy!r}")
+    if queue_size is None:
+        queue_size = 1 if policy == "realtime" else DEFAULT_LOSSLESS_QUEUE
+    if queue_size < 1:
+        raise ConfigError(f"{label}: queue_size must be >= 1, got {queue_size}")
+    if open_s <= 0 or read_s <= 0:
+        raise ConfigError(
+            f"{label}: timeouts must be positive, got open {open_s} s and read {read_s} s"
+        )
+    return queue_size
+
+
 class VideoSource:
     """Decodes one stream in a thread; read with ``async for frame in source.frames()``.
 
@@ -135,21 +152,10 @@ class VideoSource:
         self.stream_id = stream_id
         self.url = os.fspath(url)
         self._label = f"video source {stream_id!r} ({redact_url(self.url)})"
-        if policy not in ("realtime", "lossless"):
-            raise ConfigError(
-                f"{self._label}: policy must be 'realtime' or 'lossless', not {policy!r}"
-            )
-        if queue_size is None:
-            queue_size = 1 if policy == "realtime" else DEFAULT_LOSSLESS_QUEUE
-        if queue_size < 1:
-            raise ConfigError(f"{self._label}: queue_size must be >= 1, got {queue_size}")
-        if open_timeout_s <= 0 or read_timeout_s <= 0:
-            raise ConfigError(
-                f"{self._label}: timeouts must be positive, got open {open_timeout_s} s "
-                f"and read {read_timeout_s} s"
-            )
         self.policy: SourcePolicy = policy
-        self.queue_size = queue_size
+        self.queue_size = _checked_queue(
+            self._label, policy, queue_size, open_timeout_s, read_timeout_s
+        )
         self.open_timeout_s = open_timeout_s
         self.read_timeout_s = read_timeout_s
         self.reconnect = reconnect or CAMERA_RECONNECT
@@ -179,6 +185,8 @@ class VideoSource:
         self._decoded = 0
         self._dropped = 0
         self._reconnects = 0
+        self._connected = False  # a container is open and decoding (a camera is up)
+        self._last_error: str | None = None  # why the last connection failed or ended
 
         self._stopping = threading.Event()  # the decoder must stop (stop() and finish())
         self._discard = False  # stop(): buffered frames are dropped; finish(): handed out
@@ -240,6 +248,25 @@ class VideoSource:
         with self._state:
             return StreamStats(self._decoded, self._dropped, self._reconnects)
 
+    @property
+    def connected(self) -> bool:
+        """True while the source is open and decoding; False while a camera is unreachable,
+        between reconnects, and once the stream has ended."""
+        with self._state:
+            return self._connected
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last connection failed or ended (None before any failure)."""
+        with self._state:
+            return self._last_error
+
+    def _set_connected(self, connected: bool, error: str | None = None) -> None:
+        with self._state:
+            self._connected = connected
+            if error is not None:
+                self._last_error = error
+
     async def get(self) -> Frame | None:
         """The next frame; None once the stream has ended or the source was stopped.
 
@@ -291,6 +318,9 @@ class VideoSource:
         with self._state:
             self._error = error
             self._finished = True
+            self._connected = False
+            if error is not None:
+                self._last_error = str(error)
             self._state.notify_all()
         self._wake_consumer()
 
@@ -386,6 +416,7 @@ class VideoSource:
         while not self._stopping.is_set():
             decoded_before = self._decoded
             with self._open() as container:
+                self._set_connected(True)
                 end_s = self._decode(container, pts_offset)
             if self._stopping.is_set():
                 return
@@ -411,10 +442,12 @@ class VideoSource:
             try:
                 with self._open() as container:
                     log.info("source.connected", stream_id=self.stream_id)
+                    self._set_connected(True)
                     self._decode(container, 0.0)
                 cause = "the stream ended"
             except SourceError as error:
                 cause = str(error).removeprefix(f"{self._label}: ")
+            self._set_connected(False, cause)
             if self._stopping.is_set():
                 return
             if self._decoded > decoded_before:

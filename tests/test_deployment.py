@@ -71,3 +71,53 @@ def test_compose_speaks_tls_between_the_services() -> None:
     edge, detect = (load_config(configs / f"{n}.yaml", env={}) for n in ("edge", "detect"))
     assert edge.kafka.security.protocol == detect.kafka.security.protocol == "SSL"
     assert detect.triton.tls.enabled and detect.triton.tls.ca_file == "/certs/ca.crt"
+
+
+def test_prometheus_scrapes_each_zone_over_its_own_network_and_grafana_is_provisioned() -> None:
+    import json
+    import re
+
+    from veil import observability
+
+    compose = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())
+    services, networks = compose["services"], compose["networks"]
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    assert set(prometheus["networks"]) >= {"monitoring-trusted", "monitoring-outside"}
+    assert "monitoring-trusted" in services["edge"]["networks"]
+    assert "monitoring-outside" not in services["edge"]["networks"]  # zones stay apart
+    assert "monitoring-trusted" not in services["detect"]["networks"]
+    assert networks["monitoring-trusted"]["internal"] and networks["monitoring-outside"]["internal"]
+    assert grafana["ports"] == ["127.0.0.1:3000:3000"]  # the host's loopback only
+    for role in ("edge", "detect"):
+        env = services[role]["environment"]
+        assert env["VEIL__OBSERVABILITY__HTTP_PORT"] == "9100"
+    scrape = yaml.safe_load((COMPOSE / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
+    assert jobs["veil-edge"]["static_configs"][0]["targets"] == ["edge:9100"]
+    assert jobs["veil-detect"]["dns_sd_configs"][0] == {
+        "names": ["detect"],
+        "type": "A",
+        "port": 9100,
+    }
+    mounted = {v.split(":")[0] for v in prometheus["volumes"] + grafana["volumes"]}
+    for path in mounted - {"prometheus-data", "grafana-data"}:
+        assert (COMPOSE / path).exists(), path
+    provisioning = COMPOSE / "grafana" / "provisioning"
+    source = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    assert source["datasources"][0]["url"] == "http://prometheus:9090"
+    provider = yaml.safe_load((provisioning / "dashboards" / "veil.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    dashboard = json.loads((COMPOSE / "grafana" / "dashboards" / "veil.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    # Every metric a panel plots is one veil exports (histograms through their _bucket).
+    exported = {
+        name
+        for metric in vars(observability).values()
+        if hasattr(metric, "_name") and hasattr(metric, "describe")
+        for name in (metric._name, f"{metric._name}_total", f"{metric._name}_bucket")
+    }
+    used = {m for e in exprs for m in re.findall(r"\bveil_[a-z_]+", e)}
+    assert used and used <= exported, used - exported
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for what in ("source up", "frames per second", "dropped", "published"):
+        assert what in titles, what

@@ -193,3 +193,75 @@ def _alive(pid: int) -> bool:
             return fh.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+async def test_stages_join_a_running_graph_and_one_that_returns_fails_nothing() -> None:
+    sup = Supervisor("live")
+    out: Channel[int] = Channel("out", 8, producers=1)
+    got: list[int] = []
+
+    async def produce(values: list[int], linger_s: float = 0.0) -> None:
+        for v in values:
+            await out.put(v)
+        await asyncio.sleep(linger_s)
+        await out.close()
+
+    async def consume() -> None:
+        async for item in out:
+            got.append(item)
+
+    async def add_later() -> None:
+        await asyncio.sleep(0.05)
+        out.add_producer()  # a stream added at runtime: one more producer of the channel
+        sup.add("read:late", lambda: produce([10, 11]))
+
+    sup.add("read:first", lambda: produce([1, 2], 0.2))
+    sup.add("consume", consume)
+    sup.add("adder", add_later, background=True)
+    await asyncio.wait_for(sup.run(), 5)
+    assert sorted(got) == [1, 2, 10, 11] and sup.error is None
+    with pytest.raises(ConfigError, match="ended"):
+        out.add_producer()  # the channel has ended behind its last producer
+    with pytest.raises(ConfigError, match="after the graph stopped"):
+        sup.add("too-late", consume)
+
+
+async def test_a_stage_added_while_running_that_raises_fails_the_graph() -> None:
+    sup = Supervisor("live-fail")
+
+    async def forever() -> None:
+        await asyncio.Event().wait()
+
+    async def broken() -> None:
+        raise ServiceError("camera driver crashed")
+
+    async def add_broken() -> None:
+        await asyncio.sleep(0.05)
+        sup.add("read:broken", broken)
+
+    sup.add("forever", forever)
+    sup.add("adder", add_broken, background=True)
+    with pytest.raises(ServiceError, match="camera driver crashed"):
+        await asyncio.wait_for(sup.run(), 5)
+    assert sup.failed_stage == "read:broken"
+
+
+async def test_producers_take_turns_so_none_is_starved() -> None:
+    frames: Channel[tuple[str, int]] = Channel("frames", 4, producers=2)
+    order: list[str] = []
+
+    async def produce(name: str, count: int) -> None:
+        for i in range(count):
+            await frames.put((name, i))
+        await frames.close()
+
+    async def consume() -> None:
+        while (item := await frames.get()) is not None:
+            order.append(item[0])
+            while (more := frames.get_nowait()) is not None:  # a batcher drains what is there
+                order.append(more[0])
+            await asyncio.sleep(0)
+
+    await asyncio.gather(produce("busy", 400), produce("quiet", 20), consume())
+    # The quiet producer's items are spread over the start, not left behind the busy one's.
+    assert max(i for i, name in enumerate(order) if name == "quiet") < 100, order

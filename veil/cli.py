@@ -697,6 +697,44 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _streams_call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    from veil.http_client import call
+
+    return call(args.url, method, path, body, args.timeout)
+
+
+def _stream_line(s: dict[str, Any]) -> str:
+    error = f"; {s['error']}" if s.get("error") else ""
+    return (
+        f"{s['id']}: {s['state']}, alpha {s['alpha']} (profile {s['profile_id']}), "
+        f"{s['fps']} fps, frames in {s['frames_in']} dropped {s['frames_dropped']} published "
+        f"{s['frames_published']}, reconnects {s['reconnects']}, {s['source']}{error}"
+    )
+
+
+def cmd_streams(args: argparse.Namespace) -> int:
+    """``veil streams list|add|remove|set-alpha|reload-bank`` against an edge's HTTP API."""
+    what = args.streams_command
+    if what == "list":
+        for stream in _streams_call(args, "GET", "/v1/streams")["streams"]:
+            print(_stream_line(stream))
+    elif what == "add":
+        body = {"id": args.id, "source": args.source, "alpha": args.alpha, "policy": args.policy}
+        body.update(loop=args.loop, allow_clean=args.allow_clean, min_alpha=args.min_alpha)
+        print(_stream_line(_streams_call(args, "POST", "/v1/streams", body)))
+    elif what == "remove":
+        answer = _streams_call(args, "DELETE", f"/v1/streams/{args.id}")
+        done = "removed" if answer["removed"] else "removing (still publishing its last frames)"
+        print(f"{args.id}: {done}: {answer['stream']['frames_published']} frames published")
+    elif what == "set-alpha":
+        status = _streams_call(args, "PUT", f"/v1/streams/{args.id}/alpha", {"alpha": args.value})
+        print(f"{args.id}: alpha {status['alpha']} (profile {status['profile_id']}): applied")
+    else:
+        answer = _streams_call(args, "POST", "/v1/bank/reload")
+        print(f"profile bank {answer['bank']}: alphas {answer['alphas']}, new {answer['added']}")
+    return 0
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every option's help ends with its default; a flag's reads "off", an unset one "none"
     (options whose help says what their default means are left as they are)."""
@@ -951,6 +989,35 @@ def _add_detections(sub: Subparsers) -> None:
     p.set_defaults(func=cmd_detections_tail)
 
 
+def _add_streams(sub: Subparsers) -> None:
+    group = _group(
+        sub, "streams", "manage a running edge's streams over its HTTP API", "streams_command"
+    )
+    parsers = {
+        "list": _command(group, "list", "each stream's state, alpha, fps and counters"),
+        "add": _command(group, "add", "add a stream while the edge runs"),
+        "remove": _command(group, "remove", "stop a stream; what it decoded is still published"),
+        "set-alpha": _command(group, "set-alpha", "ask the trusted zone for a new alpha"),
+        "reload-bank": _command(group, "reload-bank", "read the profile bank again"),
+    }
+    for name, p in parsers.items():
+        if name in ("add", "remove", "set-alpha"):
+            p.add_argument("id", help="stream id")
+        p.add_argument("--url", required=True, help="the edge's http://HOST:PORT (http_port)")
+        p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for it")
+        p.set_defaults(func=cmd_streams)
+    add = parsers["add"]
+    add.add_argument("source", help="file path or rtsp:// / http(s):// URL")
+    add.add_argument("--alpha", type=float, default=0.8, help="a calibrated alpha")
+    add.add_argument(
+        "--policy", default="realtime", choices=["realtime", "lossless"], help="policy"
+    )
+    add.add_argument("--loop", action="store_true", help="start a file over at its end")
+    add.add_argument("--min-alpha", type=float, help="floor (default: the weakest profile)")
+    add.add_argument("--allow-clean", action="store_true", help="allow alpha 0 (no noise)")
+    parsers["set-alpha"].add_argument("value", type=float, help="the new alpha, in [0, 1]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="veil",
@@ -968,6 +1035,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_keys_and_alpha(sub)
     _add_detections(sub)
+    _add_streams(sub)
     return parser
 
 

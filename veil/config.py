@@ -95,6 +95,16 @@ class StreamConfig:
     allow_clean: bool = False
 
 
+def check_stream(s: StreamConfig) -> None:
+    """ConfigError naming the field of ``s`` that is out of range (config or HTTP API)."""
+    if not s.id or not s.id.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ConfigError(f"streams: id {s.id!r} must be letters, digits, '-', '_', '.'")
+    if not 0.0 <= s.alpha <= 1.0:
+        raise ConfigError(f"streams.{s.id}.alpha must be in [0, 1], got {s.alpha}")
+    if s.min_alpha is not None and not 0.0 < s.min_alpha <= 1.0:
+        raise ConfigError(f"streams.{s.id}.min_alpha must be in (0, 1], got {s.min_alpha}")
+
+
 _TLS_PROTOCOLS = ("SSL", "SASL_SSL")
 
 
@@ -231,6 +241,10 @@ class ObservabilityConfig:
     http_port: int | None = None  # /metrics, /healthz, /readyz; None = off
     http_host: str = "127.0.0.1"  # where they listen; 0.0.0.0 only when asked for
     failure_linger_s: float = 1.0  # after a fatal error /readyz answers 503 this long, then exit
+    # The edge's HTTP API (/v1/..., same port): who may change streams, alphas and the bank:
+    # loopback (peers on this host only), any (every peer that reaches http_host) or off
+    # (read-only: GET only). Reading is open to whoever reaches the port, like /metrics.
+    api_writes: Literal["loopback", "any", "off"] = "loopback"
 
 
 @dataclass(frozen=True)
@@ -266,12 +280,7 @@ class VeilConfig:
         if len(ids) != len(set(ids)):
             raise ConfigError(f"streams: ids must be unique, got {ids}")
         for s in self.streams:
-            if not s.id or not s.id.replace("-", "").replace("_", "").replace(".", "").isalnum():
-                raise ConfigError(f"streams: id {s.id!r} must be letters, digits, '-', '_', '.'")
-            if not 0.0 <= s.alpha <= 1.0:
-                raise ConfigError(f"streams.{s.id}.alpha must be in [0, 1], got {s.alpha}")
-            if s.min_alpha is not None and not 0.0 < s.min_alpha <= 1.0:
-                raise ConfigError(f"streams.{s.id}.min_alpha must be in (0, 1], got {s.min_alpha}")
+            check_stream(s)
         if self.batching.max_batch < 1 or self.batching.max_wait_ms < 0:
             raise ConfigError("batching: max_batch must be >= 1 and max_wait_ms >= 0")
         if self.batching.cuda_streams < 1:

@@ -34,7 +34,7 @@ from stream.kafka import (
     ensure_topics,
     make_consumer,
 )
-from stream.runtime import Supervisor, stop_on_signals
+from stream.runtime import Supervisor, one_line, stop_on_signals
 from stream.signing import (
     PIPELINE_ROLES,
     RoleKeys,
@@ -45,11 +45,13 @@ from stream.signing import (
 )
 from stream.sources import LIVE_SCHEMES
 from stream.wire import CLEAN_PROFILE, DetectionMessage
+from veil import http_api
+from veil import observability as obs
 from veil.config import EMBEDDED, KafkaSecurityConfig, StreamConfig, TritonTlsConfig, VeilConfig
 from veil.detectors import load_decoder, load_detector
 from veil.detectors.base import InputGeometry, SplitDetector
 from veil.errors import ConfigError, ProfileError, VeilError
-from veil.observability import StatusServer
+from veil.observability import Request, Response, StatusServer
 from veil.outputs import DetectionTally, JsonlWriter, read_detection
 from veil.preflight import check_edge
 from veil.profiles import NoiseProfile, ProfileBank
@@ -206,11 +208,7 @@ def build_obfuscator(
         else detector.default_geometry
     )
     explicit = config.profile_bank is not None
-    bank_dir = (
-        Path(config.profile_bank)
-        if config.profile_bank
-        else default_bank(detector, geometry, calibration_source)
-    )
+    bank_dir = bank_folder(config, detector, geometry, calibration_source)
     alphas = [s.alpha for s in config.streams]
     ensure_profiles(
         detector, geometry, bank_dir, alphas, calibration_source, say, note_footage=explicit
@@ -225,6 +223,18 @@ def build_obfuscator(
         head_runtime=config.model.head_runtime,
         threads=config.threads.for_role("edge", {"edge"}),  # serve() sets the edge role's
     )
+
+
+def bank_folder(
+    config: VeilConfig,
+    detector: SplitDetector,
+    geometry: InputGeometry,
+    calibration_source: str | None = None,
+) -> Path:
+    """The profile bank the trusted zone reads: ``profile_bank``, else the cache's."""
+    if config.profile_bank:
+        return Path(config.profile_bank)
+    return default_bank(detector, geometry, calibration_source)
 
 
 def thread_group(config: VeilConfig, roles: Collection[str]) -> frozenset[str]:
@@ -394,10 +404,12 @@ async def serve(
     settle_timeout_s: float = 60.0,
     frame_hook: Callable[[Frame], None] | None = None,
     stop: asyncio.Event | None = None,
+    bank_dir: Path | None = None,
 ) -> Graph:
     """The one graph builder: ``{"edge"}`` (``veil edge``), ``{"detect"}`` (``veil detect``) or
     ``{"edge", "detect", "sink"}`` (``veil run``: then, once the sources end, the detect
     worker runs until every published frame came back, ``settle_timeout_s`` at most).
+    ``bank_dir``: the profile bank the edge reloads on request (default: :func:`bank_folder`).
 
     Runs until the graph ends; raises the first stage error. Returns the graph for its stats.
     """
@@ -408,7 +420,7 @@ async def serve(
     keys = {r: keys_for(config.signing, r) for r in PIPELINE_ROLES if r in roles}
     async with contextlib.AsyncExitStack() as stack:
         # First in, last out: /readyz answers 503 while the rest stops after a failure.
-        await stack.enter_async_context(_status(config, sup, say))
+        await stack.enter_async_context(_status(config, graph, say))
         bootstrap, idempotent = await stack.enter_async_context(broker_for(config, sup))
         if "detect" in roles:
             # Under veil run the detect worker outlives the edge (it stops once drained).
@@ -421,6 +433,9 @@ async def serve(
             obfuscator.set_threads(config.threads.for_role("edge", thread_group(config, roles)))
             graph.edge = _edge_role(
                 config, obfuscator, bootstrap, idempotent, keys["edge"], frame_hook
+            )
+            graph.edge.bank_dir = bank_dir or bank_folder(
+                config, obfuscator.detector, obfuscator.geometry
             )
             await stack.enter_async_context(graph.edge)
             graph.edge.attach(sup)
@@ -529,10 +544,13 @@ def _attach_sink(
 ) -> None:
     def on_message(msg: DetectionMessage) -> None:
         graph.tally.add(msg)
+        latency = time.time() - msg.envelope.capture_time
+        obs.STREAM_DETECTION_SECONDS.labels(msg.stream_id).observe(latency)
         if on_detection is not None:
             on_detection(msg)
 
-    streams = {s.id for s in config.streams}
+    # The edge's own set: streams added at runtime are collected too.
+    streams = graph.edge.known_ids if graph.edge is not None else {s.id for s in config.streams}
     graph.supervisor.add(
         "sink",
         partial(
@@ -569,15 +587,29 @@ async def _settle(graph: Graph, timeout_s: float, say: Callable[[str], None]) ->
 
 @contextlib.asynccontextmanager
 async def _status(
-    config: VeilConfig, supervisor: Supervisor, say: Callable[[str], None]
+    config: VeilConfig, graph: Graph, say: Callable[[str], None]
 ) -> AsyncIterator[None]:
-    """/metrics, /healthz and /readyz (the supervisor's readiness), if a port is set. After a
-    failure /readyz answers 503 for ``failure_linger_s`` more, so that probes see it."""
+    """/metrics, /healthz, /readyz (the supervisor's readiness, with each stream's state) and
+    the edge's HTTP API, if a port is set. After a failure /readyz answers 503 for
+    ``failure_linger_s`` more, so that probes see it."""
     obs_config = config.observability
     if obs_config.http_port is None:
         yield
         return
-    server = StatusServer(obs_config.http_port, lambda: supervisor.ready, obs_config.http_host)
+    supervisor = graph.supervisor
+
+    async def api(request: Request) -> Response | None:
+        if graph.edge is None:
+            return None
+        return await http_api.handler(graph.edge, obs_config.api_writes)(request)
+
+    server = StatusServer(
+        obs_config.http_port,
+        lambda: supervisor.ready,
+        obs_config.http_host,
+        readiness=partial(readiness, graph),
+        api=api,
+    )
     try:
         await server.start()
     except OSError as exc:  # taken since the check before start
@@ -592,6 +624,27 @@ async def _status(
         if supervisor.error is not None:
             await asyncio.sleep(obs_config.failure_linger_s)
         await server.stop()
+
+
+def readiness(graph: Graph) -> dict[str, Any]:
+    """``/readyz``'s body: ready, ``ok`` / ``degraded`` (some stream not up) / ``not ready``,
+    the failed stage, and each stream's state."""
+    sup = graph.supervisor
+    streams = (
+        [{"id": s["id"], "state": s["state"]} for s in graph.edge.describe()]
+        if graph.edge is not None
+        else []
+    )
+    status = "not ready"
+    if sup.ready:
+        status = "ok" if all(s["state"] == "up" for s in streams) else "degraded"
+    return {
+        "ready": sup.ready,
+        "status": status,
+        "failed_stage": sup.failed_stage,
+        "error": one_line(sup.error) if sup.error is not None else None,
+        "streams": streams,
+    }
 
 
 def alpha_command(config: VeilConfig, bootstrap: str, alphas: Sequence[float]) -> str:
@@ -732,6 +785,12 @@ async def run_pipeline(
             settle_timeout_s=settle_timeout_s,
             frame_hook=outputs.frame_hook,
             stop=stop,
+            bank_dir=bank_folder(
+                config,
+                obfuscator.detector,
+                obfuscator.geometry,
+                first_file if calibrate_missing else None,
+            ),
         )
     finally:
         await outputs.close()

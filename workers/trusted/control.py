@@ -46,25 +46,49 @@ class AlphaControl:
 
     def __init__(self, streams: Sequence[StreamConfig], table: ProfileTable) -> None:
         self.table = table
-        weakest = min(table.alphas, default=None)
         self.floors: dict[str, Floor] = {}
-        for s in streams:
-            floor = s.min_alpha if s.min_alpha is not None else weakest
-            if floor is None and not s.allow_clean:
-                raise ProfileError(
-                    f"stream {s.id}: no calibrated profile and allow_clean is false: nothing "
-                    "may be sent (run `veil calibrate`, or set allow_clean: true to send clean "
-                    "activations)"
-                )
-            self.floors[s.id] = Floor(floor if floor is not None else 1.0, s.allow_clean)
-        self.configured = {s.id: s.alpha for s in streams}
-        self.alphas = dict(self.configured)
+        self.configured: dict[str, float] = {}
+        self.alphas: dict[str, float] = {}
         self.applied_at: dict[str, float] = {}  # the newest request applied, per stream
         for s in streams:
-            reason = self.floors[s.id].refuses(s.alpha)
-            if reason is not None:
-                raise ConfigError(f"streams.{s.id}.alpha: {reason}")
-            table.row(s.alpha)  # a configured alpha without a profile is refused at start
+            self.add(s)
+
+    def add(self, s: StreamConfig) -> StatusMessage:
+        """Take ``s`` under control (at start, or added at runtime); ConfigError or ProfileError
+        when its alpha is below its floor or has no calibrated profile."""
+        weakest = min(self.table.alphas, default=None)
+        floor = s.min_alpha if s.min_alpha is not None else weakest
+        if floor is None and not s.allow_clean:
+            raise ProfileError(
+                f"stream {s.id}: no calibrated profile and allow_clean is false: nothing "
+                "may be sent (run `veil calibrate`, or set allow_clean: true to send clean "
+                "activations)"
+            )
+        chosen = Floor(floor if floor is not None else 1.0, s.allow_clean)
+        reason = chosen.refuses(s.alpha)
+        if reason is not None:
+            raise ConfigError(f"streams.{s.id}.alpha: {reason}")
+        self.table.row(s.alpha)  # a configured alpha without a profile is refused at start
+        self.floors[s.id] = chosen
+        self.configured[s.id] = self.alphas[s.id] = s.alpha
+        return self._status(s.id, "started", "configured alpha")
+
+    def remove(self, sid: str) -> None:
+        """``sid`` is no longer this edge's (removed at runtime)."""
+        for table in (self.floors, self.configured, self.alphas, self.applied_at):
+            table.pop(sid, None)
+
+    def use_table(self, table: ProfileTable) -> None:
+        """A reloaded profile bank; ProfileError naming the stream whose alpha it lacks."""
+        for sid, alpha in self.alphas.items():
+            try:
+                table.row(alpha)
+            except ProfileError as exc:
+                raise ProfileError(f"stream {sid} uses alpha {alpha}: {exc}") from exc
+        self.table = table
+
+    def profile_id(self, sid: str) -> str:
+        return self.table.profile_id(self.table.row(self.alphas[sid]))
 
     def started(self) -> list[StatusMessage]:
         return [self._status(sid, "started", "configured alpha") for sid in self.alphas]

@@ -2,11 +2,20 @@
 
 Its stages run on the supervised runtime (:mod:`stream.runtime`): the first error wins and
 ends the worker; a graceful stop (SIGTERM) publishes every frame already decoded.
+
+Streams are managed live (:mod:`veil.http_api` calls these methods): a stream added at runtime
+gets its own reader stage on the running supervisor and joins the frames channel as one more
+producer; a stream removed on purpose stops decoding, hands out what it decoded, and its reader
+*returns* (a stage that returns is done, not failed), so the other streams keep running. The
+worker ends when its last stream has ended (a file's end, or a removal). Each stream's health
+(source up/down, reconnects, frames in/dropped/published, fps, latency, alpha and profile) is
+kept here and exported as the per-stream metrics of :mod:`veil.observability`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Callable, Sequence
@@ -14,7 +23,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -39,9 +48,10 @@ from stream.runtime import (
     retry,
 )
 from stream.signing import Signer, Verifier, decode_signed_control
-from stream.sources import VideoSource
+from stream.sources import VideoSource, redact_url
 from stream.wire import (
     ActivationMessage,
+    ControlMessage,
     FramePlacement,
     Quantisation,
     StatusMessage,
@@ -49,8 +59,10 @@ from stream.wire import (
     encode_status,
 )
 from veil import observability as obs
-from veil.config import BatchingConfig, KafkaSecurityConfig, StreamConfig
-from veil.errors import SourceError, VeilError
+from veil.config import BatchingConfig, KafkaSecurityConfig, StreamConfig, check_stream
+from veil.errors import ConfigError, ProfileError, SourceError, VeilError
+from veil.preflight import check_source
+from veil.profiles import ProfileBank
 from workers.trusted.control import AlphaControl
 from workers.trusted.obfuscator import ObfuscatedFrame, Obfuscator, ProfileTable
 
@@ -133,6 +145,60 @@ class EdgeStats:
     alpha_changes: list[tuple[str, float]] = field(default_factory=list)
 
 
+StreamState = Literal["starting", "up", "down", "failed", "ended", "removing"]
+_FPS_WINDOW_S = 5.0  # fps is measured over this many seconds
+_HEALTH_INTERVAL_S = 0.5  # how often the per-stream gauges are refreshed
+_REMOVED_KEPT = 64  # removed streams whose final counters a repeated DELETE still answers
+
+
+class RequestRefused(VeilError):
+    """A runtime request the edge does not carry out: ``status`` is its HTTP status and
+    ``field`` the request field at fault (None: none in particular)."""
+
+    def __init__(self, status: int, field: str | None, message: str) -> None:
+        super().__init__(message)
+        self.status, self.field = status, field
+
+
+@dataclass
+class _Stream:
+    """One stream of the running edge: its source, counters and health."""
+
+    config: StreamConfig
+    source: VideoSource
+    read: int = 0  # frames handed to the batcher
+    published: int = 0  # of those, acknowledged by Kafka
+    error: str | None = None  # the source failed for good
+    ended: bool = False  # the reader has returned
+    removing: bool = False
+    reconnects_seen: int = 0
+    dropped_seen: int = 0
+    fps: float = 0.0
+    samples: collections.deque[tuple[float, int]] = field(
+        default_factory=lambda: collections.deque(maxlen=round(_FPS_WINDOW_S / _HEALTH_INTERVAL_S))
+    )
+    reader_done: asyncio.Event = field(default_factory=asyncio.Event)
+    removed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def state(self) -> StreamState:
+        if self.error is not None:
+            return "failed"
+        if self.removing:
+            return "removing"
+        if self.ended:
+            return "ended"
+        if self.source.connected:
+            return "up"
+        return "down" if self.source.last_error or self.source.stats.reconnects else "starting"
+
+    def sample(self, now: float) -> None:
+        """One fps sample: frames read over the window the samples span."""
+        self.samples.append((now, self.read))
+        first_t, first_n = self.samples[0]
+        self.fps = (self.read - first_n) / (now - first_t) if now > first_t else 0.0
+
+
 @dataclass(frozen=True)
 class _Encoded:
     """A batch ready to publish: its frames (for the in-zone hooks) and its records."""
@@ -148,8 +214,10 @@ class EdgeWorker:
     supervisor (``veil.runner.serve`` builds it, alone or beside other roles). Stages: one
     reader per stream -> batch -> head+noise (in a thread) -> publish (acks awaited, transient
     broker failures retried forever: the queues fill and lossless sources stop reading) and,
-    in the background, the control reader. A graceful stop lets every source hand out the frames it
-    already decoded; they are all published before the supervisor's run returns.
+    in the background, the control reader and the health sampler. A graceful stop lets every
+    source hand out the frames it already decoded; they are all published before the
+    supervisor's run returns. Streams may be added and removed while it runs (see the module
+    docstring); ``bank_dir`` is the profile bank :meth:`reload_bank` reads again.
     """
 
     def __init__(
@@ -171,8 +239,9 @@ class EdgeWorker:
         signer: Signer | None = None,
         control_verifier: Verifier | None = None,
         security: KafkaSecurityConfig | None = None,
+        bank_dir: Path | None = None,
     ) -> None:
-        self.streams = list(streams)
+        self.streams = list(streams)  # as configured at start
         self.obfuscator = obfuscator
         self.bootstrap = bootstrap_servers
         self.idempotent = idempotent
@@ -191,14 +260,21 @@ class EdgeWorker:
         # old record published again is refused by AlphaControl (workers/trusted/control.py).
         self.control_verifier = control_verifier
         self.security = security  # how the producer and the control reader connect (TLS, SASL)
+        self.bank_dir = bank_dir
         self.stats = EdgeStats()
         # Refuses, before anything starts, a configured alpha below the zone's floor or
         # without a calibrated profile.
         self.control = AlphaControl(self.streams, obfuscator.table)
         self.partitions: dict[str, int] = {}
+        self.known_ids = {s.id for s in self.streams}  # every stream served, removed ones too
+        self._partition_order: list[int] = []
+        self._assigned = 0  # streams given a partition so far (round robin)
         self._producer: Any = None
-        self._sources: list[VideoSource] = []
+        self._streams: dict[str, _Stream] = {}
+        self._removed: dict[str, dict[str, Any]] = {}  # final counters of removed streams
         self._supervisor: Supervisor | None = None
+        self._frames: Channel[Frame] | None = None
+        self._compute = asyncio.Lock()  # a bank reload swaps the table between two batches
         self.finished = asyncio.Event()  # set once the last frame is published
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -215,13 +291,10 @@ class EdgeWorker:
             transient=transient,
             backoff=self.backoff,
         )
-        self.partitions = await self._spread_partitions()
+        self._partition_order = await self._activation_partitions()
         for s in self.streams:
-            source = VideoSource(
-                s.id, s.source, policy=s.policy, reconnect=self.reconnect, loop_file=s.loop
-            )
-            await source.start()
-            self._sources.append(source)
+            self._streams[s.id] = await self._open(s)
+        obs.set_build_info(self.obfuscator.detector.name)
         log.info(
             "edge.started",
             streams=[s.id for s in self.streams],
@@ -233,7 +306,7 @@ class EdgeWorker:
         if self.follow_control:
             await self._answer(self.control.started())
 
-    async def _spread_partitions(self) -> dict[str, int]:
+    async def _activation_partitions(self) -> list[int]:
         """Streams round robin over the activation partitions (hashing a handful of ids puts
         several on one partition and none on another). One stream keeps one partition, so
         its frames stay in order."""
@@ -243,13 +316,24 @@ class EdgeWorker:
             transient=transient,
             backoff=self.backoff,
         )
-        ordered = sorted(found)
-        return {s.id: ordered[i % len(ordered)] for i, s in enumerate(self.streams)}
+        return sorted(found)
+
+    async def _open(self, s: StreamConfig) -> _Stream:
+        """Start ``s``'s source and give it its partition."""
+        source = VideoSource(
+            s.id, s.source, policy=s.policy, reconnect=self.reconnect, loop_file=s.loop
+        )
+        await source.start()
+        obs.declare_stream(s.id)
+        order = self._partition_order
+        self.partitions[s.id] = order[self._assigned % len(order)]
+        self._assigned += 1
+        return _Stream(s, source)
 
     async def stop(self) -> None:
         """Stop the sources and the producer (after :meth:`run`, everything read is sent)."""
-        for src in self._sources:
-            await src.stop()
+        for stream in self._streams.values():
+            await stream.source.stop()
         if self._producer is not None:
             producer, self._producer = self._producer, None
             with contextlib.suppress(TimeoutError, KafkaError):
@@ -273,39 +357,50 @@ class EdgeWorker:
     def attach(self, supervisor: Supervisor) -> None:
         """Add this worker's stages to ``supervisor`` (after :meth:`start`)."""
         self._supervisor = supervisor
-        frames: Channel[Frame] = Channel("frames", self.queue_size, producers=len(self._sources))
+        frames: Channel[Frame] = Channel("frames", self.queue_size, producers=len(self._streams))
+        self._frames = frames
         batches: Channel[list[Frame]] = Channel("batches", 1)
         encoded: Channel[_Encoded] = Channel("encoded", 2)
-        for src in self._sources:
-            supervisor.add(f"read:{src.stream_id}", partial(self._read, src, frames, supervisor))
+        for sid, stream in self._streams.items():
+            supervisor.add(f"read:{sid}", partial(self._read, stream, frames, supervisor))
         supervisor.add("batch", partial(self._batch, frames, batches))
         supervisor.add("head+noise", partial(self._head_noise, batches, encoded))
         supervisor.add("publish", partial(self._publish, encoded))
+        supervisor.add("health", self._health_loop, background=True)
         if self.follow_control:
             supervisor.add("control", self._control_loop, background=True)
-        supervisor.ready_when(lambda: len(self.stats.source_errors) < len(self._sources))
+        # Ready while at least one stream's source is up (degraded when some are not).
+        supervisor.ready_when(lambda: any(s.state == "up" for s in self._streams.values()))
 
     # -- stages ------------------------------------------------------------------------------
 
-    async def _read(self, source: VideoSource, out: Channel[Frame], supervisor: Supervisor) -> None:
+    async def _read(self, stream: _Stream, out: Channel[Frame], supervisor: Supervisor) -> None:
+        source = stream.source
         stopper = asyncio.create_task(_finish_on_stop(supervisor, source))
-        dropped_seen = 0
         try:
             async for frame in source.frames():
                 obs.FRAMES_IN.labels(source.stream_id).inc()
                 self.stats.frames_in += 1
-                dropped = source.stats.dropped
-                if dropped > dropped_seen:
-                    obs.FRAMES_DROPPED.labels(source.stream_id).inc(dropped - dropped_seen)
-                    dropped_seen = dropped
+                self._count_drops(stream)
+                stream.read += 1
                 await out.put(frame)
         except SourceError as exc:
             # One broken camera must not stop the others: record it, keep serving the rest.
-            self.stats.source_errors[source.stream_id] = str(exc)
+            stream.error = self.stats.source_errors[source.stream_id] = str(exc)
             log.error("edge.source_failed", stream=source.stream_id, error=str(exc))
         finally:
             stopper.cancel()
+            stream.ended = True
+            stream.reader_done.set()
+        self._count_drops(stream)
         await out.close()
+
+    @staticmethod
+    def _count_drops(stream: _Stream) -> None:
+        dropped = stream.source.stats.dropped
+        if dropped > stream.dropped_seen:
+            obs.FRAMES_DROPPED.labels(stream.config.id).inc(dropped - stream.dropped_seen)
+            stream.dropped_seen = dropped
 
     async def _batch(self, frames: Channel[Frame], out: Channel[list[Frame]]) -> None:
         """Frames from every stream, grouped up to ``max_batch`` or ``max_wait_ms``."""
@@ -330,9 +425,10 @@ class EdgeWorker:
 
     async def _head_noise(self, batches: Channel[list[Frame]], out: Channel[_Encoded]) -> None:
         async for batch in batches:
-            alphas = [self.alphas[f.stream_id] for f in batch]
-            started = time.perf_counter()
-            results = await blocking("head+noise", self.obfuscator.run, batch, alphas)
+            async with self._compute:
+                alphas = [self.alphas[f.stream_id] for f in batch]
+                started = time.perf_counter()
+                results = await blocking("head+noise", self.obfuscator.run, batch, alphas)
             obs.HEAD_NOISE_SECONDS.observe(time.perf_counter() - started)
             obs.BATCH_SIZE.observe(len(batch))
             await out.put(_Encoded(batch, [self._record(r) for r in results]))
@@ -365,6 +461,7 @@ class EdgeWorker:
             self.stats.bytes_published += size
             obs.BYTES_PUBLISHED.inc(size)
             obs.MESSAGES_PUBLISHED.inc(len(item.records))
+            self._count_published(item.frames)
             if self.frame_hook is not None:
                 for frame in item.frames:
                     self.frame_hook(frame)
@@ -372,8 +469,171 @@ class EdgeWorker:
             self.stats.batches += 1
         self.finished.set()
 
+    def _count_published(self, frames: list[Frame]) -> None:
+        now = time.time()
+        for frame in frames:
+            sid = frame.envelope.stream_id
+            obs.FRAMES_PUBLISHED.labels(sid).inc()
+            obs.STREAM_PUBLISH_SECONDS.labels(sid).observe(now - frame.envelope.capture_time)
+            stream = self._streams.get(sid)
+            if stream is not None:
+                stream.published += 1
+
     def _count_retry(self, _error: BaseException, _delay: float) -> None:
         self.stats.publish_retries += 1
+
+    async def _health_loop(self) -> None:
+        """Refresh each stream's gauges (up, reconnects, fps, alpha, profile), forever."""
+        while True:
+            now = time.monotonic()
+            for stream in list(self._streams.values()):
+                self._observe(stream, now)
+            await asyncio.sleep(_HEALTH_INTERVAL_S)
+
+    def _observe(self, stream: _Stream, now: float) -> None:
+        sid = stream.config.id
+        stream.sample(now)
+        obs.SOURCE_UP.labels(sid).set(1 if stream.state == "up" else 0)
+        reconnects = stream.source.stats.reconnects
+        if reconnects > stream.reconnects_seen:
+            obs.SOURCE_RECONNECTS.labels(sid).inc(reconnects - stream.reconnects_seen)
+            stream.reconnects_seen = reconnects
+        obs.STREAM_FPS.labels(sid).set(stream.fps)
+        if sid in self.control.alphas:
+            obs.STREAM_ALPHA.labels(sid).set(self.control.alphas[sid])
+            obs.set_profile(sid, self.control.profile_id(sid))
+
+    # -- streams managed live (veil.http_api) ------------------------------------------------
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every stream with its state and counters (``GET /v1/streams``, ``/readyz``)."""
+        return [self._describe(s) for s in self._streams.values()]
+
+    def _describe(self, stream: _Stream) -> dict[str, Any]:
+        s, sid = stream.config, stream.config.id
+        source = stream.source
+        return {
+            "id": sid,
+            "source": redact_url(s.source),
+            "policy": s.policy,
+            "state": stream.state,
+            "alpha": self.control.alphas.get(sid),
+            "profile_id": self.control.profile_id(sid) if sid in self.control.alphas else None,
+            "min_alpha": self.control.floors[sid].min_alpha if sid in self.control.floors else None,
+            "frames_in": stream.read,
+            "frames_dropped": source.stats.dropped,
+            "frames_published": stream.published,
+            "fps": round(stream.fps, 2),
+            "reconnects": source.stats.reconnects,
+            "error": stream.error or (None if source.connected else source.last_error),
+        }
+
+    async def add_stream(self, s: StreamConfig) -> dict[str, Any]:
+        """Start serving ``s`` while the edge runs; RequestRefused naming the field at fault."""
+        supervisor, frames = self._supervisor, self._frames
+        if s.id in self._streams:
+            raise RequestRefused(409, "id", f"stream {s.id!r} exists already")
+        if supervisor is None or frames is None or frames.closed or supervisor.stopping.is_set():
+            raise RequestRefused(409, None, "the edge is not running (or all its streams ended)")
+        _refuse_bad_stream(s)
+        if "://" not in s.source:
+            try:
+                await asyncio.to_thread(check_source, s)
+            except ConfigError as exc:
+                raise RequestRefused(400, "source", str(exc)) from exc
+        try:
+            status = self.control.add(s)
+        except (ConfigError, ProfileError) as exc:
+            raise RequestRefused(400, "alpha", str(exc)) from exc
+        try:
+            stream = await self._open(s)
+        except (ConfigError, SourceError) as exc:
+            self.control.remove(s.id)
+            raise RequestRefused(400, "source", str(exc)) from exc
+        self._streams[s.id] = stream
+        self._removed.pop(s.id, None)
+        self.known_ids.add(s.id)
+        frames.add_producer()
+        supervisor.add(f"read:{s.id}", partial(self._read, stream, frames, supervisor))
+        log.info("edge.stream_added", stream=s.id, source=redact_url(s.source), alpha=s.alpha)
+        if self.follow_control:
+            await self._answer([status])
+        return self._describe(stream)
+
+    async def remove_stream(self, sid: str, timeout_s: float = 30.0) -> tuple[bool, dict[str, Any]]:
+        """Stop ``sid``'s source, publish what it decoded, then forget it. (done, the stream as
+        last seen): not done when its frames are still being published after ``timeout_s``
+        (asking again waits again, and answers the final counters once it is done)."""
+        stream = self._streams.get(sid)
+        if stream is None and sid in self._removed:
+            return True, self._removed[sid]
+        if stream is None:
+            raise RequestRefused(404, "id", f"no stream {sid!r} on this edge")
+        if not stream.removing and self._supervisor is not None:
+            stream.removing = True
+            stream.source.finish()  # stops decoding; the frames decoded are still handed out
+            self._supervisor.add(f"remove:{sid}", partial(self._retire, stream), background=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stream.removed.wait(), timeout_s)
+        if stream.removed.is_set():
+            return True, self._removed.get(sid, self._describe(stream))
+        return False, self._describe(stream)
+
+    async def _retire(self, stream: _Stream) -> None:
+        """A background stage: once a removed stream's frames are all published, forget it."""
+        sid = stream.config.id
+        await stream.reader_done.wait()
+        while stream.published < stream.read and not self.finished.is_set():
+            await asyncio.sleep(0.05)
+        await stream.source.stop()
+        self.control.remove(sid)
+        self._streams.pop(sid, None)
+        self._removed[sid] = {**self._describe(stream), "state": "removed"}
+        while len(self._removed) > _REMOVED_KEPT:
+            self._removed.pop(next(iter(self._removed)))
+        self.partitions.pop(sid, None)
+        obs.forget_stream(sid)
+        log.info("edge.stream_removed", stream=sid, read=stream.read, published=stream.published)
+        stream.removed.set()
+
+    async def request_alpha(self, sid: str, alpha: float) -> StatusMessage:
+        """``sid``'s alpha through :class:`AlphaControl` (its floor, its replay rule), answered
+        on the status topic as for ``veil alpha set``; the answer, applied or refused."""
+        if sid not in self._streams or sid not in self.control.alphas:
+            raise RequestRefused(404, "id", f"no stream {sid!r} on this edge")
+        try:
+            request = ControlMessage(sid, alpha, time.time())
+        except VeilError as exc:
+            raise RequestRefused(400, "alpha", str(exc)) from exc
+        status = self.control.request(request)
+        assert status is not None  # the stream is this edge's
+        if status.outcome == "applied":
+            self.stats.alpha_changes.append((status.stream_id, status.alpha))
+        await self._answer([status])
+        return status
+
+    async def reload_bank(self) -> dict[str, Any]:
+        """Read the profile bank again: profiles calibrated since start become usable. Refused
+        (nothing changes) when a stream's alpha in force would lose its profile."""
+        if self.bank_dir is None:
+            raise RequestRefused(409, "profile_bank", "this edge was started without a bank folder")
+        o = self.obfuscator
+        try:
+            table = await asyncio.to_thread(
+                ProfileTable.from_bank, o.detector, o.geometry, ProfileBank(self.bank_dir), o.device
+            )
+        except VeilError as exc:
+            raise RequestRefused(409, "profile_bank", f"{self.bank_dir}: {exc}") from exc
+        before = set(o.table.alphas)
+        async with self._compute:  # between two batches
+            try:
+                self.control.use_table(table)
+            except ProfileError as exc:
+                raise RequestRefused(409, "profile_bank", str(exc)) from exc
+            o.use_table(table)
+        added = sorted(set(table.alphas) - before)
+        log.info("edge.bank_reloaded", bank=str(self.bank_dir), alphas=table.alphas, added=added)
+        return {"bank": str(self.bank_dir), "alphas": table.alphas, "added": added}
 
     # -- live alpha --------------------------------------------------------------------------
 
@@ -443,3 +703,12 @@ async def _finish_on_stop(supervisor: Supervisor, source: VideoSource) -> None:
     """On a graceful stop the source stops decoding and hands out what it has decoded."""
     await supervisor.stopping.wait()
     source.finish()
+
+
+def _refuse_bad_stream(s: StreamConfig) -> None:
+    try:
+        check_stream(s)
+    except ConfigError as exc:
+        text = str(exc)
+        name = next((f for f in ("min_alpha", "alpha") if f".{f} " in text), "id")
+        raise RequestRefused(400, name, text) from exc

@@ -135,7 +135,6 @@ class Obfuscator:
         detector.check_geometry(geometry)
         self.detector = detector.to(device).eval().requires_grad_(False)
         self.geometry = geometry
-        self.table = table
         self.device = device
         self.threads = threads or torch.get_num_threads()
         self.head = build_head(self.detector, geometry, device, head_runtime, self.threads)
@@ -149,9 +148,17 @@ class Obfuscator:
         self.lanes = max(1, lanes)
         self._inputs: dict[int, Tensor] = {}  # per lane, the letterboxed input it reuses
         self.last_timing: dict[str, float] = {}
-        # One provenance per table row, made once: every activation of that row carries it.
+        self._provenance: list[Provenance] = []
+        self.use_table(table)
+
+    def use_table(self, table: ProfileTable) -> None:
+        """Serve ``table`` (a reloaded bank) from the next batch. One provenance per row, made
+        once: every activation of that row carries it."""
+        self.table = table
         self._provenance = [
-            Provenance(detector.name, detector.weights_id, table.profile_id(r), table.alpha(r))
+            Provenance(
+                self.detector.name, self.detector.weights_id, table.profile_id(r), table.alpha(r)
+            )
             for r in range(len(table.profiles) + 1)
         ]
 
