@@ -245,8 +245,9 @@ class Supervisor:
         self, name: str, factory: Callable[[], Awaitable[None]], *, background: bool = False
     ) -> None:
         """A stage: ``factory()`` is awaited as its own task once :meth:`run` starts, or at
-        once while it runs (refused once the graph is stopping or has ended)."""
-        if self._ended or self.stopping.is_set() or self.error is not None:
+        once while it runs (refused once the running graph is stopping or has ended; before
+        :meth:`run`, a stage may join a graph already asked to stop, to drain)."""
+        if self._ended or self.error is not None or (self._running and self.stopping.is_set()):
             raise ConfigError(f"{self.name}: stage {name} added after the graph stopped")
         stage = _Stage(name, factory, background)
         if not self._running:
