@@ -374,7 +374,8 @@ def test_sigterm_mid_stream_publishes_every_decoded_frame(
 ) -> None:
     prefix = "f-sigterm"
     make_topics(site.bootstrap, prefix)
-    config = site.config("sigterm", prefix, [_stream(clip)])
+    # Looping: a fast edge would otherwise read the whole clip before the signal arrives.
+    config = site.config("sigterm", prefix, [_stream(clip, loop=True)])
     detect = site.detect(config)
     detect.wait_for(r'(?m)^(?=.*partitions_assigned)(?=.*"partitions": \[").*$', 60)
     edge = site.edge(config)
@@ -383,7 +384,7 @@ def test_sigterm_mid_stream_publishes_every_decoded_frame(
     assert edge.terminate(60) == 0
     stop_s = time.monotonic() - stopped
     read, published = edge_summary(edge)
-    assert 30 < read < 200, "stopped mid-stream"
+    assert read > 30, "stopped mid-stream"
     row = _finish(
         site,
         prefix,
