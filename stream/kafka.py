@@ -598,6 +598,30 @@ async def publish_dead_letter(
         raise error from exc
 
 
+async def assigned_reader(
+    bootstrap: str, topic: str, security: KafkaSecurityConfig | None, client_id: str, missing: str
+) -> tuple[Any, list[TopicPartition]]:
+    """A started group-less consumer assigned every partition of ``topic``; ServiceError
+    ``no topic ... : missing`` when the topic does not exist, the client's own failure (TLS and
+    SASL hints included) when it cannot start."""
+    kwargs = security_kwargs(security, bootstrap)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, client_id=client_id, **kwargs
+    )
+    try:
+        await consumer.start()
+    except START_ERRORS as exc:
+        await consumer.stop()
+        raise await client_failure(exc, "a Kafka consumer", bootstrap, security, kwargs) from exc
+    await consumer.topics()  # metadata: the topic's partitions are known after this
+    parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+    if not parts:
+        await consumer.stop()
+        raise ServiceError(f"no topic {topic} on {bootstrap}: {missing}")
+    consumer.assign(parts)
+    return consumer, parts
+
+
 async def read_control_table(
     bootstrap_servers: str,
     *,

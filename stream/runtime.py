@@ -399,12 +399,17 @@ def stop_on_signals(supervisor: Supervisor) -> Any:
 _PR_SET_PDEATHSIG: Final = 1
 
 
+def set_parent_death_signal(signum: int) -> None:
+    """Ask the kernel to send ``signum`` to this process when its parent dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signum)
+
+
 def die_with_parent() -> None:
     """``preexec_fn`` for a child server: the kernel kills it (SIGKILL) when its parent dies,
     even by kill -9, so that no broker or tritonserver is left orphaned on its port."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    set_parent_death_signal(signal.SIGKILL)
 
 
 def start_child(

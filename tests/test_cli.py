@@ -26,7 +26,7 @@ def test_alpha_set_without_a_reachable_broker_is_one_clear_line(
     code = main(["alpha", "set", "cam-1", "0.7", "--bootstrap", "127.0.0.1:1", "--timeout", "2"])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cannot reach the broker at 127.0.0.1:1" in err[0], err
+    assert len(err) == 1 and "on 127.0.0.1:1" in err[0] and "cannot" in err[0], err
 
 
 def test_alpha_out_of_range_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:

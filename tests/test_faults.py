@@ -606,6 +606,12 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _descendants(pid: int) -> list[int]:
+    """Children first, then theirs (tritonserver runs under the reaper, a grandchild)."""
+    found = _children(pid)
+    return found + [g for c in found for g in _descendants(c)]
+
+
 def _command(pid: int) -> str:
     """The name of the program ``pid`` runs."""
     return Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()).name
@@ -622,7 +628,7 @@ def test_a_wrapper_whose_server_dies_exits_non_zero_and_says_so(site: Site, role
         )
         wrapper.wait_for("tritonserver on", 120)
         binary = "tritonserver"
-    server = next(c for c in _children(wrapper.process.pid) if _command(c) == binary)
+    server = next(c for c in _descendants(wrapper.process.pid) if _command(c) == binary)
     os.kill(server, signal.SIGKILL)
     started = time.monotonic()
     code = wrapper.wait(30)

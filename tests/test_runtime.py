@@ -187,6 +187,43 @@ def test_a_child_server_dies_with_its_parent_even_on_kill_9(tmp_path: Path) -> N
         time.sleep(0.05)
 
 
+def test_under_the_reaper_a_servers_own_children_die_with_its_parent_too(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG kills the server, not what it started (tritonserver's backend stubs):
+    the reaper takes the server's whole process group down when its parent is killed -9."""
+    pid_file = tmp_path / "grandchild.pid"
+    parent_code = textwrap.dedent(
+        f"""
+        import subprocess, sys, time
+        from stream.runtime import die_with_parent
+        server = f"sleep 60 & echo $! > {str(pid_file)!r}; wait"
+        subprocess.Popen(
+            [sys.executable, "-m", "stream.reaper", "sh", "-c", server],
+            preexec_fn=die_with_parent,
+        )
+        time.sleep(60)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], cwd=Path(__file__).parents[1])
+    deadline = time.monotonic() + 20
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        assert time.monotonic() < deadline, "the server did not start its own child"
+        time.sleep(0.05)
+    grandchild = int(pid_file.read_text())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while _alive(grandchild):
+        assert time.monotonic() < deadline, "the server's child outlived the killed parent"
+        time.sleep(0.05)
+
+
+def test_the_reaper_ends_as_its_command_did() -> None:
+    run = [sys.executable, "-m", "stream.reaper", "sh", "-c"]
+    root = Path(__file__).parents[1]
+    assert subprocess.run([*run, "exit 3"], cwd=root, timeout=20).returncode == 3
+    assert subprocess.run([*run, "kill -9 $$"], cwd=root, timeout=20).returncode == -9
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as fh:

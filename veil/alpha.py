@@ -13,15 +13,13 @@ import time
 from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
 
 from stream.kafka import (
     DEFAULT_TOPICS,
     TopicNames,
+    assigned_reader,
     make_producer,
     read_to_end,
-    security_kwargs,
 )
 from stream.signing import ROLE_EDGE, Signer, Verifier, sign_control
 from stream.wire import ControlMessage, StatusMessage, decode_status, encode_control
@@ -29,34 +27,6 @@ from veil.config import KafkaSecurityConfig
 from veil.errors import ConfigError, ServiceError, WireFormatError
 
 log = structlog.get_logger(__name__)
-
-
-async def _status_consumer(
-    bootstrap: str, topics: TopicNames, security: KafkaSecurityConfig | None
-) -> tuple[Any, list[Any]]:
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        client_id="veil-alpha",
-        **security_kwargs(security, bootstrap),
-    )
-    try:
-        await consumer.start()
-    except KafkaError as exc:
-        await consumer.stop()
-        raise ServiceError(f"cannot reach the broker at {bootstrap}: {exc!r}") from exc
-    await consumer.topics()  # metadata, so that the status partitions are known
-    parts = [
-        TopicPartition(topics.status, p)
-        for p in sorted(consumer.partitions_for_topic(topics.status) or ())
-    ]
-    if not parts:
-        await consumer.stop()
-        raise ServiceError(
-            f"no status topic {topics.status} on {bootstrap}: no edge has started there"
-        )
-    consumer.assign(parts)
-    return consumer, parts
 
 
 def _fold(table: dict[str, StatusMessage], records: list[Any], verifier: Verifier | None) -> None:
@@ -81,7 +51,9 @@ async def read_status(
     security: KafkaSecurityConfig | None = None,
 ) -> dict[str, StatusMessage]:
     """Every stream an edge has announced, with its latest status."""
-    consumer, parts = await _status_consumer(bootstrap, topics, security)
+    consumer, parts = await assigned_reader(
+        bootstrap, topics.status, security, "veil-alpha", "no edge has started there"
+    )
     table: dict[str, StatusMessage] = {}
     try:
         await read_to_end(
@@ -113,7 +85,9 @@ async def set_alpha(
         raise ConfigError(
             f"unknown stream {stream_id!r}: no edge announced it (known: {sorted(known)})"
         )
-    consumer, parts = await _status_consumer(bootstrap, topics, security)
+    consumer, parts = await assigned_reader(
+        bootstrap, topics.status, security, "veil-alpha", "no edge has started there"
+    )
     try:
         await consumer.seek_to_end(*parts)
         for tp in parts:

@@ -17,20 +17,16 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
 from stream.kafka import (
-    START_ERRORS,
     SequenceDeduper,
     TopicNames,
-    client_failure,
+    assigned_reader,
     read_to_end,
-    security_kwargs,
 )
 from stream.signing import Verifier
 from stream.wire import DetectionMessage
 from veil.config import KafkaSecurityConfig
-from veil.errors import ConfigError, ServiceError
+from veil.errors import ConfigError
 from veil.outputs import read_detection
 
 _AGO = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
@@ -81,30 +77,6 @@ class DetectionFilter:
         return replace(msg, detections=kept) if len(kept) else None
 
 
-async def _consumer(
-    bootstrap: str, topic: str, security: KafkaSecurityConfig | None
-) -> tuple[Any, list[TopicPartition]]:
-    kwargs = security_kwargs(security, bootstrap)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        client_id="veil-detections-tail",
-        **kwargs,
-    )
-    try:
-        await consumer.start()
-    except START_ERRORS as exc:
-        await consumer.stop()
-        raise await client_failure(exc, "a Kafka consumer", bootstrap, security, kwargs) from exc
-    await consumer.topics()  # metadata: the topic's partitions are known after this
-    parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-    if not parts:
-        await consumer.stop()
-        raise ServiceError(f"no topic {topic} on {bootstrap}: no detect worker has published there")
-    consumer.assign(parts)
-    return consumer, parts
-
-
 async def tail_detections(
     bootstrap: str,
     out: Callable[[DetectionMessage], None],
@@ -131,7 +103,9 @@ async def tail_detections(
         if passed is not None:
             out(passed)
 
-    consumer, parts = await _consumer(bootstrap, topic, security)
+    consumer, parts = await assigned_reader(
+        bootstrap, topic, security, "veil-detections-tail", "no detect worker has published there"
+    )
     try:
         if not follow:
             await read_to_end(consumer, parts, handle, timeout_s=timeout_s, what=topic)

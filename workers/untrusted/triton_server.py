@@ -20,7 +20,6 @@ Quirks handled here:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import os
 import signal
@@ -187,14 +186,14 @@ class EmbeddedTriton:
             *self._tls_flags,
         ]
         with self._log_path.open("wb") as log:
-            # Own session: on a forced stop the whole group (server and stubs) can be killed.
+            # Under the reaper: the server runs in a group of its own that dies with it and with
+            # this process (kill -9 included), its Python backend stubs too.
             self._process = subprocess.Popen(
-                command,
+                [sys.executable, "-m", "stream.reaper", *command],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self._environment(),
-                start_new_session=True,
                 preexec_fn=die_with_parent,
             )
         try:
@@ -213,12 +212,10 @@ class EmbeddedTriton:
             while process.poll() is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
             if process.poll() is None:
-                _kill_group(process.pid)
+                process.send_signal(signal.SIGHUP)  # the reaper kills the server's whole group
                 await asyncio.to_thread(process.wait)
         if process is not None:
             self.returncode = process.returncode
-            if process.returncode != 0:
-                _kill_group(process.pid)  # stubs a crashed or killed server left behind
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
@@ -361,8 +358,3 @@ async def _all_ready(client: Any, models: Sequence[str]) -> bool:
     except InferenceServerException:
         return False  # not listening yet
     return True
-
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
