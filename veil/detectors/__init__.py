@@ -55,14 +55,9 @@ def load_decoder(name: str) -> SplitDetector:
     return refuse_head(model.eval().requires_grad_(False))
 
 
-_GUARDED = "_veil_head_refused"
-
-
 def refuse_head(model: SplitDetector) -> SplitDetector:
     """``model`` with a hook on each head module that raises a one-line ConfigError when it
-    runs (tail, priors and decoding still work). Idempotent; returns ``model``."""
-    if getattr(model, _GUARDED, False):
-        return model
+    runs (tail, priors and decoding still work); returns ``model``."""
     message = (
         f"{model.name}: this decoder holds no weights of the head (load_decoder builds the "
         "architecture only, to decode a tail's outputs); run heads with load_detector() "
@@ -74,7 +69,6 @@ def refuse_head(model: SplitDetector) -> SplitDetector:
 
     for prefix in model.head_modules:
         model.get_submodule(prefix).register_forward_pre_hook(refuse)
-    setattr(model, _GUARDED, True)
     return model
 
 

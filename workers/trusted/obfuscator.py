@@ -67,7 +67,7 @@ class ProfileTable:
     ) -> None:
         shape = detector.activation_shape(geometry)
         for p in profiles:
-            p.check_fits(detector.name, detector.weights_id, geometry)
+            p.check_fits(detector.name, detector.weights_id, geometry, shape)
         self.profiles = sorted(profiles, key=lambda p: p.alpha)
         self.by_alpha = {p.alpha: i + 1 for i, p in enumerate(self.profiles)}
         zeros = torch.zeros(shape)

@@ -394,8 +394,9 @@ def _profiles_to_serve(
         if not bank.root.is_dir():
             raise ConfigError(f"profile bank {bank.root} is not a folder")
         chosen += bank.profiles()
+    shape = detector.activation_shape(geometry)
     for profile in chosen:
-        profile.check_fits(detector.name, detector.weights_id, geometry)
+        profile.check_fits(detector.name, detector.weights_id, geometry, shape)
     unique = {p.profile_id: p for p in chosen}
     return sorted(unique.values(), key=lambda p: (p.alpha, p.profile_id))
 
