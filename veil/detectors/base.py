@@ -152,6 +152,15 @@ class SplitDetector(nn.Module, ABC):
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         return self.tail(self.head(x))
 
+    def reference(self) -> SplitDetector | None:
+        """The whole network this split was cut from, when the cut changed it (same weights,
+        a shallower head, the same outputs and priors); None when this split is the network.
+
+        Calibration distils a profile's tail from the reference's clean outputs, so that a
+        cut that costs accuracy gets it back in the tail it trains.
+        """
+        return None
+
     def is_tail_key(self, key: str) -> bool:
         return not any(key == m or key.startswith(m + ".") for m in self.head_modules)
 
