@@ -3,6 +3,7 @@ reason, and the attacks they stop in the detect worker (fakes of test_detect_wor
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import stat
 import time
@@ -73,7 +74,7 @@ from veil.detections import Detections
 from veil.detectors.base import Letterbox
 from veil.errors import ConfigError, WireFormatError
 from veil.outputs import read_detection
-from workers.trusted.edge import EdgeWorker
+from workers.trusted.edge import EdgeWorker, RequestRefused
 from workers.trusted.obfuscator import ObfuscatedFrame
 from workers.untrusted.detect import DetectWorker
 
@@ -328,6 +329,17 @@ def test_the_edge_signs_every_activation_record(
     edge.signer = None  # no keys: unsigned, as before
     unsigned = EdgeWorker._record(cast(EdgeWorker, edge), frame)
     assert HEADER_SIGNER not in dict(unsigned.headers)
+
+
+def test_a_signed_zone_refuses_alpha_over_http(verifier: Verifier) -> None:
+    edge = SimpleNamespace(
+        _streams={"s": object()},
+        control=SimpleNamespace(alphas={"s": 0.8}),
+        control_verifier=verifier,
+    )
+    with pytest.raises(RequestRefused, match="operator key only") as refused:
+        asyncio.run(EdgeWorker.request_alpha(cast(EdgeWorker, edge), "s", 0.9))
+    assert refused.value.status == 403 and refused.value.field == "alpha"
 
 
 # --- the detect worker: verification comes before any state --------------------------------

@@ -24,9 +24,10 @@ import structlog
 
 from stream.broker import free_loopback_port
 from stream.demo_clip import make_demo_clip
-from stream.kafka import TopicNames, ensure_topics
+from stream.kafka import TopicNames, assigned_reader, ensure_topics, read_to_end
 from stream.runtime import Backoff
 from stream.sources import VideoSource
+from stream.wire import ControlMessage, decode_control
 from tests.fixtures_kafka import KafkaTarget, kafka_target  # noqa: F401
 from tests.test_rtsp import RtspServer, rtsp_server  # noqa: F401
 from veil import http_api
@@ -251,7 +252,10 @@ async def test_bad_input_is_a_4xx_naming_the_field(
 
 
 async def test_alpha_over_http_is_refused_below_the_floor_and_a_reloaded_profile_applies(
-    running: tuple[int, asyncio.Task[Graph]], bank: Path, obfuscator: Obfuscator
+    running: tuple[int, asyncio.Task[Graph]],
+    bank: Path,
+    obfuscator: Obfuscator,
+    kafka_target: KafkaTarget,  # noqa: F811
 ) -> None:
     port, _ = running
     status, refused = await http(port, "PUT", "/v1/streams/a/alpha", {"alpha": 0.5})
@@ -271,6 +275,27 @@ async def test_alpha_over_http_is_refused_below_the_floor_and_a_reloaded_profile
     assert status == 200 and applied["outcome"] == "applied", applied
     assert applied["profile_id"] == profile.profile_id
     assert (await _streams(port))["a"]["profile_id"] == profile.profile_id
+    # The request went through the control topic, as `veil alpha set` sends it: a restart,
+    # which replays that topic, keeps it.
+    requests = await _control_records(kafka_target.bootstrap_servers)
+    assert ("a", 0.95) in [(r.stream_id, r.alpha) for r in requests], requests
+
+
+async def _control_records(bootstrap: str) -> list[ControlMessage]:
+    topic = TopicNames("api").control
+    consumer, parts = await assigned_reader(bootstrap, topic, None, "test-control", "no topic")
+    found: list[ControlMessage] = []
+    try:
+        await read_to_end(
+            consumer,
+            parts,
+            lambda r: found.append(decode_control(r.key, r.value, r.headers)),
+            timeout_s=10,
+            what=topic,
+        )
+    finally:
+        await consumer.stop()
+    return found
 
 
 async def test_the_openapi_document_matches_what_is_served(

@@ -3,9 +3,11 @@
 
 ``GET /v1/streams`` lists the streams with their state; ``POST /v1/streams`` adds one at
 runtime; ``DELETE /v1/streams/{id}`` removes one (its source stops, what it decoded is still
-published); ``PUT /v1/streams/{id}/alpha`` asks the zone's :class:`AlphaControl` for a new
-alpha (its floor and replay rule, answered on the status topic as for ``veil alpha set``) and
-says applied or refused with the reason; ``POST /v1/bank/reload`` reads the profile bank
+published); ``PUT /v1/streams/{id}/alpha`` asks for a new alpha the way ``veil alpha set``
+does (a record on the control topic, so that it outlives a restart; the zone's
+:class:`AlphaControl` decides, with its floor and replay rule, and answers on the status topic)
+and says applied or refused with the reason (a signed zone refuses it: there only the
+operator's key changes an alpha); ``POST /v1/bank/reload`` reads the profile bank
 again. ``GET /openapi.json`` is :data:`OPENAPI`, which a test keeps equal to what is served.
 Changes are accepted from the peers ``observability.api_writes`` allows (loopback by default).
 Every error is ``{"error": one line, "field": the request field at fault or null}``.
@@ -303,6 +305,8 @@ OPENAPI: Final[dict[str, Any]] = {
                     "200": _json(_ref("AlphaStatus"), "applied"),
                     "409": _json(_ref("AlphaStatus"), "refused: error and reason say why"),
                     **{k: v for k, v in _ERRORS.items() if k != "409"},
+                    "403": _json(_ref("Error"), "not from this peer, or a signed zone"),
+                    "504": _json(_ref("Error"), "the control topic did not answer in time"),
                 },
             }
         },

@@ -56,6 +56,7 @@ from stream.wire import (
     Quantisation,
     StatusMessage,
     encode,
+    encode_control,
     encode_status,
 )
 from veil import observability as obs
@@ -275,6 +276,8 @@ class EdgeWorker:
         self._supervisor: Supervisor | None = None
         self._frames: Channel[Frame] | None = None
         self._compute = asyncio.Lock()  # a bank reload swaps the table between two batches
+        # HTTP alpha requests written to the control topic, by (stream, stamp), until answered.
+        self._awaiting: dict[tuple[str, float], asyncio.Future[StatusMessage]] = {}
         self.finished = asyncio.Event()  # set once the last frame is published
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -596,21 +599,36 @@ class EdgeWorker:
         log.info("edge.stream_removed", stream=sid, read=stream.read, published=stream.published)
         stream.removed.set()
 
-    async def request_alpha(self, sid: str, alpha: float) -> StatusMessage:
-        """``sid``'s alpha through :class:`AlphaControl` (its floor, its replay rule), answered
-        on the status topic as for ``veil alpha set``; the answer, applied or refused."""
+    async def request_alpha(self, sid: str, alpha: float, timeout_s: float = 15.0) -> StatusMessage:
+        """``sid``'s alpha the way ``veil alpha set`` asks for it: a record on the control
+        topic (so that it outlives a restart, which replays that topic), decided by
+        :class:`AlphaControl` (its floor, its replay rule) when the edge reads it back, and
+        answered on the status topic; returns the answer, applied or refused. Refused in a
+        signed zone: only the operator's key may change an alpha there."""
         if sid not in self._streams or sid not in self.control.alphas:
             raise RequestRefused(404, "id", f"no stream {sid!r} on this edge")
+        if self.control_verifier is not None:
+            raise RequestRefused(
+                403, "alpha", "this zone takes alpha changes signed with the operator key only: "
+                "use `veil alpha set` with that key"
+            )  # fmt: skip
+        stamp = time.time()
         try:
-            request = ControlMessage(sid, alpha, time.time())
+            request = ControlMessage(sid, alpha, stamp)
         except VeilError as exc:
             raise RequestRefused(400, "alpha", str(exc)) from exc
-        status = self.control.request(request)
-        assert status is not None  # the stream is this edge's
-        if status.outcome == "applied":
-            self.stats.alpha_changes.append((status.stream_id, status.alpha))
-        await self._answer([status])
-        return status
+        slot = (sid, stamp)
+        answer = self._awaiting[slot] = asyncio.get_running_loop().create_future()
+        try:
+            record = OutgoingRecord(self.topics.control, *encode_control(request))
+            await send_all(self._producer, [record], what="alpha request", backoff=self.backoff)
+            return await asyncio.wait_for(answer, timeout_s)
+        except TimeoutError:
+            raise RequestRefused(
+                504, "alpha", f"the control topic did not bring the request back in {timeout_s} s"
+            ) from None
+        finally:
+            self._awaiting.pop(slot, None)
 
     async def reload_bank(self) -> dict[str, Any]:
         """Read the profile bank again: profiles calibrated since start become usable. Refused
@@ -690,6 +708,9 @@ class EdgeWorker:
         if status.outcome == "applied":
             self.stats.alpha_changes.append((status.stream_id, status.alpha))
         await self._answer([status])
+        waiting = self._awaiting.get((status.stream_id, status.request_time or -1.0))
+        if waiting is not None and not waiting.done():
+            waiting.set_result(status)
 
     async def _answer(self, statuses: list[StatusMessage]) -> None:
         """Publish what the zone decided on the status topic (``veil alpha set`` waits)."""
