@@ -371,3 +371,13 @@ def test_env_cannot_descend_into_a_value(tmp_path: Path) -> None:
         str(info.value)
         == "VEIL__STREAMS__0__ALPHA__MAX: streams.0.alpha is a value, it has no field 'max'"
     )
+
+
+def test_a_preview_needs_the_http_port() -> None:
+    from veil.config import ObservabilityConfig, OutputConfig
+
+    with pytest.raises(ConfigError, match="outputs.preview: .*http_port"):
+        VeilConfig(outputs=OutputConfig(preview=True))
+    VeilConfig(outputs=OutputConfig(preview=True), observability=ObservabilityConfig(http_port=0))
+    with pytest.raises(ConfigError, match="preview_fps"):
+        OutputConfig(preview_fps=0)

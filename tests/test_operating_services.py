@@ -204,8 +204,7 @@ def test_json_lines_survive_kill_9_mid_run(site: dict[str, Path], tmp_path: Path
     clip = make_demo_clip(site["work"] / "loop.mp4", seconds=2, fps=10, size=(320, 240))
     looping = site["work"] / "veil.yaml"
     looping.write_text(
-        CONFIG
-        + f"streams:\n  - {{id: lobby, source: {clip}, policy: lossless, alpha: 0.0, "
+        CONFIG + f"streams:\n  - {{id: lobby, source: {clip}, policy: lossless, alpha: 0.0, "
         "allow_clean: true, loop: true}\n"
     )
     jsonl = tmp_path / "out" / "detections.jsonl"

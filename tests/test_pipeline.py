@@ -494,3 +494,76 @@ async def test_signed_records_end_to_end_and_forgeries_change_nothing(
         for _, h in await read_records(topics, DEFAULT_TOPICS.dead_letter, sid.encode())
     ]
     assert dead == [b"activation refused: " + unsigned.format("activations", "edge").encode()]
+
+
+async def read_preview(url: str, parts: int) -> list[tuple[int, Frame]]:
+    """``parts`` JPEG parts of an MJPEG response: (the X-Sequence header, the image)."""
+    import cv2
+
+    host_port, _, path = url.removeprefix("http://").partition("/")
+    host, _, port = host_port.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(f"GET /{path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        assert head.startswith("HTTP/1.1 200") and "multipart/x-mixed-replace" in head, head
+        found: list[tuple[int, Frame]] = []
+        while len(found) < parts:
+            lines = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+            assert lines[0] == "--veilframe", lines
+            fields = dict(line.split(": ", 1) for line in lines[1:] if line)
+            jpeg = await reader.readexactly(int(fields["Content-Length"]))
+            await reader.readexactly(2)
+            image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+            found.append((int(fields["X-Sequence"]), image))
+        return found
+    finally:
+        writer.close()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_the_live_preview_serves_annotated_frames_as_mjpeg(
+    topics: str,
+    triton: TritonTarget,
+    weights: Path,
+    bank: Path,
+    repository: Path,
+    video: Path,
+) -> None:
+    stream = StreamConfig(id="watched", source=str(video), policy="lossless", alpha=0.5, loop=True)
+    config = config_for((stream,), topics, triton, weights, bank, repository, "g-preview")
+    config = replace(
+        config,
+        outputs=OutputConfig(preview=True),
+        observability=replace(config.observability, http_port=0),
+    )
+    lines: list[str] = []
+    stop = asyncio.Event()
+    result: dict[str, Any] = {}
+
+    async def watch() -> None:
+        try:
+            url = next(line.split(": ", 1)[1] for line in lines if "live preview" in line)
+            result["parts"] = await asyncio.wait_for(read_preview(url, 3), 60)
+        except BaseException as exc:  # reported by the asserts below
+            result["error"] = exc
+        finally:
+            stop.set()
+
+    def on_detection(_msg: DetectionMessage) -> None:
+        if "task" not in result:
+            result["task"] = asyncio.get_running_loop().create_task(watch())
+
+    await asyncio.wait_for(
+        run_pipeline(
+            config, say=lines.append, print_detections=False, stop=stop, on_detection=on_detection
+        ),
+        timeout=240,
+    )
+    assert "parts" in result, result.get("error")
+    sequences = [seq for seq, _ in result["parts"]]
+    assert sequences == sorted(set(sequences)), sequences  # each part a newer frame
+    image = result["parts"][-1][1]
+    assert image.shape == (360, 640, 3)  # the source's own frame, not the letterboxed input
+    green = (image[..., 1] > 180) & (image[..., 0] < 90) & (image[..., 2] < 90)
+    assert int(green.sum()) > 100, "no box drawn on the preview"

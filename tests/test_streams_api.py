@@ -244,6 +244,7 @@ async def test_bad_input_is_a_4xx_naming_the_field(
         ("PUT", "/v1/streams/a/alpha", {"alpha": 7}, 400, "alpha"),
         ("PUT", "/v1/streams/a/alpha", {}, 400, "alpha"),
         ("GET", "/v1/bank/reload", None, 405, None),
+        ("GET", "/v1/streams/a/preview", None, 409, None),  # veil run --preview serves it
     ]
     for method, path, body, want, field in cases:
         status, answer = await http(port, method, path, body)

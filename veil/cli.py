@@ -293,6 +293,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         outputs = replace(outputs, annotated_dir=args.annotated_dir)
     if args.jsonl:
         outputs = replace(outputs, jsonl=args.jsonl)
+    if args.preview:
+        outputs = replace(outputs, preview=True)
+        if config.observability.http_port is None:  # a free port, printed at start
+            config = replace(config, observability=replace(config.observability, http_port=0))
     config = replace(config, outputs=outputs)
     if not config.streams:
         config = replace(config, streams=demo_streams(args.alpha if args.alpha else 0.8))
@@ -855,6 +859,12 @@ def _add_run(sub: Subparsers) -> None:
     )
     p.add_argument("--jsonl", help="append detections here as JSON lines, each as it arrives")
     p.add_argument("--annotated-dir", help="write annotated H.264 MP4s per stream here")
+    p.add_argument(
+        "--preview",
+        action="store_true",
+        help="serve a live MJPEG preview of each annotated stream on the HTTP port "
+        "(observability.http_port; a free one when unset)",
+    )
     p.add_argument("--quiet", action="store_true", help="do not print each detection")
     p.set_defaults(func=cmd_run)
 

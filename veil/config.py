@@ -228,8 +228,13 @@ class OutputConfig:
     # A live source's annotated video starts a new file past this size or this age.
     annotated_rotate_mb: float = 512.0
     annotated_rotate_s: float = 3600.0
+    # A live MJPEG preview of the annotated streams on the HTTP port (veil run).
+    preview: bool = False
+    preview_fps: float = 10.0
 
     def __post_init__(self) -> None:
+        if self.preview_fps <= 0:
+            raise ConfigError("outputs.preview_fps must be > 0")
         if self.annotated_rotate_mb <= 0 or self.annotated_rotate_s <= 0:
             raise ConfigError("outputs: annotated_rotate_mb and annotated_rotate_s must be > 0")
 
@@ -285,6 +290,11 @@ class VeilConfig:
             raise ConfigError("batching: max_batch must be >= 1 and max_wait_ms >= 0")
         if self.batching.cuda_streams < 1:
             raise ConfigError("batching.cuda_streams must be >= 1")
+        if self.outputs.preview and self.observability.http_port is None:
+            raise ConfigError(
+                "outputs.preview: the preview is served on observability.http_port, which is "
+                "off (set a port, or 0 for a free one; `veil run --preview` picks one)"
+            )
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

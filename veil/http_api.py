@@ -8,7 +8,9 @@ does (a record on the control topic, so that it outlives a restart; the zone's
 :class:`AlphaControl` decides, with its floor and replay rule, and answers on the status topic)
 and says applied or refused with the reason (a signed zone refuses it: there only the
 operator's key changes an alpha); ``POST /v1/bank/reload`` reads the profile bank
-again. ``GET /openapi.json`` is :data:`OPENAPI`, which a test keeps equal to what is served.
+again; ``GET /v1/streams/{id}/preview`` is the live MJPEG of the stream's annotated frames
+(:mod:`workers.trusted.preview`, ``veil run --preview``). ``GET /openapi.json`` is
+:data:`OPENAPI`, which a test keeps equal to what is served.
 Changes are accepted from the peers ``observability.api_writes`` allows (loopback by default).
 Every error is ``{"error": one line, "field": the request field at fault or null}``.
 
@@ -26,6 +28,7 @@ from typing import Any, Final
 from veil.config import StreamConfig
 from veil.observability import Handler, Request, Response, package_version
 from workers.trusted.edge import EdgeWorker, RequestRefused
+from workers.trusted.preview import CONTENT_TYPE
 
 Params = dict[str, str]
 Endpoint = Callable[[EdgeWorker, Request, Params], Awaitable[Response]]
@@ -126,6 +129,16 @@ async def _reload(edge: EdgeWorker, _request: Request, _params: Params) -> Respo
     return Response.json(200, await edge.reload_bank())
 
 
+async def _preview(edge: EdgeWorker, _request: Request, params: Params) -> Response:
+    if edge.preview is None:
+        raise RequestRefused(
+            409, None, "no preview: `veil run --preview` (outputs.preview: true) serves one"
+        )
+    if params["id"] not in edge.known_ids:
+        raise RequestRefused(404, "id", f"no stream {params['id']!r} on this edge")
+    return Response(200, b"", CONTENT_TYPE, stream=edge.preview.parts(params["id"]))
+
+
 async def _openapi(_edge: EdgeWorker, _request: Request, _params: Params) -> Response:
     return Response.json(200, OPENAPI)
 
@@ -136,6 +149,7 @@ ROUTES: Final = (
     Route("DELETE", "/v1/streams/{id}", _remove, writes=True),
     Route("PUT", "/v1/streams/{id}/alpha", _alpha, writes=True),
     Route("POST", "/v1/bank/reload", _reload, writes=True),
+    Route("GET", "/v1/streams/{id}/preview", _preview, writes=False),
     Route("GET", "/openapi.json", _openapi, writes=False),
 )
 
@@ -307,6 +321,17 @@ OPENAPI: Final[dict[str, Any]] = {
                     **{k: v for k, v in _ERRORS.items() if k != "409"},
                     "403": _json(_ref("Error"), "not from this peer, or a signed zone"),
                     "504": _json(_ref("Error"), "the control topic did not answer in time"),
+                },
+            }
+        },
+        "/v1/streams/{id}/preview": {
+            "get": {
+                "summary": "live MJPEG of the stream's annotated frames (veil run --preview)",
+                "parameters": _ID,
+                "responses": {
+                    "200": {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}},
+                    "404": _json(_ref("Error"), "no such stream"),
+                    "409": _json(_ref("Error"), "the preview is off"),
                 },
             }
         },

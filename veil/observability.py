@@ -14,7 +14,7 @@ import ipaddress
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -181,6 +181,8 @@ class Response:
     status: int
     body: bytes
     content_type: str = "application/json"
+    # A body sent as it comes (no Content-Length) until it ends or the peer leaves.
+    stream: AsyncIterator[bytes] | None = None
 
     @classmethod
     def json(cls, status: int, document: Any) -> Response:
@@ -215,12 +217,15 @@ class StatusServer:
         self.host, self.port, self.ready = host, port, ready
         self.readiness, self.api = readiness, api
         self._server: asyncio.Server | None = None
+        self._streaming: set[asyncio.Task[Any]] = set()  # handlers sending a stream body
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
+        for task in list(self._streaming):
+            task.cancel()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -234,16 +239,35 @@ class StatusServer:
             except _BadRequest as exc:
                 response = Response.json(exc.status, {"error": str(exc)})
             reason = _REASONS.get(response.status, "")
+            length = "" if response.stream else f"\r\nContent-Length: {len(response.body)}"
             head = (
                 f"HTTP/1.1 {response.status} {reason}\r\nContent-Type: {response.content_type}"
-                f"\r\nContent-Length: {len(response.body)}\r\nConnection: close\r\n\r\n"
+                f"{length}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
             )
             writer.write(head.encode() + response.body)
             await writer.drain()
+            if response.stream is not None:
+                await self._send_stream(response.stream, writer)
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()
+
+    async def _send_stream(self, body: AsyncIterator[bytes], writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._streaming.add(task)
+        try:
+            async for chunk in body:
+                writer.write(chunk)
+                await writer.drain()
+        except asyncio.CancelledError:
+            pass  # the server stops
+        finally:
+            self._streaming.discard(task)
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     async def _answer(self, request: Request) -> Response:
         if request.method == "GET" and request.path == "/metrics":

@@ -57,6 +57,7 @@ from veil.preflight import check_edge
 from veil.profiles import NoiseProfile, ProfileBank
 from workers.trusted.edge import EdgeStats, EdgeWorker
 from workers.trusted.obfuscator import Obfuscator, ProfileTable, pick_device
+from workers.trusted.preview import LivePreview
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -392,6 +393,7 @@ class Graph:
     detect: Any = None  # DetectWorker (imported lazily: the outside's module)
     tally: DetectionTally = field(default_factory=DetectionTally)  # what the sink received
     alpha_command: str = ""  # how an operator changes a stream's alpha on this graph
+    http_url: str = ""  # where its metrics, health and API answer, if a port is set
 
 
 async def serve(
@@ -405,11 +407,13 @@ async def serve(
     frame_hook: Callable[[Frame], None] | None = None,
     stop: asyncio.Event | None = None,
     bank_dir: Path | None = None,
+    preview: LivePreview | None = None,
 ) -> Graph:
     """The one graph builder: ``{"edge"}`` (``veil edge``), ``{"detect"}`` (``veil detect``) or
     ``{"edge", "detect", "sink"}`` (``veil run``: then, once the sources end, the detect
     worker runs until every published frame came back, ``settle_timeout_s`` at most).
     ``bank_dir``: the profile bank the edge reloads on request (default: :func:`bank_folder`).
+    ``preview``: the live preview the edge's HTTP API serves.
 
     Runs until the graph ends; raises the first stage error. Returns the graph for its stats.
     """
@@ -437,6 +441,9 @@ async def serve(
             graph.edge.bank_dir = bank_dir or bank_folder(
                 config, obfuscator.detector, obfuscator.geometry
             )
+            graph.edge.preview = preview
+            for s in config.streams if preview is not None else ():
+                say(f"live preview of {s.id}: {graph.http_url}/v1/streams/{s.id}/preview")
             await stack.enter_async_context(graph.edge)
             graph.edge.attach(sup)
             graph.alpha_command = alpha_command(config, bootstrap, obfuscator.table.alphas)
@@ -617,7 +624,8 @@ async def _status(
             f"observability.http_port: cannot listen on {obs_config.http_host}:"
             f"{obs_config.http_port} ({exc.strerror or exc})"
         ) from exc
-    say(f"metrics and health on http://{server.host}:{server.port}/metrics")
+    graph.http_url = f"http://{server.host}:{server.port}"
+    say(f"metrics and health on {graph.http_url}/metrics")
     try:
         yield
     finally:
@@ -693,12 +701,14 @@ class _RunOutputs:
         # frames go unannotated and are counted, rather than queueing without bound.
         self._backlog = threading.Semaphore(ANNOTATE_BACKLOG)
         self.unannotated = 0
-        if out.annotated_dir:
+        self.preview = LivePreview(out.preview_fps) if out.preview else None
+        if out.annotated_dir or self.preview is not None:
             from workers.trusted.annotate import AnnotatedWriter, Rotation
 
             live = [s.id for s in config.streams if _is_live(s.source)]
             rotation = Rotation(round(out.annotated_rotate_mb * 2**20), out.annotated_rotate_s)
-            self.annotator = AnnotatedWriter(Path(out.annotated_dir), rates, live, rotation)
+            folder = Path(out.annotated_dir) if out.annotated_dir else None
+            self.annotator = AnnotatedWriter(folder, rates, live, rotation, preview=self.preview)
 
     @property
     def frame_hook(self) -> Callable[[Frame], None] | None:
@@ -722,6 +732,8 @@ class _RunOutputs:
             self._backlog.release()
 
     async def close(self) -> None:
+        if self.preview is not None:
+            self.preview.close()
         await asyncio.to_thread(self.encoder.shutdown, True)
         if self.unannotated:
             self.say(f"annotated video: {self.unannotated} frames skipped (encoder behind)")
@@ -785,6 +797,7 @@ async def run_pipeline(
             settle_timeout_s=settle_timeout_s,
             frame_hook=outputs.frame_hook,
             stop=stop,
+            preview=outputs.preview,
             bank_dir=bank_folder(
                 config,
                 obfuscator.detector,

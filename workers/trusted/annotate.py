@@ -30,6 +30,7 @@ import structlog
 
 from stream.frames import Frame
 from stream.wire import DetectionMessage
+from workers.trusted.preview import LivePreview
 
 log = structlog.get_logger(__name__)
 
@@ -154,17 +155,21 @@ class _Video:
 
 class AnnotatedWriter:
     """One annotated MP4 per file stream, at the rate ``rates`` gives for it (its source's);
-    for the streams in ``live``, a series of MP4s, one per ``rotation`` period or size."""
+    for the streams in ``live``, a series of MP4s, one per ``rotation`` period or size. With
+    ``preview``, every annotated frame is offered to the live preview too; ``out_dir`` None:
+    the preview alone, no files."""
 
     def __init__(
         self,
-        out_dir: Path,
+        out_dir: Path | None,
         rates: Mapping[str, Fraction | None] | None = None,
         live: Collection[str] = (),
         rotation: Rotation | None = None,
         max_pending: int = 256,
+        preview: LivePreview | None = None,
     ) -> None:
-        self.out_dir = Path(out_dir)
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.preview = preview
         self.rates = dict(rates or {})
         self.live = frozenset(live)
         self.rotation = rotation
@@ -183,8 +188,16 @@ class AnnotatedWriter:
         frame = self._pending.get(msg.stream_id, OrderedDict()).pop(msg.sequence, None)
         if frame is None:
             return
+        preview = self.preview
+        if self.out_dir is None and (preview is None or not preview.watched(msg.stream_id)):
+            return  # nobody looks: nothing to draw
+        drawn = draw(frame.pixels, msg)
+        if preview is not None:
+            preview.put(msg.stream_id, msg.sequence, drawn)
+        if self.out_dir is None:
+            return
         video = self._video(frame)
-        video.write(draw(frame.pixels, msg), frame)
+        video.write(drawn, frame)
         rotation = self.rotation
         if (
             rotation is not None
@@ -197,6 +210,7 @@ class AnnotatedWriter:
             self._close(msg.stream_id)
 
     def _path(self, stream_id: str, frame: Frame) -> Path:
+        assert self.out_dir is not None
         if stream_id not in self.live:
             return self.out_dir / f"{stream_id}.mp4"
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(frame.capture_time))
@@ -210,6 +224,7 @@ class AnnotatedWriter:
     def _video(self, frame: Frame) -> _Video:
         sid = frame.stream_id
         if sid not in self._videos:
+            assert self.out_dir is not None
             self.out_dir.mkdir(parents=True, exist_ok=True)
             rate = None if sid in self.live else self.rates.get(sid)
             self._videos[sid] = _Video(self._path(sid, frame), frame, rate, pick_codec())

@@ -66,6 +66,7 @@ from veil.preflight import check_source
 from veil.profiles import ProfileBank
 from workers.trusted.control import AlphaControl
 from workers.trusted.obfuscator import ObfuscatedFrame, Obfuscator, ProfileTable
+from workers.trusted.preview import LivePreview
 
 log = structlog.get_logger(__name__)
 
@@ -278,6 +279,7 @@ class EdgeWorker:
         self._compute = asyncio.Lock()  # a bank reload swaps the table between two batches
         # HTTP alpha requests written to the control topic, by (stream, stamp), until answered.
         self._awaiting: dict[tuple[str, float], asyncio.Future[StatusMessage]] = {}
+        self.preview: LivePreview | None = None  # the live preview its HTTP API serves (veil run)
         self.finished = asyncio.Event()  # set once the last frame is published
 
     # -- lifecycle ---------------------------------------------------------------------------
