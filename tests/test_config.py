@@ -376,7 +376,7 @@ def test_env_cannot_descend_into_a_value(tmp_path: Path) -> None:
 def test_a_preview_needs_the_http_port() -> None:
     from veil.config import ObservabilityConfig, OutputConfig
 
-    with pytest.raises(ConfigError, match="outputs.preview: .*http_port"):
+    with pytest.raises(ConfigError, match=r"outputs\.preview: .*http_port"):
         VeilConfig(outputs=OutputConfig(preview=True))
     VeilConfig(outputs=OutputConfig(preview=True), observability=ObservabilityConfig(http_port=0))
     with pytest.raises(ConfigError, match="preview_fps"):

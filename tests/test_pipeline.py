@@ -37,6 +37,7 @@ from veil.config import (
     BatchingConfig,
     KafkaConfig,
     ModelConfig,
+    ObservabilityConfig,
     OutputConfig,
     StreamConfig,
     TritonConfig,
@@ -567,3 +568,69 @@ async def test_the_live_preview_serves_annotated_frames_as_mjpeg(
     assert image.shape == (360, 640, 3)  # the source's own frame, not the letterboxed input
     green = (image[..., 1] > 180) & (image[..., 0] < 90) & (image[..., 2] < 90)
     assert int(green.sum()) > 100, "no box drawn on the preview"
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_profile_reloaded_under_veil_run_is_served_outside_with_its_tail(
+    topics: str,
+    weights: Path,
+    bank: Path,
+    video: Path,
+    tmp_path: Path,
+) -> None:
+    from veil.http_client import call
+
+    profiles = {p.alpha: p for p in ProfileBank(bank).profiles()}
+    running = ProfileBank(tmp_path / "bank")
+    running.save(profiles[0.5])  # the tuned 0.9 profile comes later, calibrated "meanwhile"
+    stream = StreamConfig(id="reload", source=str(video), policy="lossless", alpha=0.5, loop=True)
+    config = VeilConfig(
+        model=ModelConfig(name="faceboxes", weights=str(weights), geometry=str(GEOMETRY)),
+        profile_bank=str(running.root),
+        streams=(stream,),
+        kafka=KafkaConfig(bootstrap=topics, idempotent=False, group_id="g-reload"),
+        batching=BatchingConfig(max_batch=4, max_wait_ms=10),
+        triton=TritonConfig(model_repository=str(tmp_path / "repo")),  # embedded, this run's
+        observability=ObservabilityConfig(http_port=0),
+    )
+    lines: list[str] = []
+    stop = asyncio.Event()
+    seen: list[tuple[float, str]] = []
+    result: dict[str, Any] = {}
+
+    def operator() -> None:
+        """What an operator does by hand: a new profile in the bank, reload, switch to it."""
+        url = next(line for line in lines if "/metrics" in line).split()[-1]
+        url = url.removesuffix("/metrics")
+        running.save(profiles[0.9])
+        result["reload"] = call(url, "POST", "/v1/bank/reload")
+        result["alpha"] = call(url, "PUT", "/v1/streams/reload/alpha", {"alpha": 0.9})
+
+    async def run_operator() -> None:
+        try:
+            await asyncio.to_thread(operator)
+        except BaseException as exc:  # reported by the asserts below
+            result["error"] = exc
+            stop.set()
+
+    def on_detection(msg: DetectionMessage) -> None:
+        seen.append((msg.alpha, msg.profile_id))
+        if "task" not in result:
+            result["task"] = asyncio.get_running_loop().create_task(run_operator())
+        if sum(1 for a, _ in seen if a == 0.9) >= 5:
+            stop.set()
+
+    summary = await asyncio.wait_for(
+        run_pipeline(
+            config, say=lines.append, print_detections=False, stop=stop, on_detection=on_detection
+        ),
+        timeout=300,
+    )
+    assert "error" not in result, result["error"]
+    assert result["reload"]["added"] == [0.9], result
+    assert result["alpha"]["outcome"] == "applied", result
+    # Detected outside, by the new profile's own tail, which Triton loaded after the reload.
+    assert (0.9, profiles[0.9].profile_id) in seen
+    manifest = TailManifest.read(tmp_path / "repo")
+    assert manifest.route(profiles[0.9].profile_id) != manifest.clean_route()
+    assert summary.tally.frames == len(seen)

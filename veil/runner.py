@@ -442,6 +442,8 @@ async def serve(
                 config, obfuscator.detector, obfuscator.geometry
             )
             graph.edge.preview = preview
+            if graph.detect is not None and config.triton.model_repository:
+                graph.edge.before_reload = partial(_serve_new_tails, config, graph)
             for s in config.streams if preview is not None else ():
                 say(f"live preview of {s.id}: {graph.http_url}/v1/streams/{s.id}/preview")
             await stack.enter_async_context(graph.edge)
@@ -481,6 +483,17 @@ def _edge_role(
         control_verifier=keys.verifier,
         security=kafka_security(config),
     )
+
+
+async def _serve_new_tails(config: VeilConfig, graph: Graph, table: ProfileTable) -> None:
+    """``veil run``'s bank reload: the tails of every profile the reloaded bank holds are
+    exported into the repository, and the detect worker has Triton load the new ones."""
+    assert graph.edge is not None and graph.detect is not None
+    assert config.triton.model_repository is not None
+    o = graph.edge.obfuscator
+    repo = Path(config.triton.model_repository)
+    manifest = await asyncio.to_thread(export_tail, o.detector, o.geometry, repo, table.profiles)
+    await graph.detect.serve_profiles(manifest)
 
 
 async def _stop_on(event: asyncio.Event, supervisor: Supervisor) -> None:

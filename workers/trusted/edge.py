@@ -18,7 +18,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -280,6 +280,9 @@ class EdgeWorker:
         # HTTP alpha requests written to the control topic, by (stream, stamp), until answered.
         self._awaiting: dict[tuple[str, float], asyncio.Future[StatusMessage]] = {}
         self.preview: LivePreview | None = None  # the live preview its HTTP API serves (veil run)
+        # Run with a reloaded bank's table before the edge takes it (veil run: the outside
+        # gets the new profiles' tails); a VeilError refuses the reload.
+        self.before_reload: Callable[[ProfileTable], Awaitable[None]] | None = None
         self.finished = asyncio.Event()  # set once the last frame is published
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -644,6 +647,13 @@ class EdgeWorker:
             )
         except VeilError as exc:
             raise RequestRefused(409, "profile_bank", f"{self.bank_dir}: {exc}") from exc
+        if self.before_reload is not None:
+            try:
+                await self.before_reload(table)
+            except VeilError as exc:
+                raise RequestRefused(
+                    409, "profile_bank", f"the outside cannot serve the reloaded bank: {exc}"
+                ) from exc
         before = set(o.table.alphas)
         async with self._compute:  # between two batches
             try:

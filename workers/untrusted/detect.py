@@ -240,6 +240,14 @@ class DetectWorker:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    async def serve_profiles(self, manifest: TailManifest) -> list[str]:
+        """Serve the new profiles of a re-exported repository from now on (``veil run``'s bank
+        reload): Triton loads their models first. Returns the profile ids added."""
+        added = await self.router.add_routes(manifest, load=True)
+        self.manifest = manifest
+        log.info("detect.profiles_added", profiles=added)
+        return added
+
     async def start(self) -> None:
         """Triton's tails, then the producer and the consumer, each waited for while down."""
         try:

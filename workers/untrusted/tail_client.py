@@ -144,6 +144,17 @@ class TritonTail:
             client, self._client = self._client, None
             await client.close()
 
+    async def load(self) -> None:
+        """Ask the server to load this model from its repository (a server in explicit model
+        control, as veil's embedded one: a model exported after it started)."""
+        client = grpc_client(self.url, self.tls)
+        try:
+            await client.load_model(self.model_name, client_timeout=max(self.timeout_s, 60.0))
+        except InferenceServerException as exc:
+            raise _translate(exc, self.model_name, self.url) from exc
+        finally:
+            await client.close()
+
     async def __aenter__(self) -> TritonTail:
         await self.start()
         return self
@@ -347,6 +358,37 @@ class TailRouter:
     def model_for(self, profile_id: str) -> str | None:
         """The model that reads ``profile_id``'s activations; None for an unknown profile."""
         return self.routes.get(profile_id)
+
+    async def add_routes(self, manifest: TailManifest, *, load: bool) -> list[str]:
+        """Serve the profiles of ``manifest`` this router does not know yet (a repository
+        re-exported with newly calibrated profiles); with ``load``, the server loads each new
+        model first. Returns the profile ids added; nothing changes when one fails."""
+        template = next(iter(self.tails.values()))
+        backend = manifest.backend_of(template.model_name)
+        if backend is None:
+            raise ConfigError(f"model {template.model_name!r} is not in the new manifest")
+        new = {
+            pid: r.model(backend)
+            for pid, r in manifest.profile_routes().items()
+            if pid not in self.routes
+        }
+        started: dict[str, TritonTail] = {}
+        try:
+            for name in sorted(set(new.values()) - set(self.tails)):
+                tail = TritonTail(
+                    template.url, name, manifest, timeout_s=template.timeout_s, tls=template.tls
+                )
+                if load:
+                    await tail.load()
+                await tail.start()
+                started[name] = tail
+        except BaseException:
+            await asyncio.gather(*(t.stop() for t in started.values()))
+            raise
+        self.tails.update(started)
+        self._owned |= frozenset(started)
+        self.routes.update(new)
+        return sorted(new)
 
     async def start(self) -> None:
         results = await asyncio.gather(
