@@ -154,6 +154,21 @@ class Channel(Generic[T]):
             yield item
 
 
+async def concurrently(*steps: Awaitable[Any]) -> None:
+    """Run ``steps`` at once until all are done; the first to fail cancels the others, and
+    its own error (not a group) is raised."""
+    tasks = [asyncio.ensure_future(step) for step in steps]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def blocking(what: str, fn: Callable[..., T], *args: Any) -> T:
     """Run ``fn(*args)`` in a worker thread: the event loop keeps serving heartbeats, health
     and the other stages meanwhile. ``what`` names the work in the logs when it is slow."""

@@ -199,6 +199,8 @@ class KafkaConfig:
     max_request_size: int = 4 * 1024 * 1024
     topic_prefix: str = "veil"  # topics <prefix>.activations, .detections, .control, ...
     data_dir: str | None = None  # embedded broker only: topics and records in files, not memory
+    # The detect group's session timeout; None: 3000 on the embedded broker, 10000 on Kafka.
+    session_timeout_ms: int | None = None
     security: KafkaSecurityConfig = field(default_factory=KafkaSecurityConfig)
 
 

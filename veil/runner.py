@@ -16,7 +16,7 @@ import os
 import shlex
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from functools import partial
@@ -24,17 +24,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
+from aiokafka import TopicPartition
 
 from stream.frames import Frame
 from stream.kafka import (
     DEFAULT_TOPICS,
     SequenceDeduper,
     TopicNames,
-    close_consumer,
+    assigned_reader,
     ensure_topics,
-    make_consumer,
 )
-from stream.runtime import Supervisor, one_line, stop_on_signals
+from stream.runtime import Supervisor, concurrently, one_line, stop_on_signals
 from stream.signing import (
     PIPELINE_ROLES,
     RoleKeys,
@@ -278,6 +278,15 @@ def _external_only(value: T, default: T, embedded: bool, name: str, what: str) -
     return None
 
 
+def session_timeout_ms(config: VeilConfig) -> int:
+    """The detect group's session timeout: ``kafka.session_timeout_ms``, else 3 s on the
+    embedded broker (a group's first join waits about half of it there: measured 5.0 s at
+    aiokafka's 10 s, 2.0 s at 3 s) and 10 s on Kafka (whose brokers refuse under 6 s)."""
+    if config.kafka.session_timeout_ms is not None:
+        return config.kafka.session_timeout_ms
+    return 3_000 if config.kafka.bootstrap == EMBEDDED else 10_000
+
+
 def kafka_security(config: VeilConfig) -> KafkaSecurityConfig | None:
     """How veil's Kafka clients connect: ``kafka.security`` for an external broker."""
     embedded = config.kafka.bootstrap == EMBEDDED
@@ -323,42 +332,58 @@ def export_tail(
 @contextlib.asynccontextmanager
 async def triton_for(
     config: VeilConfig, repo: Path, supervisor: Supervisor, threads: int | None = None
-) -> AsyncIterator[str]:
-    """Triton's gRPC URL; an embedded tritonserver is a supervised child like the broker,
-    its Python models running ``threads`` torch threads."""
+) -> AsyncIterator[tuple[str, Callable[[], Awaitable[None]]]]:
+    """Triton's gRPC URL, and what to await until it is ready. An embedded tritonserver is a
+    supervised child like the broker, its Python models running ``threads`` torch threads;
+    it is launched here and boots while the caller starts what else it needs."""
     triton_tls(config)  # refuses TLS settings for the embedded server before it starts
     if config.triton.url == EMBEDDED:
         from workers.untrusted.triton_server import EmbeddedTriton
 
-        async with EmbeddedTriton(repo, threads=threads) as server:
+        server = EmbeddedTriton(repo, threads=threads)
+        server.launch()
+        try:
             supervisor.add("triton", server.watch, background=True)
-            yield server.grpc_url
+            yield server.grpc_url, server.wait_ready
+        finally:
+            await server.stop()
     else:
-        yield config.triton.url
+        yield config.triton.url, _nothing
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def detections_reader(
+    bootstrap: str, topics: TopicNames, security: KafkaSecurityConfig | None = None
+) -> tuple[Any, list[TopicPartition]]:
+    """A reader of the detections topic without a group (no join to wait for), positioned at
+    its end now: it gets what is detected from here on, not an earlier run's detections."""
+    consumer, parts = await assigned_reader(
+        bootstrap, topics.detections, security, "veil-sink", "the broker has no topics yet"
+    )
+    await consumer.seek_to_end(*parts)
+    for tp in parts:
+        await consumer.position(tp)  # fixed before anything is published
+    return consumer, parts
 
 
 async def collect_detections(
-    bootstrap: str,
-    topics: TopicNames,
+    reader: tuple[Any, list[TopicPartition]],
     streams: set[str],
     on_message: Callable[[DetectionMessage], None],
     verifier: Verifier | None = None,
-    security: KafkaSecurityConfig | None = None,
 ) -> None:
-    """A background stage of ``veil run``: the detections of ``streams``, once each (only
-    those the detect key signed, when ``verifier`` is given), handed to ``on_message``. Its
-    memory is bounded: redeliveries are dropped by a window per stream, nothing is kept."""
-    consumer = await make_consumer(
-        bootstrap,
-        f"veil-sink-{time.time_ns()}",
-        [topics.detections],
-        client_id="veil-sink",
-        security=security,
-    )
+    """A background stage of ``veil run``: the detections of ``streams`` from a
+    :func:`detections_reader`, once each (only those the detect key signed, when ``verifier``
+    is given), handed to ``on_message``; the reader is stopped at the end. Its memory is
+    bounded: redeliveries are dropped by a window per stream, nothing is kept."""
+    consumer, parts = reader
     seen = SequenceDeduper()
     try:
         while True:
-            batches = await consumer.getmany(timeout_ms=100)
+            batches = await consumer.getmany(*parts, timeout_ms=100)
             for records in batches.values():
                 for r in records:
                     msg = read_detection(r, verifier)
@@ -367,7 +392,7 @@ async def collect_detections(
                     if seen.accept(msg.stream_id, msg.sequence):  # else a redelivery
                         on_message(msg)
     finally:
-        await close_consumer(consumer)
+        await consumer.stop()
 
 
 def describe(msg: DetectionMessage) -> str:
@@ -451,7 +476,7 @@ async def serve(
             graph.alpha_command = alpha_command(config, bootstrap, obfuscator.table.alphas)
             say(f"change a stream's alpha while this runs: {graph.alpha_command}")
         if "sink" in roles:
-            _attach_sink(
+            await _attach_sink(
                 config, graph, bootstrap, say, on_detection, settle_timeout_s, keys["sink"].verifier
             )
         if stop is not None:
@@ -526,7 +551,9 @@ async def _detect_role(
     decoder = load_decoder(manifest.detector)
     group = thread_group(config, roles)
     triton_threads = config.threads.for_role("triton", group)
-    url = await stack.enter_async_context(triton_for(config, repo, supervisor, triton_threads))
+    url, triton_ready = await stack.enter_async_context(
+        triton_for(config, repo, supervisor, triton_threads)
+    )
     tail = TritonTail(
         url,
         config.triton.model or manifest.python_model,
@@ -547,13 +574,17 @@ async def _detect_role(
         verifier=keys.verifier,
         security=kafka_security(config),
         threads=config.threads.for_role("detect", group),
+        session_timeout_ms=session_timeout_ms(config),
     )
-    await stack.enter_async_context(worker)
+    # The worker joins its group while Triton boots; its tails start once Triton is ready.
+    stack.push_async_callback(worker.stop)
+    await concurrently(triton_ready(), worker.start_kafka())
+    await worker.start()
     worker.attach(supervisor, stop=asyncio.Event() if "sink" in roles else None)
     return worker
 
 
-def _attach_sink(
+async def _attach_sink(
     config: VeilConfig,
     graph: Graph,
     bootstrap: str,
@@ -571,18 +602,9 @@ def _attach_sink(
 
     # The edge's own set: streams added at runtime are collected too.
     streams = graph.edge.known_ids if graph.edge is not None else {s.id for s in config.streams}
+    reader = await detections_reader(bootstrap, topics_of(config), kafka_security(config))
     graph.supervisor.add(
-        "sink",
-        partial(
-            collect_detections,
-            bootstrap,
-            topics_of(config),
-            streams,
-            on_message,
-            verifier,
-            kafka_security(config),
-        ),
-        background=True,
+        "sink", partial(collect_detections, reader, streams, on_message, verifier), background=True
     )
     graph.supervisor.add("settle", partial(_settle, graph, settle_timeout_s, say))
 

@@ -60,6 +60,7 @@ from stream.runtime import (
     Channel,
     Supervisor,
     blocking,
+    concurrently,
     one_line,
     retry,
     stop_on_signals,
@@ -203,8 +204,10 @@ class DetectWorker:
         verifier: Verifier | None = None,
         security: KafkaSecurityConfig | None = None,
         threads: int | None = None,
+        session_timeout_ms: int = 10_000,
     ) -> None:
         self.bootstrap = bootstrap_servers
+        self.session_timeout_ms = session_timeout_ms
         # Torch threads of box decoding, set in the thread that decodes (None: torch's).
         self.threads = threads
         self.security = security  # how the consumer and the producer connect (TLS, SASL)
@@ -249,40 +252,53 @@ class DetectWorker:
         return added
 
     async def start(self) -> None:
-        """Triton's tails, then the producer and the consumer, each waited for while down."""
+        """Triton's tails and the Kafka clients at once (the group join overlaps Triton's
+        boot), each waited for while down."""
         try:
-            await retry(
-                self.router.start,
-                what=f"triton tails {sorted(self.router.tails)}",
-                transient=_triton_down,
-                backoff=self.backoff,
-                on_retry=self._count_triton_retry,
-            )
-            self._producer = await self._retry_broker(
-                lambda: make_producer(
-                    self.bootstrap,
-                    idempotent=self.idempotent,
-                    max_request_size=self.max_request_size,
-                    client_id="veil-detect",
-                    security=self.security,
-                ),
-                f"kafka producer on {self.bootstrap}",
-            )
-            self._consumer = await self._retry_broker(
-                lambda: make_consumer(
-                    self.bootstrap,
-                    self.group_id,
-                    [self.topics.activations],
-                    client_id="veil-detect",
-                    listener=_Rebalance(),
-                    security=self.security,
-                ),
-                f"kafka consumer (group {self.group_id}) on {self.bootstrap}",
-            )
+            await concurrently(self.start_tails(), self.start_kafka())
         except BaseException:
             await self.stop()
             raise
         log.info("detect.started", group=self.group_id, models=sorted(self.router.tails))
+
+    async def start_tails(self) -> None:
+        """Triton's tails, retried while the server is down."""
+        await retry(
+            self.router.start,
+            what=f"triton tails {sorted(self.router.tails)}",
+            transient=_triton_down,
+            backoff=self.backoff,
+            on_retry=self._count_triton_retry,
+        )
+
+    async def start_kafka(self) -> None:
+        """The producer and the consumer (its group joined), retried while the broker is
+        down; nothing when they are started already."""
+        if self._consumer is not None:
+            return
+        self._producer = self._producer or await self._retry_broker(
+            lambda: make_producer(
+                self.bootstrap,
+                idempotent=self.idempotent,
+                max_request_size=self.max_request_size,
+                client_id="veil-detect",
+                security=self.security,
+            ),
+            f"kafka producer on {self.bootstrap}",
+        )
+        self._consumer = await self._retry_broker(
+            lambda: make_consumer(
+                self.bootstrap,
+                self.group_id,
+                [self.topics.activations],
+                client_id="veil-detect",
+                listener=_Rebalance(),
+                security=self.security,
+                session_timeout_ms=self.session_timeout_ms,
+                heartbeat_interval_ms=self.session_timeout_ms // 3,
+            ),
+            f"kafka consumer (group {self.group_id}) on {self.bootstrap}",
+        )
 
     async def stop(self) -> None:
         """Leave the group, flush and stop the producer, stop the tails the router made."""
@@ -296,7 +312,8 @@ class DetectWorker:
                 await asyncio.wait_for(producer.flush(), 10.0)
             await producer.stop()
         await self.router.stop()
-        log.info("detect.stopped", **self.stats.__dict__)
+        if consumer is not None or producer is not None:  # once, however often stopped
+            log.info("detect.stopped", **self.stats.__dict__)
 
     async def __aenter__(self) -> DetectWorker:
         await self.start()

@@ -138,6 +138,7 @@ class EmbeddedTriton:
         self._process: subprocess.Popen[bytes] | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
         self._log_path: Path | None = None
+        self._started = 0.0  # monotonic time of launch()
 
     @property
     def grpc_url(self) -> str:
@@ -156,9 +157,15 @@ class EmbeddedTriton:
 
     async def start(self) -> None:
         """Start the server and wait until it and every model are ready."""
+        self.launch()
+        await self.wait_ready()
+
+    def launch(self) -> None:
+        """Start the server process (its ports are known from here on) without waiting for
+        it: what starts beside it meanwhile, then :meth:`wait_ready`."""
         if self._process is not None:
             raise ServiceError("EmbeddedTriton was already started")
-        started = time.monotonic()
+        self._started = time.monotonic()
         self._workdir = tempfile.TemporaryDirectory(prefix="veil-triton-")
         workdir = Path(self._workdir.name)
         backends = self._link_backends(workdir / "backends")
@@ -196,12 +203,15 @@ class EmbeddedTriton:
                 env=self._environment(),
                 preexec_fn=die_with_parent,
             )
+
+    async def wait_ready(self) -> None:
+        """Until the launched server and every model are ready; stopped if that fails."""
         try:
-            await self._wait_ready(started + self.startup_timeout_s)
+            await self._wait_ready(self._started + self.startup_timeout_s)
         except BaseException:
             await self.stop()
             raise
-        self.startup_seconds = time.monotonic() - started
+        self.startup_seconds = time.monotonic() - self._started
 
     async def stop(self) -> None:
         """Ask the server to exit (SIGTERM), kill it after ``stop_timeout_s``, clean up."""
