@@ -11,7 +11,10 @@ hands frames to the event loop through a small buffer whose behaviour is the sou
 Live sources (rtsp, rtsps, http, https) survive outages: a failed connection, a broken or
 silent stream, or a stream that simply ends is retried with exponential backoff and full jitter,
 forever unless ``Backoff.max_attempts`` is set, each attempt logged. A file ends the
-stream at its end (or starts over with ``loop_file``).
+stream at its end (or starts over with ``loop_file``). A file is paced to its own frame rate
+by default (``pace``): each frame is decoded no earlier than its presentation time after the
+first, so that a file behaves like a camera (``realtime`` then drops what a camera would);
+``pace=False`` decodes flat out.
 
 Every failure reaches the consumer as :class:`SourceError`, naming the source and the cause,
 and only after every frame decoded before it: a truncated MP4 yields the frames that decoded,
@@ -148,6 +151,7 @@ class VideoSource:
         read_timeout_s: float = 5.0,
         reconnect: Backoff | None = None,
         loop_file: bool = False,
+        pace: bool = True,
     ) -> None:
         self.stream_id = stream_id
         self.url = os.fspath(url)
@@ -160,6 +164,8 @@ class VideoSource:
         self.read_timeout_s = read_timeout_s
         self.reconnect = reconnect or CAMERA_RECONNECT
         self.loop_file = loop_file
+        self.pace = pace
+        self._clock: tuple[float, float] | None = None  # (first pts, its monotonic time)
 
         parts = urlsplit(self.url)
         scheme = parts.scheme.lower()
@@ -383,11 +389,21 @@ class VideoSource:
                     pts = None if frame.time is None else frame.time + pts_offset
                     if pts is not None:
                         end_s = pts + frame_s
+                        if self.pace and not self.live and self._wait_for(pts):
+                            return end_s
                     pixels = np.asarray(frame.to_ndarray(format="bgr24"), dtype=np.uint8)
                     self._deliver(pixels, pts)
         except (av.error.FFmpegError, OSError) as error:
             raise self._failure("read failed", error) from error
         return end_s
+
+    def _wait_for(self, pts: float) -> bool:
+        """Until ``pts`` is due on the file's own clock; True when stopped meanwhile."""
+        now = time.monotonic()
+        if self._clock is None:
+            self._clock = (pts, now)
+        due = self._clock[1] + (pts - self._clock[0]) - now
+        return due > 0 and self._stopping.wait(due)
 
     def _deliver(self, pixels: npt.NDArray[np.uint8], pts: float | None) -> None:
         with self._state:

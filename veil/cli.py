@@ -248,6 +248,7 @@ def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                 policy="lossless" if "://" not in src else "realtime",
                 alpha=args.alpha if args.alpha is not None else 0.8,
                 allow_clean=args.alpha == 0,  # asked for on the trusted zone's own command line
+                pace=not getattr(args, "no_pace", False),
             )
             for sid, src in zip(stream_ids(args.source), args.source, strict=True)
         )
@@ -851,6 +852,11 @@ def _add_run(sub: Subparsers) -> None:
     )
     p.add_argument(
         "--source", action="append", help="file or URL; repeatable (default: the demo clip)"
+    )
+    p.add_argument(
+        "--no-pace",
+        action="store_true",
+        help="read --source files flat out, not at their own frame rate",
     )
     p.add_argument("--alpha", type=float, help="alpha for every stream (default: 0.8)")
     p.add_argument(

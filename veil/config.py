@@ -93,6 +93,8 @@ class StreamConfig:
     # weakest calibrated profile); alpha 0 (clean) only with allow_clean.
     min_alpha: float | None = None
     allow_clean: bool = False
+    # A file is read at its own frame rate, as a camera would deliver it; false: flat out.
+    pace: bool = True
 
 
 def check_stream(s: StreamConfig) -> None:

@@ -80,6 +80,7 @@ _STREAM_FIELDS: Final[dict[str, tuple[tuple[type, ...], bool]]] = {
     "loop": ((bool,), False),
     "min_alpha": ((int, float, type(None)), False),
     "allow_clean": ((bool,), False),
+    "pace": ((bool,), False),
 }
 
 
@@ -214,6 +215,7 @@ _SCHEMAS: Final[dict[str, Any]] = {
             "loop": {"type": "boolean", "default": False},
             "min_alpha": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
             "allow_clean": {"type": "boolean", "default": False},
+            "pace": {"type": "boolean", "default": True, "description": "files: own frame rate"},
         },
     },
     "Stream": {

@@ -76,6 +76,10 @@ class RunSummary:
     seconds: float = 0.0
     device: str = "cpu"
     alpha_command: str = ""
+    # Seconds from the start of the run to its first detection, and how much of that was
+    # spent loading the model and its profiles (calibrating them, the first time).
+    first_detection_s: float | None = None
+    setup_s: float = 0.0
 
     def latencies(self) -> list[float]:
         """End-to-end latencies: all of them, or a uniform sample of a long run's."""
@@ -87,6 +91,11 @@ class RunSummary:
             f"detections received for {self.tally.frames} frames in {self.seconds:.1f} s "
             f"on {self.device}",
         ]
+        if self.first_detection_s is not None:
+            out.append(
+                f"time to first detection {self.first_detection_s:.1f} s "
+                f"({self.setup_s:.1f} s of it loading the model and profiles)"
+            )
         if self.edge.frames_published:
             per_frame = self.edge.bytes_published / self.edge.frames_published
             out.append(f"bytes per frame on the wire: {per_frame:,.0f}")
@@ -815,8 +824,12 @@ async def run_pipeline(
     # Every profile the zone may apply gets its tail served, so live alpha changes keep working.
     export_tail(obfuscator.detector, obfuscator.geometry, Path(repo), obfuscator.table.profiles)
     outputs = _RunOutputs(config, rates, say, print_detections)
+    setup_s = time.perf_counter() - started
+    first: list[float] = []
 
     def on_message(msg: DetectionMessage) -> None:
+        if not first:
+            first.append(time.perf_counter() - started)
         outputs.on_message(msg)
         if on_detection is not None:
             on_detection(msg)
@@ -845,7 +858,15 @@ async def run_pipeline(
     assert graph.edge is not None
     seconds = time.perf_counter() - started
     device = str(obfuscator.device)
-    return RunSummary(graph.edge.stats, graph.tally, seconds, device, graph.alpha_command)
+    return RunSummary(
+        graph.edge.stats,
+        graph.tally,
+        seconds,
+        device,
+        graph.alpha_command,
+        first[0] if first else None,
+        setup_s,
+    )
 
 
 def demo_streams(alpha: float = 0.8) -> tuple[StreamConfig, ...]:

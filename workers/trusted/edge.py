@@ -329,7 +329,12 @@ class EdgeWorker:
     async def _open(self, s: StreamConfig) -> _Stream:
         """Start ``s``'s source and give it its partition."""
         source = VideoSource(
-            s.id, s.source, policy=s.policy, reconnect=self.reconnect, loop_file=s.loop
+            s.id,
+            s.source,
+            policy=s.policy,
+            reconnect=self.reconnect,
+            loop_file=s.loop,
+            pace=s.pace,
         )
         await source.start()
         obs.declare_stream(s.id)
