@@ -8,7 +8,12 @@ Figures (all printed and saved as JSON, with the device, the thread counts and t
 * the tail through Triton against the same TorchScript tail in process, same threads
   (goal <= 1.15x);
 * frames per second through the whole pipeline (embedded broker, Triton tail) with noise and
-  without it, and their ratio; end-to-end latency p50/p99 (capture to detection published);
+  without it, against the same detector unsplit in this process with plain PyTorch on the
+  same frames, decoding included (goal >= 1.0x); end-to-end latency p50/p99 (capture to
+  detection published);
+* a ``realtime`` stream (the video looped, paced to its frame rate) for ``realtime_s``:
+  latency p50/p99 per 20-second window against the per-batch processing time (head+noise plus
+  the Triton tail, per batch, as measured in that run; goal p99 <= 3x, flat);
 * bytes per frame on the wire.
 """
 
@@ -65,6 +70,8 @@ class BenchSettings:
     bank: Path | None = None
     head_runtime: str = "auto"  # model.head_runtime of the zone measured
     threads: int | None = None  # the zone's and Triton's threads; default: veil run's shares
+    realtime_s: float = 120.0  # the realtime run's length (0: none)
+    window_s: float = 20.0  # its latency windows
 
 
 def device_name(device: torch.device) -> str:
@@ -216,6 +223,100 @@ async def tail_timings(
     }
 
 
+def unsplit_fps(detector: SplitDetector, geometry: InputGeometry, video: Path, batch: int) -> float:
+    """Frames per second of the same detector, head and tail in this process with plain
+    PyTorch (torch's own thread count), decoding the video included: the peer of the
+    pipeline's throughput."""
+    from veil.inference import make_detect_fn
+
+    detect = make_detect_fn(detector, geometry, None, score_threshold=0.5)
+    started = time.perf_counter()
+    frames = video_frames(video, every=1)
+    for i in range(0, len(frames), batch):
+        detect(frames[i : i + batch])
+    return len(frames) / (time.perf_counter() - started)
+
+
+def latency_windows(times: list[tuple[float, float]], window_s: float) -> list[dict[str, float]]:
+    """End-to-end latency p50/p99 per ``window_s`` of capture time (ms), with frame counts."""
+    if not times:
+        return []
+    start = min(c for c, _ in times)
+    buckets: dict[int, list[float]] = {}
+    for capture, produced in times:
+        buckets.setdefault(int((capture - start) // window_s), []).append(produced - capture)
+    return [
+        {
+            "from_s": k * window_s,
+            "frames": len(v),
+            "p50_ms": percentile(v, 50) * MS,
+            "p99_ms": percentile(v, 99) * MS,
+        }
+        for k, v in sorted(buckets.items())
+    ]
+
+
+def _histogram_mean(name: str, before: tuple[float, float]) -> float:
+    """The mean of a veil histogram's observations since ``before`` (its sum and count)."""
+    from prometheus_client import REGISTRY
+
+    total = (REGISTRY.get_sample_value(f"{name}_sum") or 0.0) - before[0]
+    count = (REGISTRY.get_sample_value(f"{name}_count") or 0.0) - before[1]
+    return total / count if count else float("nan")
+
+
+def _histogram_totals(name: str) -> tuple[float, float]:
+    from prometheus_client import REGISTRY
+
+    return (
+        REGISTRY.get_sample_value(f"{name}_sum") or 0.0,
+        REGISTRY.get_sample_value(f"{name}_count") or 0.0,
+    )
+
+
+async def _realtime(
+    config: VeilConfig, alpha: float, seconds: float, window_s: float
+) -> dict[str, Any]:
+    """A realtime stream of the video, looped and paced, for ``seconds``."""
+    stream = replace(
+        config.streams[0],
+        id=f"bench-realtime-{time.time_ns()}",
+        policy="realtime",
+        pace=True,
+        loop=True,
+        alpha=alpha,
+    )
+    run_config = replace(
+        config,
+        streams=(stream,),
+        kafka=replace(config.kafka, group_id=f"bench-realtime-{time.time_ns()}"),
+    )
+    times: list[tuple[float, float]] = []
+    stop = asyncio.Event()
+    before = {n: _histogram_totals(n) for n in ("veil_head_noise_seconds", "veil_triton_seconds")}
+    loop = asyncio.get_running_loop()
+    loop.call_later(seconds, stop.set)
+    summary = await run_pipeline(
+        run_config,
+        print_detections=False,
+        stop=stop,
+        on_detection=lambda d: times.append((d.capture_time, d.produced_time)),
+    )
+    per_batch = sum(_histogram_mean(n, b) for n, b in before.items())
+    windows = latency_windows(times, window_s)
+    worst_p99 = max((w["p99_ms"] for w in windows), default=float("nan"))
+    return {
+        "seconds": seconds,
+        "frames_detected": len(times),
+        "frames_dropped_at_source": summary.edge.frames_in - summary.edge.frames_published,
+        "per_batch_ms": per_batch * MS,
+        "windows": windows,
+        "worst_window_p99_ms": worst_p99,
+        "p99_vs_per_batch_ratio": worst_p99 / (per_batch * MS),
+        "flow_wait_s": summary.edge.flow_wait_s,
+    }
+
+
 def pipeline_figures(
     times: list[tuple[float, float]], frames_published: int, bytes_published: int
 ) -> dict[str, Any]:
@@ -253,7 +354,12 @@ async def _pipeline(config: VeilConfig, label: str, alpha: float) -> dict[str, A
 
 
 async def _served(
-    config: VeilConfig, alpha: float, activation: np.ndarray[Any, Any], triton_threads: int
+    config: VeilConfig,
+    alpha: float,
+    activation: np.ndarray[Any, Any],
+    triton_threads: int,
+    realtime_s: float = 0.0,
+    window_s: float = 20.0,
 ) -> dict[str, dict[str, Any]]:
     """On one embedded broker and Triton: the tail's timings, then the pipelines."""
     from stream.broker import EmbeddedBroker
@@ -278,6 +384,8 @@ async def _served(
         )
         for label, a in (("without_noise", 0.0), ("with_noise", alpha)):
             results[label] = await _pipeline(served, label, a)
+        if realtime_s > 0:
+            results["realtime"] = await _realtime(served, alpha, realtime_s, window_s)
     return results
 
 
@@ -327,7 +435,9 @@ def _pipeline_config(settings: BenchSettings, info: dict[str, Any]) -> VeilConfi
             head_runtime=info["head_runtime"],  # type: ignore[arg-type]
         ),
         profile_bank=info["bank"],
-        streams=(StreamConfig(id="bench", source=str(settings.video), policy="lossless"),),
+        streams=(
+            StreamConfig(id="bench", source=str(settings.video), policy="lossless", pace=False),
+        ),
         kafka=KafkaConfig(),
         batching=BatchingConfig(max_batch=4, max_wait_ms=20),
         triton=TritonConfig(model_repository=str(Path("runs") / f"bench-repo-{info['model']}")),
@@ -351,13 +461,28 @@ def run_bench(settings: BenchSettings, say: Any = print) -> dict[str, Any]:
     row = torch.tensor([obfuscator.table.row(settings.alpha)])
     activation = obfuscator.head_and_noise([frames[0]], row)[0].cpu().numpy().astype(np.float16)
     config = _pipeline_config(settings, info)
-    served = asyncio.run(_served(config, settings.alpha, activation, info["threads"]["triton"]))
+    served = asyncio.run(
+        _served(
+            config,
+            settings.alpha,
+            activation,
+            info["threads"]["triton"],
+            settings.realtime_s,
+            settings.window_s,
+        )
+    )
+    unsplit = unsplit_fps(
+        obfuscator.detector, obfuscator.geometry, settings.video, config.batching.max_batch
+    )
     result = {
         **info,
         "micro": micro,
         "floor": floor,
         "tail": served.pop("tail"),
+        "realtime": served.pop("realtime", None),
         "pipeline": served,
+        "unsplit_fps": unsplit,
+        "fps_ratio_vs_unsplit": served["with_noise"]["fps"] / unsplit,
         "fps_ratio_noise_vs_clean": served["with_noise"]["fps"] / served["without_noise"]["fps"],
         "load_average_after": list(os.getloadavg()),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -388,13 +513,33 @@ def report_lines(result: dict[str, Any]) -> list[str]:
         f"{t['in_process_ms_median']:.1f} ms; x{t['triton_vs_in_process_ratio']:.2f} "
         "(goal <= 1.15)",
         f"pipeline fps: with noise {wn['fps']:.2f}, without {won['fps']:.2f} "
-        f"(ratio {result['fps_ratio_noise_vs_clean']:.3f})",
+        f"(ratio {result['fps_ratio_noise_vs_clean']:.3f}); the same detector unsplit in "
+        f"process {result['unsplit_fps']:.2f}: pipeline / unsplit "
+        f"x{result['fps_ratio_vs_unsplit']:.2f} (goal >= 1.0)",
         f"end-to-end latency with noise: p50 {wn['latency_ms_p50']:.0f} ms, p99 "
         f"{wn['latency_ms_p99']:.0f} ms; without: p50 {won['latency_ms_p50']:.0f} ms, "
         f"p99 {won['latency_ms_p99']:.0f} ms",
+        *_realtime_lines(result.get("realtime")),
         f"bytes per frame on the wire: {wn['bytes_per_frame']:,.0f} (float16 payload); "
         + load_line(),
     ]
+
+
+def _realtime_lines(rt: dict[str, Any] | None) -> list[str]:
+    if not rt:
+        return []
+    lines = [
+        f"realtime stream, {rt['seconds']:.0f} s: {rt['frames_detected']} frames detected, "
+        f"{rt['frames_dropped_at_source']} dropped at the source; per-batch processing "
+        f"{rt['per_batch_ms']:.0f} ms; worst window p99 {rt['worst_window_p99_ms']:.0f} ms = "
+        f"x{rt['p99_vs_per_batch_ratio']:.2f} of it (goal <= 3, flat)"
+    ]
+    lines += [
+        f"  window from {w['from_s']:.0f} s: {w['frames']} frames, p50 {w['p50_ms']:.0f} ms, "
+        f"p99 {w['p99_ms']:.0f} ms"
+        for w in rt["windows"]
+    ]
+    return lines
 
 
 def save(result: dict[str, Any], path: Path) -> None:

@@ -594,6 +594,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         device=args.device,
         micro_frames=args.frames,
         bank=Path(args.bank) if args.bank else None,
+        realtime_s=args.realtime_seconds,
     )
     result = run_bench(settings)
     save(result, Path(args.json))
@@ -956,6 +957,12 @@ def _add_bench(sub: Subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--frames", type=int, default=50, help="frames for the micro timings")
     p.add_argument("--bank", help="profile bank (default: calibrate one on the video, cached)")
+    p.add_argument(
+        "--realtime-seconds",
+        type=float,
+        default=120.0,
+        help="length of the realtime run, latency per 20 s window (0: none)",
+    )
     p.add_argument("--json", default="runs/bench.json", help="write the results here")
     p.set_defaults(func=cmd_bench)
 

@@ -516,6 +516,7 @@ def _edge_role(
         signer=keys.signer,
         control_verifier=keys.verifier,
         security=kafka_security(config),
+        flow_group=config.kafka.group_id,
     )
 
 

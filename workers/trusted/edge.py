@@ -65,6 +65,7 @@ from veil.errors import ConfigError, ProfileError, SourceError, VeilError
 from veil.preflight import check_source
 from veil.profiles import ProfileBank
 from workers.trusted.control import AlphaControl
+from workers.trusted.flow import FlowControl
 from workers.trusted.obfuscator import ObfuscatedFrame, Obfuscator, ProfileTable
 from workers.trusted.preview import LivePreview
 
@@ -145,6 +146,7 @@ class EdgeStats:
     publish_retries: int = 0
     source_errors: dict[str, str] = field(default_factory=dict)
     alpha_changes: list[tuple[str, float]] = field(default_factory=list)
+    flow_wait_s: float = 0.0  # realtime batches held back while the outside caught up
 
 
 StreamState = Literal["starting", "up", "down", "failed", "ended", "removing"]
@@ -235,13 +237,14 @@ class EdgeWorker:
         max_request_size: int = 4 * 1024 * 1024,
         reconnect: Backoff | None = None,
         follow_control: bool = True,
-        queue_size: int = 64,
+        queue_size: int | None = None,
         frame_hook: Callable[[Frame], None] | None = None,
         backoff: Backoff = DEFAULT_BACKOFF,
         signer: Signer | None = None,
         control_verifier: Verifier | None = None,
         security: KafkaSecurityConfig | None = None,
         bank_dir: Path | None = None,
+        flow_group: str | None = None,
     ) -> None:
         self.streams = list(streams)  # as configured at start
         self.obfuscator = obfuscator
@@ -253,7 +256,9 @@ class EdgeWorker:
         self.max_request_size = max_request_size
         self.reconnect = reconnect
         self.follow_control = follow_control
-        self.queue_size = queue_size
+        # Frames between the sources and the batcher: one batch (a realtime stream's mailbox
+        # keeps its newest frame meanwhile; a lossless source queues in its decoder).
+        self.queue_size = queue_size or self.batching.max_batch
         self.frame_hook = frame_hook  # e.g. the annotated-video writer, inside the zone
         self.backoff = backoff
         # The edge key signs every activation (stream.signing); None: they go unsigned.
@@ -279,6 +284,18 @@ class EdgeWorker:
         self._compute = asyncio.Lock()  # a bank reload swaps the table between two batches
         # HTTP alpha requests written to the control topic, by (stream, stamp), until answered.
         self._awaiting: dict[tuple[str, float], asyncio.Future[StatusMessage]] = {}
+        # Realtime streams: at most a batch in flight per partition (workers/trusted/flow.py).
+        self.flow = (
+            None
+            if flow_group is None
+            else FlowControl(
+                bootstrap_servers,
+                flow_group,
+                topics.activations,
+                self.batching.max_batch,
+                security=security,
+            )
+        )
         self.preview: LivePreview | None = None  # the live preview its HTTP API serves (veil run)
         # Run with a reloaded bank's table before the edge takes it (veil run: the outside
         # gets the new profiles' tails); a VeilError refuses the reload.
@@ -300,6 +317,8 @@ class EdgeWorker:
             backoff=self.backoff,
         )
         self._partition_order = await self._activation_partitions()
+        if self.flow is not None:
+            await self.flow.start(self._partition_order)
         for s in self.streams:
             self._streams[s.id] = await self._open(s)
         obs.set_build_info(self.obfuscator.detector.name)
@@ -352,6 +371,9 @@ class EdgeWorker:
             with contextlib.suppress(TimeoutError, KafkaError):
                 await asyncio.wait_for(producer.flush(), 10.0)
             await producer.stop()
+        if self.flow is not None:
+            await self.flow.stop()
+            self.stats.flow_wait_s = round(self.flow.waited_s, 3)
         log.info("edge.stopped", **self.stats.__dict__)
 
     async def __aenter__(self) -> EdgeWorker:
@@ -373,7 +395,7 @@ class EdgeWorker:
         frames: Channel[Frame] = Channel("frames", self.queue_size, producers=len(self._streams))
         self._frames = frames
         batches: Channel[list[Frame]] = Channel("batches", 1)
-        encoded: Channel[_Encoded] = Channel("encoded", 2)
+        encoded: Channel[_Encoded] = Channel("encoded", 1)
         for sid, stream in self._streams.items():
             supervisor.add(f"read:{sid}", partial(self._read, stream, frames, supervisor))
         supervisor.add("batch", partial(self._batch, frames, batches))
@@ -463,6 +485,12 @@ class EdgeWorker:
 
     async def _publish(self, encoded: Channel[_Encoded]) -> None:
         async for item in encoded:
+            if self.flow is not None:
+                await self.flow.wait_for_room(
+                    self.partitions[f.stream_id]
+                    for f in item.frames
+                    if self._policy(f.stream_id) == "realtime"
+                )
             await send_all(
                 self._producer,
                 item.records,
@@ -470,6 +498,10 @@ class EdgeWorker:
                 backoff=self.backoff,
                 on_retry=self._count_retry,
             )
+            if self.flow is not None:
+                for r in item.records:
+                    if r.partition is not None:
+                        self.flow.sent(r.partition, 1)
             size = sum(len(r.value or b"") for r in item.records)
             self.stats.bytes_published += size
             obs.BYTES_PUBLISHED.inc(size)
@@ -481,6 +513,10 @@ class EdgeWorker:
             self.stats.frames_published += len(item.records)
             self.stats.batches += 1
         self.finished.set()
+
+    def _policy(self, sid: str) -> str:
+        stream = self._streams.get(sid)
+        return stream.config.policy if stream is not None else "lossless"
 
     def _count_published(self, frames: list[Frame]) -> None:
         now = time.time()
