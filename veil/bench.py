@@ -308,13 +308,20 @@ async def _realtime(
     return {
         "seconds": seconds,
         "frames_detected": len(times),
-        "frames_dropped_at_source": summary.edge.frames_in - summary.edge.frames_published,
+        "frames_dropped_at_source": _dropped(stream.id),
         "per_batch_ms": per_batch * MS,
         "windows": windows,
         "worst_window_p99_ms": worst_p99,
         "p99_vs_per_batch_ratio": worst_p99 / (per_batch * MS),
         "flow_wait_s": summary.edge.flow_wait_s,
     }
+
+
+def _dropped(stream_id: str) -> int:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value("veil_frames_dropped_total", {"stream": stream_id})
+    return int(value or 0)
 
 
 def pipeline_figures(
@@ -368,7 +375,8 @@ async def _served(
     from workers.untrusted.triton_server import EmbeddedTriton
 
     geometry = InputGeometry.parse(config.model.geometry or "")
-    detector = load_detector(config.model.name, Path(config.model.weights or ""), "cpu")
+    weights = config.model.weights
+    detector = load_detector(config.model.name, Path(weights) if weights else None, "cpu")
     repo = Path(config.triton.model_repository or "")
     # Serve the tail of every profile the edge may apply (the same set veil run exports).
     profiles = ProfileBank(config.profile_bank).profiles() if config.profile_bank else []

@@ -18,7 +18,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -284,7 +284,7 @@ class EdgeWorker:
         self._compute = asyncio.Lock()  # a bank reload swaps the table between two batches
         # HTTP alpha requests written to the control topic, by (stream, stamp), until answered.
         self._awaiting: dict[tuple[str, float], asyncio.Future[StatusMessage]] = {}
-        # Realtime streams: at most a batch in flight per partition (workers/trusted/flow.py).
+        # Realtime streams: two batches in flight per partition at most (workers/trusted/flow.py).
         self.flow = (
             None
             if flow_group is None
@@ -292,7 +292,7 @@ class EdgeWorker:
                 bootstrap_servers,
                 flow_group,
                 topics.activations,
-                self.batching.max_batch,
+                2 * self.batching.max_batch,  # a batch in the zone, one outside
                 security=security,
             )
         )
@@ -413,7 +413,7 @@ class EdgeWorker:
         source = stream.source
         stopper = asyncio.create_task(_finish_on_stop(supervisor, source))
         try:
-            async for frame in source.frames():
+            async for frame in self._taken(stream):
                 obs.FRAMES_IN.labels(source.stream_id).inc()
                 self.stats.frames_in += 1
                 self._count_drops(stream)
@@ -429,6 +429,25 @@ class EdgeWorker:
             stream.reader_done.set()
         self._count_drops(stream)
         await out.close()
+
+    async def _taken(self, stream: _Stream) -> AsyncIterator[Frame]:
+        """The stream's frames; a realtime one's only as fast as the outside commits them
+        (:class:`FlowControl`): meanwhile its source keeps the newest frame."""
+        frames = stream.source.frames()
+        held = self.flow is not None and stream.config.policy == "realtime"
+        while True:
+            partition = self.partitions[stream.config.id]
+            if held:
+                assert self.flow is not None
+                await self.flow.acquire(partition)
+            try:
+                frame = await anext(frames)
+            except StopAsyncIteration:
+                if held:
+                    assert self.flow is not None
+                    self.flow.release(partition)
+                return
+            yield frame
 
     @staticmethod
     def _count_drops(stream: _Stream) -> None:
@@ -485,12 +504,6 @@ class EdgeWorker:
 
     async def _publish(self, encoded: Channel[_Encoded]) -> None:
         async for item in encoded:
-            if self.flow is not None:
-                await self.flow.wait_for_room(
-                    self.partitions[f.stream_id]
-                    for f in item.frames
-                    if self._policy(f.stream_id) == "realtime"
-                )
             await send_all(
                 self._producer,
                 item.records,
@@ -499,9 +512,7 @@ class EdgeWorker:
                 on_retry=self._count_retry,
             )
             if self.flow is not None:
-                for r in item.records:
-                    if r.partition is not None:
-                        self.flow.sent(r.partition, 1)
+                self._report_flow(item)
             size = sum(len(r.value or b"") for r in item.records)
             self.stats.bytes_published += size
             obs.BYTES_PUBLISHED.inc(size)
@@ -514,9 +525,17 @@ class EdgeWorker:
             self.stats.batches += 1
         self.finished.set()
 
-    def _policy(self, sid: str) -> str:
-        stream = self._streams.get(sid)
-        return stream.config.policy if stream is not None else "lossless"
+    def _report_flow(self, item: _Encoded) -> None:
+        assert self.flow is not None
+        sent: dict[int, list[int]] = {}
+        for frame, record in zip(item.frames, item.records, strict=True):
+            stream = self._streams.get(frame.stream_id)
+            realtime = stream is not None and stream.config.policy == "realtime"
+            counts = sent.setdefault(record.partition or 0, [0, 0])
+            counts[0] += 1
+            counts[1] += int(realtime)
+        for partition, (records, taken) in sent.items():
+            self.flow.published(partition, records, taken)
 
     def _count_published(self, frames: list[Frame]) -> None:
         now = time.time()

@@ -3,11 +3,12 @@
 A camera's frames are worth something only while they are new. When the outside is slower
 than the trusted zone, every frame published beyond what it can take waits in Kafka, and the
 latency grows without bound (measured before this: p50 7.4 s, creeping from 3.6 to 8.7 s in
-40 s). So before the edge publishes a batch of a realtime stream, it waits until the frames it
-already published on that partition, less those the detect group has committed, are under
-``limit``. Meanwhile its queues fill, and the source's mailbox keeps only the newest frame,
-dropping (and counting) the others: what a camera does when nobody keeps up. ``lossless``
-streams are never held here: Kafka is their buffer.
+40 s); frames held inside the zone age the same way. So before the edge takes the next frame
+of a realtime stream from its source, it waits until the frames of that stream's partition
+that it has taken and the detect group has not committed yet are under ``limit``. Meanwhile
+the source's mailbox keeps only the newest frame, dropping (and counting) the others: what a
+camera does when nobody keeps up, and the frame taken next is always a fresh one.
+``lossless`` streams are never held here: Kafka is their buffer.
 
 The committed offsets are read with the detect group's id, without joining it. While that
 group has committed nothing new for ``give_up_s`` (a detect worker down, or another group id),
@@ -33,8 +34,9 @@ log = structlog.get_logger(__name__)
 
 
 class FlowControl:
-    """Frames in flight per partition of ``topic``: published here, not committed by
-    ``group_id`` yet; :meth:`wait_for_room` holds a publish while they reach ``limit``."""
+    """Realtime frames per partition of ``topic``, from the moment the edge takes one from its
+    source until the detect group ``group_id`` has committed it, kept under ``limit``:
+    :meth:`acquire` before a realtime frame is taken, :meth:`published` once sent."""
 
     def __init__(
         self,
@@ -50,13 +52,16 @@ class FlowControl:
         self.bootstrap, self.group_id, self.topic = bootstrap, group_id, topic
         self.limit, self.poll_s, self.give_up_s = limit, poll_s, give_up_s
         self.security = security
-        self.published: dict[int, int] = {}
         self.waited_s = 0.0  # in all, for the stats
+        self._published: dict[int, int] = {}  # records this edge sent, per partition
+        self._pending: dict[int, int] = {}  # realtime frames taken, not sent yet
         self._base: dict[int, int] = {}  # each partition's end offset when this edge started
-        self._consumer: Any = None
         self._committed: dict[int, int | None] = {}
+        self._fetched: dict[int, float] = {}  # when each partition's commit was last read
+        self._locks: dict[int, asyncio.Lock] = {}
         self._advanced = time.monotonic()  # when the group last committed further
         self._unbounded = False
+        self._consumer: Any = None
 
     async def start(self, partitions: Iterable[int]) -> None:
         consumer = AIOKafkaConsumer(
@@ -71,7 +76,7 @@ class FlowControl:
         parts = [TopicPartition(self.topic, p) for p in partitions]
         ends = await consumer.end_offsets(parts)
         self._base = {tp.partition: offset for tp, offset in ends.items()}
-        self.published = dict.fromkeys(self._base, 0)
+        self._advanced = time.monotonic()
 
     async def stop(self) -> None:
         consumer, self._consumer = self._consumer, None
@@ -79,33 +84,47 @@ class FlowControl:
             with contextlib.suppress(Exception):
                 await consumer.stop()
 
-    def sent(self, partition: int, count: int) -> None:
-        self.published[partition] = self.published.get(partition, 0) + count
-
-    async def in_flight(self, partition: int) -> int:
-        committed = await self._consumer.committed(TopicPartition(self.topic, partition))
-        if committed != self._committed.get(partition):
-            self._committed[partition] = committed
-            self._advanced = time.monotonic()
-            if self._unbounded:
-                self._unbounded = False
-                log.info("edge.flow_bounded", group=self.group_id, partition=partition)
-        done = 0 if committed is None else max(0, committed - self._base.get(partition, 0))
-        return self.published.get(partition, 0) - done
-
-    async def wait_for_room(self, partitions: Iterable[int]) -> None:
-        """Until every one of ``partitions`` has fewer than ``limit`` frames in flight (not
-        at all while the group commits nothing new)."""
-        if self._consumer is None:
-            return
+    async def acquire(self, partition: int) -> None:
+        """Until a realtime frame of ``partition`` may enter the zone's pipeline (not at all
+        while the group commits nothing new); the frame is counted from here."""
         started = time.monotonic()
-        for partition in sorted(set(partitions)):
-            while await self.in_flight(partition) >= self.limit:
-                if time.monotonic() - self._advanced > self.give_up_s:
-                    self._give_up(partition)
-                    break
-                await asyncio.sleep(self.poll_s)
+        while self._consumer is not None and await self._in_use(partition) >= self.limit:
+            if time.monotonic() - self._advanced > self.give_up_s:
+                self._give_up(partition)
+                break
+            await asyncio.sleep(self.poll_s)
+        self._pending[partition] = self._pending.get(partition, 0) + 1
         self.waited_s += time.monotonic() - started
+
+    def release(self, partition: int) -> None:
+        """An acquired frame that will not be sent (its source ended)."""
+        self._pending[partition] = max(0, self._pending.get(partition, 0) - 1)
+
+    def published(self, partition: int, records: int, realtime: int) -> None:
+        """``records`` sent on ``partition``, ``realtime`` of them acquired."""
+        self._published[partition] = self._published.get(partition, 0) + records
+        self._pending[partition] = max(0, self._pending.get(partition, 0) - realtime)
+
+    async def _in_use(self, partition: int) -> int:
+        """Frames taken on ``partition`` and not yet committed by the group."""
+        lock = self._locks.setdefault(partition, asyncio.Lock())
+        async with lock:
+            if time.monotonic() - self._fetched.get(partition, 0.0) >= self.poll_s:
+                tp = TopicPartition(self.topic, partition)
+                self._note_commit(partition, await self._consumer.committed(tp))
+                self._fetched[partition] = time.monotonic()
+        committed = self._committed.get(partition)
+        done = 0 if committed is None else max(0, committed - self._base.get(partition, 0))
+        return self._pending.get(partition, 0) + self._published.get(partition, 0) - done
+
+    def _note_commit(self, partition: int, committed: int | None) -> None:
+        if committed == self._committed.get(partition):
+            return
+        self._committed[partition] = committed
+        self._advanced = time.monotonic()
+        if self._unbounded:
+            self._unbounded = False
+            log.info("edge.flow_bounded", group=self.group_id, partition=partition)
 
     def _give_up(self, partition: int) -> None:
         if self._unbounded:
