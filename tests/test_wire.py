@@ -502,3 +502,18 @@ def test_messages_are_frozen() -> None:
     msg = _message(_rng_payload(8))
     with pytest.raises(dataclasses.FrozenInstanceError):
         msg.alpha = 0.9  # type: ignore[misc]
+
+
+def test_the_in_process_wire_round_trip_is_what_the_outside_decodes() -> None:
+    import torch
+
+    from veil.inference import through_wire
+
+    a = torch.randn(2, 3, 4, 5) * 3
+    half = through_wire(a, "float16")
+    assert torch.equal(half, a.half().float())
+    int8 = through_wire(a, "int8")
+    step = (a.amax(dim=(2, 3)) - a.amin(dim=(2, 3))).clamp_min(0) / 255
+    error = (int8 - a).abs().amax(dim=(2, 3))
+    assert bool((error <= step / 2 + 1e-6).all()), (error, step)
+    assert not torch.equal(int8, a)

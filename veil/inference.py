@@ -6,6 +6,8 @@ network in between.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
@@ -45,12 +47,15 @@ def make_detect_fn(
     score_threshold: float = 0.05,
     seed: int | None = None,
     head_cache: HeadCache | None = None,
+    wire: Literal["float16", "int8"] | None = None,
 ) -> DetectFn:
     """A batched detector; with a profile, every call draws fresh noise and the profile's tail
     (when it carries one) reads it.
 
     ``seed`` fixes the noise stream (tests and reproducible benchmarks); ``None`` seeds from
-    the operating system's entropy, as serving does.
+    the operating system's entropy, as serving does. ``wire``: the activation goes through the
+    wire's payload encoding first (float16, or per-channel int8 as ``kafka.payload: int8``
+    sends it), as the outside receives it; None: as computed.
     """
     geometry = geometry or detector.default_geometry
     detector.check_geometry(geometry)
@@ -74,6 +79,20 @@ def make_detect_fn(
         a, letterboxes, (h, w) = cache.get(detector, frames, geometry)
         if layer is not None:
             a = layer(a, generator)
+        if wire is not None:
+            a = through_wire(a, wire)
         return detector.decode(tail_model.tail(a), letterboxes, h, w, score_threshold)
 
     return detect
+
+
+def through_wire(activations: Tensor, wire: Literal["float16", "int8"]) -> Tensor:
+    """``[N, C, H, W]`` activations as the outside decodes them from the wire's payload."""
+    if wire == "float16":
+        return activations.half().float()
+    from stream.wire import dequantise_int8, quantise_int8
+
+    out = []
+    for a in activations.cpu().numpy():
+        out.append(torch.from_numpy(dequantise_int8(*quantise_int8(a))))
+    return torch.stack(out).to(activations.device)
