@@ -153,3 +153,21 @@ def test_distillation_without_shifts_uses_the_prepared_teacher(tmp_path: Path) -
     meta = _meta(0.5, training={"initial_sigma": 0.3})
     with pytest.raises(ConfigError, match="teacher=True"):
         train_profile(det, data, 0.5, config, meta, None, progress=False)
+
+
+def test_multibox_targets_are_boxes_as_fractions_of_the_letterboxed_input() -> None:
+    from veil.detectors.base import letterbox_scale
+
+    det = TinyDetector()
+    images = frames(3)
+    boxes = [
+        np.array([[0, 0, 30, 20]], np.float32),
+        np.zeros((0, 4), np.float32),
+        np.array([[6, 3, 12, 9], [1, 1, 2, 2]], np.float32),
+    ]
+    data = prepare(det, images, det.default_geometry, boxes, batch_size=2, progress=False)
+    assert data.targets is not None and [len(t) for t in data.targets] == [1, 0, 2]
+    g = det.default_geometry
+    scale = letterbox_scale(images[2].shape[1], images[2].shape[0], g)
+    expected = torch.tensor([6, 3, 12, 9]) * scale / torch.tensor([g.width, g.height] * 2)
+    torch.testing.assert_close(data.targets[2][0], expected.float())

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from veil.detectors.base import Frame, InputGeometry, SplitDetector
+from veil.detectors.base import Frame, InputGeometry, Letterbox, SplitDetector
 from veil.errors import ConfigError, DatasetError
 from veil.eval import read_image
 from veil.noise import NoiseLayer
@@ -209,26 +209,12 @@ def prepare(
         if teacher:
             teacher_parts.append([t.cpu() for t in teacher_net.tail(teacher_in)])
         if boxes is not None:
-            for j, lb in enumerate(letterboxes):
-                b = torch.as_tensor(boxes[start + j], dtype=torch.float32).reshape(-1, 4)
-                b = (
-                    b
-                    * lb.scale
-                    / torch.tensor(
-                        [geometry.width, geometry.height, geometry.width, geometry.height]
-                    )
-                )
-                targets.append(b)
+            targets += _normalised_boxes(boxes[start : start + len(chunk)], letterboxes, geometry)
         bar.update(len(chunk))
     bar.close()
-    teacher_outputs = (
-        [torch.cat([p[i] for p in teacher_parts]) for i in range(len(teacher_parts[0]))]
-        if teacher_parts
-        else []
-    )
     return CalibrationSet(
         activations=torch.cat(acts),
-        teacher=teacher_outputs,
+        teacher=[torch.cat(parts) for parts in zip(*teacher_parts, strict=True)],
         targets=targets if boxes is not None else None,
         input_height=geometry.height,
         input_width=geometry.width,
@@ -239,6 +225,17 @@ def prepare(
         },
         reference=torch.cat(reference_acts) if reference_acts else None,
     )
+
+
+def _normalised_boxes(
+    boxes: Sequence[BoxArray], letterboxes: Sequence[Letterbox], geometry: InputGeometry
+) -> list[Tensor]:
+    """Each image's ``[K, 4]`` xyxy pixel boxes as fractions of the letterboxed input."""
+    size = torch.tensor([geometry.width, geometry.height, geometry.width, geometry.height])
+    return [
+        torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) * lb.scale / size
+        for b, lb in zip(boxes, letterboxes, strict=True)
+    ]
 
 
 def distillation_loss(student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
@@ -549,12 +546,7 @@ def calibrate(
     )
     teacher = (reference or detector).name if distill else "labels"
     act_std = float(data.activations.std())
-    run_id = hashlib.sha256(
-        json.dumps(
-            {"data": data.description, "config": repr(config), "weights": detector.weights_id},
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:16]
+    run_id = _run_id(data, config, detector)
     profiles: list[NoiseProfile] = []
     # Read the bank once: this run only adds profiles for alphas it has not found there.
     finished = [p for p in bank.profiles() if p.meta.training.get("run_id") == run_id]
@@ -573,21 +565,36 @@ def calibrate(
         profile = train_profile(
             detector, data, alpha, config, meta, checkpoint, progress, reference
         )
-        seconds = time.perf_counter() - t0
-        training = profile.meta.training | {"seconds": round(seconds, 1)}
-        profile = NoiseProfile(
-            replace(profile.meta, training=training), profile.mu, profile.rho, profile.tail
-        )
+        profile = _timed(profile, time.perf_counter() - t0)
         bank.save(profile)
         checkpoint.unlink(missing_ok=True)
-        last = profile.meta.training["loss_curve"][-1]
-        log(
-            f"alpha {alpha:.2f}: profile {profile.profile_id} in {seconds:.1f} s "
-            f"(task loss {last['task']:.4f}, mean sigma {last['mean_sigma']:.3f} "
-            f"= {last['mean_sigma'] / act_std:.2f} activation std, leakage "
-            f"bound {last['leakage_nats']:.3f} nats/element, tail "
-            f"{'tuned' if profile.tail is not None else 'frozen'})"
-        )
+        log(_trained_line(profile, act_std))
         profiles.append(profile)
     log(f"calibration finished in {time.perf_counter() - started:.1f} s; bank: {out_dir}")
     return profiles
+
+
+def _run_id(data: CalibrationSet, config: CalibrationConfig, detector: SplitDetector) -> str:
+    """What names one calibration run: its images, settings and weights."""
+    document = {"data": data.description, "config": repr(config), "weights": detector.weights_id}
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _timed(profile: NoiseProfile, seconds: float) -> NoiseProfile:
+    """``profile`` recording how long it took to train."""
+    training = profile.meta.training | {"seconds": round(seconds, 1)}
+    return NoiseProfile(
+        replace(profile.meta, training=training), profile.mu, profile.rho, profile.tail
+    )
+
+
+def _trained_line(profile: NoiseProfile, act_std: float) -> str:
+    last = profile.meta.training["loss_curve"][-1]
+    seconds = profile.meta.training["seconds"]
+    return (
+        f"alpha {profile.alpha:.2f}: profile {profile.profile_id} in {seconds:.1f} s "
+        f"(task loss {last['task']:.4f}, mean sigma {last['mean_sigma']:.3f} "
+        f"= {last['mean_sigma'] / act_std:.2f} activation std, leakage "
+        f"bound {last['leakage_nats']:.3f} nats/element, tail "
+        f"{'tuned' if profile.tail is not None else 'frozen'})"
+    )

@@ -56,6 +56,7 @@ from veil.outputs import DetectionTally, JsonlWriter, read_detection
 from veil.preflight import check_edge
 from veil.profiles import NoiseProfile, ProfileBank
 from workers.trusted.edge import EdgeStats, EdgeWorker
+from workers.trusted.flow import FlowControl
 from workers.trusted.obfuscator import Obfuscator, ProfileTable, pick_device
 from workers.trusted.preview import LivePreview
 
@@ -472,14 +473,7 @@ async def serve(
             graph.edge = _edge_role(
                 config, obfuscator, bootstrap, idempotent, keys["edge"], frame_hook
             )
-            graph.edge.bank_dir = bank_dir or bank_folder(
-                config, obfuscator.detector, obfuscator.geometry
-            )
-            graph.edge.preview = preview
-            if graph.detect is not None and config.triton.model_repository:
-                graph.edge.before_reload = partial(_serve_new_tails, config, graph)
-            for s in config.streams if preview is not None else ():
-                say(f"live preview of {s.id}: {graph.http_url}/v1/streams/{s.id}/preview")
+            _wire_edge(config, graph, bank_dir, preview, say)
             await stack.enter_async_context(graph.edge)
             graph.edge.attach(sup)
             graph.alpha_command = alpha_command(config, bootstrap, obfuscator.table.alphas)
@@ -493,6 +487,26 @@ async def serve(
         with stop_on_signals(sup):
             await sup.run()
     return graph
+
+
+def _wire_edge(
+    config: VeilConfig,
+    graph: Graph,
+    bank_dir: Path | None,
+    preview: LivePreview | None,
+    say: Callable[[str], None],
+) -> None:
+    """What the edge of ``graph`` serves besides its streams: the bank it reloads (and, beside
+    a detect worker, the new tails it serves outside first) and the live preview."""
+    edge = graph.edge
+    assert edge is not None
+    o = edge.obfuscator
+    edge.bank_dir = bank_dir or bank_folder(config, o.detector, o.geometry)
+    edge.preview = preview
+    if graph.detect is not None and config.triton.model_repository:
+        edge.before_reload = partial(_serve_new_tails, config, graph)
+    for s in config.streams if preview is not None else ():
+        say(f"live preview of {s.id}: {graph.http_url}/v1/streams/{s.id}/preview")
 
 
 def _edge_role(
@@ -516,7 +530,14 @@ def _edge_role(
         signer=keys.signer,
         control_verifier=keys.verifier,
         security=kafka_security(config),
-        flow_group=config.kafka.group_id,
+        # Realtime streams: two batches per partition at most, one in the zone, one outside.
+        flow=FlowControl(
+            bootstrap,
+            config.kafka.group_id,
+            topics_of(config).activations,
+            2 * config.batching.max_batch,
+            security=kafka_security(config),
+        ),
     )
 
 
@@ -736,8 +757,12 @@ class _RunOutputs:
         rates: dict[str, Fraction | None],
         say: Callable[[str], None],
         print_detections: bool,
+        on_detection: Callable[[DetectionMessage], None] | None,
+        started: float,
     ) -> None:
         self.say, self.print_detections = say, print_detections
+        self.on_detection, self.started = on_detection, started
+        self.first_s: float | None = None  # the first detection, seconds after ``started``
         out = config.outputs
         self.jsonl = JsonlWriter(Path(out.jsonl)) if out.jsonl else None
         self.annotator: Any = None
@@ -760,6 +785,8 @@ class _RunOutputs:
         return self.annotator.keep if self.annotator is not None else None
 
     def on_message(self, msg: DetectionMessage) -> None:
+        if self.first_s is None:
+            self.first_s = time.perf_counter() - self.started
         if self.jsonl is not None:
             self.jsonl.write(msg)
         if self.annotator is not None:
@@ -769,6 +796,8 @@ class _RunOutputs:
                 self.unannotated += 1
         if self.print_detections:
             self.say(describe(msg))
+        if self.on_detection is not None:
+            self.on_detection(msg)
 
     def _annotate(self, msg: DetectionMessage) -> None:
         try:
@@ -824,17 +853,8 @@ async def run_pipeline(
     config = replace(config, triton=replace(config.triton, model_repository=str(repo)))
     # Every profile the zone may apply gets its tail served, so live alpha changes keep working.
     export_tail(obfuscator.detector, obfuscator.geometry, Path(repo), obfuscator.table.profiles)
-    outputs = _RunOutputs(config, rates, say, print_detections)
+    outputs = _RunOutputs(config, rates, say, print_detections, on_detection, started)
     setup_s = time.perf_counter() - started
-    first: list[float] = []
-
-    def on_message(msg: DetectionMessage) -> None:
-        if not first:
-            first.append(time.perf_counter() - started)
-        outputs.on_message(msg)
-        if on_detection is not None:
-            on_detection(msg)
-
     say(f"device {obfuscator.device}; profiles {obfuscator.table.alphas}")
     try:
         graph = await serve(
@@ -842,7 +862,7 @@ async def run_pipeline(
             frozenset({"edge", "detect", "sink"}),
             obfuscator=obfuscator,
             say=say,
-            on_detection=on_message,
+            on_detection=outputs.on_message,
             settle_timeout_s=settle_timeout_s,
             frame_hook=outputs.frame_hook,
             stop=stop,
@@ -859,15 +879,8 @@ async def run_pipeline(
     assert graph.edge is not None
     seconds = time.perf_counter() - started
     device = str(obfuscator.device)
-    return RunSummary(
-        graph.edge.stats,
-        graph.tally,
-        seconds,
-        device,
-        graph.alpha_command,
-        first[0] if first else None,
-        setup_s,
-    )
+    edge, tally, command = graph.edge.stats, graph.tally, graph.alpha_command
+    return RunSummary(edge, tally, seconds, device, command, outputs.first_s, setup_s)
 
 
 def demo_streams(alpha: float = 0.8) -> tuple[StreamConfig, ...]:

@@ -244,7 +244,7 @@ class EdgeWorker:
         control_verifier: Verifier | None = None,
         security: KafkaSecurityConfig | None = None,
         bank_dir: Path | None = None,
-        flow_group: str | None = None,
+        flow: FlowControl | None = None,
     ) -> None:
         self.streams = list(streams)  # as configured at start
         self.obfuscator = obfuscator
@@ -284,18 +284,8 @@ class EdgeWorker:
         self._compute = asyncio.Lock()  # a bank reload swaps the table between two batches
         # HTTP alpha requests written to the control topic, by (stream, stamp), until answered.
         self._awaiting: dict[tuple[str, float], asyncio.Future[StatusMessage]] = {}
-        # Realtime streams: two batches in flight per partition at most (workers/trusted/flow.py).
-        self.flow = (
-            None
-            if flow_group is None
-            else FlowControl(
-                bootstrap_servers,
-                flow_group,
-                topics.activations,
-                2 * self.batching.max_batch,  # a batch in the zone, one outside
-                security=security,
-            )
-        )
+        # Realtime streams: frames taken only as fast as the outside commits them.
+        self.flow = flow
         self.preview: LivePreview | None = None  # the live preview its HTTP API serves (veil run)
         # Run with a reloaded bank's table before the edge takes it (veil run: the outside
         # gets the new profiles' tails); a VeilError refuses the reload.
