@@ -757,11 +757,12 @@ class _RunOutputs:
         rates: dict[str, Fraction | None],
         say: Callable[[str], None],
         print_detections: bool,
-        on_detection: Callable[[DetectionMessage], None] | None,
-        started: float,
+        on_detection: Callable[[DetectionMessage], None] | None = None,
+        started: float | None = None,
     ) -> None:
         self.say, self.print_detections = say, print_detections
-        self.on_detection, self.started = on_detection, started
+        self.on_detection = on_detection
+        self.started = time.perf_counter() if started is None else started
         self.first_s: float | None = None  # the first detection, seconds after ``started``
         out = config.outputs
         self.jsonl = JsonlWriter(Path(out.jsonl)) if out.jsonl else None
