@@ -57,6 +57,7 @@ def test_the_report_states_each_goal_beside_its_ratio() -> None:
         },
         "fps_ratio_noise_vs_clean": 1.0,
         "unsplit_fps": 4.0,
+        "payload": "int8",
         "fps_ratio_vs_unsplit": 1.25,
         "realtime": {
             "seconds": 40.0,
@@ -76,5 +77,6 @@ def test_the_report_states_each_goal_beside_its_ratio() -> None:
         "x1.25 (goal >= 1.0)",
         "x2.50 of it (goal <= 3, flat)",
         "window from 20 s: 1 frames",
+        "(int8 payload)",
     ):
         assert expected in text, text

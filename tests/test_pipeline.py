@@ -135,7 +135,8 @@ def config_for(
         model=ModelConfig(name="faceboxes", weights=str(weights), geometry=str(GEOMETRY)),
         profile_bank=str(bank),
         streams=streams,
-        kafka=KafkaConfig(bootstrap=bootstrap, idempotent=False, group_id=group),
+        # float16: the comparisons with the model in process below are to a fraction of a pixel.
+        kafka=KafkaConfig(bootstrap=bootstrap, idempotent=False, group_id=group, payload="float16"),
         batching=BatchingConfig(max_batch=4, max_wait_ms=10),
         triton=TritonConfig(url=triton.url, model=triton.model, model_repository=str(repository)),
     )

@@ -490,6 +490,7 @@ def run_bench(settings: BenchSettings, say: Any = print) -> dict[str, Any]:
         "realtime": served.pop("realtime", None),
         "pipeline": served,
         "unsplit_fps": unsplit,
+        "payload": config.kafka.payload,
         "fps_ratio_vs_unsplit": served["with_noise"]["fps"] / unsplit,
         "fps_ratio_noise_vs_clean": served["with_noise"]["fps"] / served["without_noise"]["fps"],
         "load_average_after": list(os.getloadavg()),
@@ -528,7 +529,7 @@ def report_lines(result: dict[str, Any]) -> list[str]:
         f"{wn['latency_ms_p99']:.0f} ms; without: p50 {won['latency_ms_p50']:.0f} ms, "
         f"p99 {won['latency_ms_p99']:.0f} ms",
         *_realtime_lines(result.get("realtime")),
-        f"bytes per frame on the wire: {wn['bytes_per_frame']:,.0f} (float16 payload); "
+        f"bytes per frame on the wire: {wn['bytes_per_frame']:,.0f} ({result['payload']} payload); "
         + load_line(),
     ]
 
