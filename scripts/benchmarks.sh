@@ -39,5 +39,8 @@ $VEIL privacy "${RF[@]}" --bank runs/bank-retinaface --max-train 200 --max-eval-
     --deployed-alpha 0.8 --out runs/privacy-retinaface
 $VEIL privacy "${RF[@]}" --bank runs/bank-retinaface --accuracy runs/fddb-retinaface.json \
     --attach-accuracy-only --out runs/privacy-retinaface
+# 3c. FDDB AP through the int8 payload against float16, the same noise (about 12 minutes).
+.venv/bin/python scripts/wire_ap.py --bank runs/bank-retinaface --alphas 0.8 0.9 \
+    --json runs/wire-ap-retinaface.json
 # 4. Trusted-zone cost and pipeline throughput on the 1080p clip.
 $VEIL bench --json runs/bench-faceboxes.json

@@ -517,7 +517,7 @@ async def read_preview(url: str, parts: int) -> list[tuple[int, Frame]]:
             jpeg = await reader.readexactly(int(fields["Content-Length"]))
             await reader.readexactly(2)
             image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-            found.append((int(fields["X-Sequence"]), image))
+            found.append((int(fields["X-Sequence"]), np.asarray(image, np.uint8)))
         return found
     finally:
         writer.close()
