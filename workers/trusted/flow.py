@@ -26,6 +26,7 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from stream.kafka import security_kwargs
 from veil.config import KafkaSecurityConfig
@@ -111,7 +112,10 @@ class FlowControl:
         async with lock:
             if time.monotonic() - self._fetched.get(partition, 0.0) >= self.poll_s:
                 tp = TopicPartition(self.topic, partition)
-                self._note_commit(partition, await self._consumer.committed(tp))
+                try:
+                    self._note_commit(partition, await self._consumer.committed(tp))
+                except (KafkaError, OSError) as exc:  # broker or group away: keep what we know
+                    log.debug("edge.flow_commit_unknown", partition=partition, error=repr(exc))
                 self._fetched[partition] = time.monotonic()
         committed = self._committed.get(partition)
         done = 0 if committed is None else max(0, committed - self._base.get(partition, 0))

@@ -60,7 +60,6 @@ from stream.runtime import (
     Channel,
     Supervisor,
     blocking,
-    concurrently,
     one_line,
     retry,
     stop_on_signals,
@@ -252,10 +251,11 @@ class DetectWorker:
         return added
 
     async def start(self) -> None:
-        """Triton's tails and the Kafka clients at once (the group join overlaps Triton's
-        boot), each waited for while down."""
+        """Triton's tails, then the Kafka clients (unless :meth:`start_kafka` ran already,
+        as ``veil run`` does while Triton boots), each waited for while down."""
         try:
-            await concurrently(self.start_tails(), self.start_kafka())
+            await self.start_tails()
+            await self.start_kafka()
         except BaseException:
             await self.stop()
             raise
