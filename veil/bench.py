@@ -258,10 +258,7 @@ def latency_windows(times: list[tuple[float, float]], window_s: float) -> list[d
 
 def _histogram_mean(name: str, before: tuple[float, float]) -> float:
     """The mean of a veil histogram's observations since ``before`` (its sum and count)."""
-    from prometheus_client import REGISTRY
-
-    total = (REGISTRY.get_sample_value(f"{name}_sum") or 0.0) - before[0]
-    count = (REGISTRY.get_sample_value(f"{name}_count") or 0.0) - before[1]
+    total, count = (now - then for now, then in zip(_histogram_totals(name), before, strict=True))
     return total / count if count else float("nan")
 
 
