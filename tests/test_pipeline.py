@@ -571,6 +571,23 @@ async def test_the_live_preview_serves_annotated_frames_as_mjpeg(
     assert int(green.sum()) > 100, "no box drawn on the preview"
 
 
+def _own_triton_config(
+    bootstrap: str, weights: Path, bank: Path, video: Path, repository: Path
+) -> VeilConfig:
+    """``veil run`` of the looped video at alpha 0.5 with an embedded Triton of its own on
+    ``repository``, and an HTTP port."""
+    stream = StreamConfig(id="reload", source=str(video), policy="lossless", alpha=0.5, loop=True)
+    return VeilConfig(
+        model=ModelConfig(name="faceboxes", weights=str(weights), geometry=str(GEOMETRY)),
+        profile_bank=str(bank),
+        streams=(stream,),
+        kafka=KafkaConfig(bootstrap=bootstrap, idempotent=False, group_id="g-reload"),
+        batching=BatchingConfig(max_batch=4, max_wait_ms=10),
+        triton=TritonConfig(model_repository=str(repository)),
+        observability=ObservabilityConfig(http_port=0),
+    )
+
+
 @pytest.mark.asyncio(loop_scope="module")
 async def test_a_profile_reloaded_under_veil_run_is_served_outside_with_its_tail(
     topics: str,
@@ -584,16 +601,7 @@ async def test_a_profile_reloaded_under_veil_run_is_served_outside_with_its_tail
     profiles = {p.alpha: p for p in ProfileBank(bank).profiles()}
     running = ProfileBank(tmp_path / "bank")
     running.save(profiles[0.5])  # the tuned 0.9 profile comes later, calibrated "meanwhile"
-    stream = StreamConfig(id="reload", source=str(video), policy="lossless", alpha=0.5, loop=True)
-    config = VeilConfig(
-        model=ModelConfig(name="faceboxes", weights=str(weights), geometry=str(GEOMETRY)),
-        profile_bank=str(running.root),
-        streams=(stream,),
-        kafka=KafkaConfig(bootstrap=topics, idempotent=False, group_id="g-reload"),
-        batching=BatchingConfig(max_batch=4, max_wait_ms=10),
-        triton=TritonConfig(model_repository=str(tmp_path / "repo")),  # embedded, this run's
-        observability=ObservabilityConfig(http_port=0),
-    )
+    config = _own_triton_config(topics, weights, running.root, video, tmp_path / "repo")
     lines: list[str] = []
     stop = asyncio.Event()
     seen: list[tuple[float, str]] = []
