@@ -187,14 +187,17 @@ def test_kill_9_of_triton_is_waited_for_and_loses_nothing(
     _until_more(site, prefix, 20)
     triton.kill9()
     stalled = _count(site, prefix)
-    time.sleep(3)
-    assert detect.alive, detect.log()[-3000:]
-    # A detect worker that starts while Triton is down waits for it too.
-    detect.kill9()
-    detect = site.detect(config)
-    time.sleep(5)
-    assert detect.alive and "triton tails" in detect.log(), detect.log()[-3000:]
-    restarted = site.triton()  # same port
+    try:
+        time.sleep(3)
+        assert detect.alive, detect.log()[-3000:]
+        # A detect worker that starts while Triton is down waits for it too, and before it
+        # joins the group (a worker without tails holds no partitions).
+        detect.kill9()
+        detect = site.detect(config)
+        detect.wait_for("triton tails", 30)
+        assert "detect.partitions_" not in detect.log(), detect.log()[-3000:]
+    finally:  # the module's Triton is the restarted one (same port), whatever failed above
+        triton.process = site.triton().process
     recovery = _until_more(site, prefix, stalled + 4)
     row = _finish(
         site,
@@ -207,7 +210,6 @@ def test_kill_9_of_triton_is_waited_for_and_loses_nothing(
     assert "detect.triton_retry" in detect.log() or "runtime.retry" in detect.log()
     assert detect.terminate() == 0
     assert row.lost == 0
-    triton.process = restarted.process  # the module's Triton is the restarted one
 
 
 def test_two_detect_workers_share_the_work_and_one_takes_over_from_the_other(

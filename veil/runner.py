@@ -342,10 +342,11 @@ def export_tail(
 @contextlib.asynccontextmanager
 async def triton_for(
     config: VeilConfig, repo: Path, supervisor: Supervisor, threads: int | None = None
-) -> AsyncIterator[tuple[str, Callable[[], Awaitable[None]]]]:
-    """Triton's gRPC URL, and what to await until it is ready. An embedded tritonserver is a
-    supervised child like the broker, its Python models running ``threads`` torch threads;
-    it is launched here and boots while the caller starts what else it needs."""
+) -> AsyncIterator[tuple[str, Callable[[], Awaitable[None]] | None]]:
+    """Triton's gRPC URL, and what to await until it is ready (None: a server of its own,
+    nothing boots here). An embedded tritonserver is a supervised child like the broker, its
+    Python models running ``threads`` torch threads; it is launched here and boots while the
+    caller starts what else it needs."""
     triton_tls(config)  # refuses TLS settings for the embedded server before it starts
     if config.triton.url == EMBEDDED:
         from workers.untrusted.triton_server import EmbeddedTriton
@@ -358,11 +359,7 @@ async def triton_for(
         finally:
             await server.stop()
     else:
-        yield config.triton.url, _nothing
-
-
-async def _nothing() -> None:
-    return None
+        yield config.triton.url, None
 
 
 async def detections_reader(
@@ -582,7 +579,7 @@ async def _detect_role(
     decoder = load_decoder(manifest.detector)
     group = thread_group(config, roles)
     triton_threads = config.threads.for_role("triton", group)
-    url, triton_ready = await stack.enter_async_context(
+    url, triton_booting = await stack.enter_async_context(
         triton_for(config, repo, supervisor, triton_threads)
     )
     tail = TritonTail(
@@ -607,9 +604,11 @@ async def _detect_role(
         threads=config.threads.for_role("detect", group),
         session_timeout_ms=session_timeout_ms(config),
     )
-    # The worker joins its group while Triton boots; its tails start once Triton is ready.
     stack.push_async_callback(worker.stop)
-    await concurrently(triton_ready(), worker.start_kafka())
+    if triton_booting is not None:
+        # The worker joins its group while its embedded Triton boots. A Triton of its own is
+        # waited for before the join: a worker without tails must not hold partitions.
+        await concurrently(triton_booting(), worker.start_kafka())
     await worker.start()
     worker.attach(supervisor, stop=asyncio.Event() if "sink" in roles else None)
     return worker
