@@ -203,6 +203,21 @@ class _Stream:
         self.fps = (self.read - first_n) / (now - first_t) if now > first_t else 0.0
 
 
+@dataclass
+class _Partitions:
+    """Each stream's partition of the activations topic, given round robin as streams come
+    (hashing a handful of ids puts several on one partition and none on another). One stream
+    keeps one partition, so its frames stay in order."""
+
+    order: list[int] = field(default_factory=list)  # the topic's partitions, sorted
+    of: dict[str, int] = field(default_factory=dict)  # stream id -> its partition
+    given: int = 0  # streams given a partition so far
+
+    def give(self, stream_id: str) -> None:
+        self.of[stream_id] = self.order[self.given % len(self.order)]
+        self.given += 1
+
+
 @dataclass(frozen=True)
 class _Encoded:
     """A batch ready to publish: its frames (for the in-zone hooks) and its records."""
@@ -272,10 +287,8 @@ class EdgeWorker:
         # Refuses, before anything starts, a configured alpha below the zone's floor or
         # without a calibrated profile.
         self.control = AlphaControl(self.streams, obfuscator.table)
-        self.partitions: dict[str, int] = {}
+        self.partitions = _Partitions()
         self.known_ids = {s.id for s in self.streams}  # every stream served, removed ones too
-        self._partition_order: list[int] = []
-        self._assigned = 0  # streams given a partition so far (round robin)
         self._producer: Any = None
         self._streams: dict[str, _Stream] = {}
         self._removed: dict[str, dict[str, Any]] = {}  # final counters of removed streams
@@ -306,9 +319,9 @@ class EdgeWorker:
             transient=transient,
             backoff=self.backoff,
         )
-        self._partition_order = await self._activation_partitions()
+        self.partitions.order = await self._activation_partitions()
         if self.flow is not None:
-            await self.flow.start(self._partition_order)
+            await self.flow.start(self.partitions.order)
         for s in self.streams:
             self._streams[s.id] = await self._open(s)
         obs.set_build_info(self.obfuscator.detector.name)
@@ -316,7 +329,7 @@ class EdgeWorker:
             "edge.started",
             streams=[s.id for s in self.streams],
             alphas=self.alphas,
-            partitions=self.partitions,
+            partitions=self.partitions.of,
         )
         for note in profile_notes(self.streams, self.obfuscator.table):
             log.info("edge.profile", **note)
@@ -324,9 +337,7 @@ class EdgeWorker:
             await self._answer(self.control.started())
 
     async def _activation_partitions(self) -> list[int]:
-        """Streams round robin over the activation partitions (hashing a handful of ids puts
-        several on one partition and none on another). One stream keeps one partition, so
-        its frames stay in order."""
+        """The activation topic's partitions, sorted."""
         found = await retry(
             lambda: self._producer.partitions_for(self.topics.activations),
             what=f"partitions of {self.topics.activations}",
@@ -347,9 +358,7 @@ class EdgeWorker:
         )
         await source.start()
         obs.declare_stream(s.id)
-        order = self._partition_order
-        self.partitions[s.id] = order[self._assigned % len(order)]
-        self._assigned += 1
+        self.partitions.give(s.id)
         return _Stream(s, source)
 
     async def stop(self) -> None:
@@ -426,7 +435,7 @@ class EdgeWorker:
         frames = stream.source.frames()
         held = self.flow is not None and stream.config.policy == "realtime"
         while True:
-            partition = self.partitions[stream.config.id]
+            partition = self.partitions.of[stream.config.id]
             if held:
                 assert self.flow is not None
                 await self.flow.acquire(partition)
@@ -489,7 +498,7 @@ class EdgeWorker:
         key, value, headers = encode(message)
         if self.signer is not None:
             headers = [*headers, *self.signer.headers(key, value, headers)]
-        partition = self.partitions.get(r.envelope.stream_id)
+        partition = self.partitions.of.get(r.envelope.stream_id)
         return OutgoingRecord(self.topics.activations, key, value, headers, partition)
 
     async def _publish(self, encoded: Channel[_Encoded]) -> None:
@@ -649,7 +658,7 @@ class EdgeWorker:
         self._removed[sid] = {**self._describe(stream), "state": "removed"}
         while len(self._removed) > _REMOVED_KEPT:
             self._removed.pop(next(iter(self._removed)))
-        self.partitions.pop(sid, None)
+        self.partitions.of.pop(sid, None)
         obs.forget_stream(sid)
         log.info("edge.stream_removed", stream=sid, read=stream.read, published=stream.published)
         stream.removed.set()
