@@ -319,7 +319,7 @@ def test_the_edge_signs_every_activation_record(
     edge = SimpleNamespace(
         quantisation="float16",
         obfuscator=SimpleNamespace(geometry=GEOMETRY),
-        partitions={"s": 2},
+        partitions=SimpleNamespace(of={"s": 2}),
         topics=DEFAULT_TOPICS,
         signer=signers[ROLE_EDGE],
     )
