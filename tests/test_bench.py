@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+from dataclasses import replace
 
-from veil.bench import latency_windows, pipeline_figures, report_lines
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+
+from stream.kafka import TopicNames
+from tests.fixtures_kafka import KafkaTarget, kafka_target  # noqa: F401 (fixture)
+from veil.bench import _run_config, latency_windows, pipeline_figures, report_lines
+from veil.config import StreamConfig, VeilConfig, load_config
 
 
 def test_latency_windows_split_by_capture_time_with_their_percentiles() -> None:
@@ -80,3 +87,33 @@ def test_the_report_states_each_goal_beside_its_ratio() -> None:
         "(int8 payload)",
     ):
         assert expected in text, text
+
+
+def test_each_bench_run_has_topics_a_group_and_a_stream_of_its_own(
+    kafka_target: KafkaTarget,  # noqa: F811
+) -> None:
+    """A run's detect group must not first read what an earlier run left on the broker."""
+    base = load_config(None)
+    config = replace(
+        base,
+        streams=(StreamConfig(id="clip", source="clip.mp4"),),
+        kafka=replace(base.kafka, bootstrap=kafka_target.bootstrap_servers),
+    )
+
+    async def two_runs() -> tuple[VeilConfig, VeilConfig, set[str]]:
+        first = await _run_config(config, "with_noise", alpha=0.8)
+        second = await _run_config(config, "realtime", policy="realtime", alpha=0.8)
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_target.bootstrap_servers)
+        await admin.start()
+        try:
+            return first, second, set(await admin.list_topics())
+        finally:
+            await admin.close()
+
+    first, second, topics = asyncio.run(two_runs())
+    assert first.kafka.topic_prefix != second.kafka.topic_prefix
+    assert first.kafka.group_id != second.kafka.group_id
+    assert first.streams[0].id != second.streams[0].id
+    assert second.streams[0].policy == "realtime" and second.streams[0].alpha == 0.8
+    for run in (first, second):
+        assert TopicNames(run.kafka.topic_prefix).activations in topics

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from stream.frames import Frame as StreamFrame
+from stream.kafka import TopicNames, ensure_topics
 from stream.wire import ActivationMessage, Envelope, FramePlacement, encode
 from veil.calibrate import video_frames
 from veil.config import (
@@ -275,19 +276,10 @@ async def _realtime(
     config: VeilConfig, alpha: float, seconds: float, window_s: float
 ) -> dict[str, Any]:
     """A realtime stream of the video, looped and paced, for ``seconds``."""
-    stream = replace(
-        config.streams[0],
-        id=f"bench-realtime-{time.time_ns()}",
-        policy="realtime",
-        pace=True,
-        loop=True,
-        alpha=alpha,
+    run_config = await _run_config(
+        config, "realtime", policy="realtime", pace=True, loop=True, alpha=alpha
     )
-    run_config = replace(
-        config,
-        streams=(stream,),
-        kafka=replace(config.kafka, group_id=f"bench-realtime-{time.time_ns()}"),
-    )
+    stream = run_config.streams[0]
     times: list[tuple[float, float]] = []
     stop = asyncio.Event()
     before = {n: _histogram_totals(n) for n in ("veil_head_noise_seconds", "veil_triton_seconds")}
@@ -338,16 +330,23 @@ def pipeline_figures(
     }
 
 
+async def _run_config(config: VeilConfig, label: str, **stream: Any) -> VeilConfig:
+    """``config`` for one run of its first stream (changed by ``stream``), on topics and a
+    group of the run's own: a run's detect group must not first work through the records an
+    earlier run left on the same broker (measured: 4.5 s before a realtime run's first frame)."""
+    run_id = f"bench-{label}-{time.time_ns()}"
+    run = replace(
+        config,
+        streams=(replace(config.streams[0], id=run_id, **stream),),
+        kafka=replace(config.kafka, group_id=run_id, topic_prefix=run_id),
+    )
+    await ensure_topics(run.kafka.bootstrap, topics=TopicNames(run_id))
+    return run
+
+
 async def _pipeline(config: VeilConfig, label: str, alpha: float) -> dict[str, Any]:
     """One ``veil run`` of the first stream at ``alpha`` on the broker and Triton given."""
-    stream = replace(
-        config.streams[0], id=f"bench-{label}-{time.time_ns()}", alpha=alpha, allow_clean=not alpha
-    )
-    run_config = replace(
-        config,
-        streams=(stream,),
-        kafka=replace(config.kafka, group_id=f"bench-{label}-{time.time_ns()}"),
-    )
+    run_config = await _run_config(config, label, alpha=alpha, allow_clean=not alpha)
     times: list[tuple[float, float]] = []
     summary = await run_pipeline(
         run_config,
@@ -367,7 +366,6 @@ async def _served(
 ) -> dict[str, dict[str, Any]]:
     """On one embedded broker and Triton: the tail's timings, then the pipelines."""
     from stream.broker import EmbeddedBroker
-    from stream.kafka import ensure_topics
     from veil.runner import export_tail
     from workers.untrusted.triton_server import EmbeddedTriton
 
@@ -380,7 +378,6 @@ async def _served(
     export_tail(detector, geometry, repo, profiles)
     results: dict[str, dict[str, Any]] = {}
     async with EmbeddedBroker() as broker, EmbeddedTriton(repo, threads=triton_threads) as triton:
-        await ensure_topics(broker.bootstrap_servers)
         results["tail"] = await tail_timings(triton.grpc_url, repo, activation, triton_threads)
         served = replace(
             config,
