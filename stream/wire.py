@@ -488,18 +488,9 @@ def encode(msg: ActivationMessage) -> tuple[bytes, bytes, Headers]:
     return msg.stream_id.encode(), value, headers
 
 
-def decode(
-    key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] = ()
-) -> ActivationMessage:
-    """(key, value, headers) from ``veil.activations`` -> ActivationMessage (a float16 payload
-    as float16, an int8 one dequantised to float32).
-
-    Raises WireFormatError naming the reason: foreign message (magic), unsupported version,
-    truncated value or payload, bad header JSON, missing or invalid field, shape/dtype
-    mismatch, non-finite values, or key/headers that disagree with the body.
-    """
-    _require(value is not None, "activation message has no value (tombstone)")
-    assert value is not None  # for mypy; _require raised otherwise
+def _activation_header(value: bytes) -> tuple[dict[str, Any], int]:
+    """The prefix checked (magic, version, header length) and the header parsed: (header,
+    where the payload starts)."""
     _require(
         len(value) >= PREFIX.size,
         f"activation message truncated: {len(value)} bytes, shorter than the "
@@ -521,9 +512,16 @@ def decode(
         f"activation message truncated inside its header: {len(value)} bytes, header ends at "
         f"{body_start}",
     )
-    h = _loads(value[PREFIX.size : body_start], "activation header", MAX_HEADER_BYTES)
-    what = "activation header"
+    header = _loads(value[PREFIX.size : body_start], "activation header", MAX_HEADER_BYTES)
+    return header, body_start
 
+
+def _activation_payload(
+    h: dict[str, Any], payload_raw: memoryview
+) -> tuple[Quantisation, np.ndarray[Any, Any]]:
+    """The header's shape, quantisation and dtype checked against each other and against the
+    payload's size: (quantisation, the payload decoded)."""
+    what = "activation header"
     shape_field = _field(h, "shape", what)
     _require(
         isinstance(shape_field, list)
@@ -543,7 +541,6 @@ def decode(
         dtype == want_dtype,
         f"dtype {dtype!r} does not match quantisation {quantisation!r} (want {want_dtype!r})",
     )
-    payload_raw = memoryview(value)[body_start:]
     want = _expected_payload_size(quantisation, shape)
     if len(payload_raw) < want:
         raise WireFormatError(
@@ -555,7 +552,24 @@ def decode(
         f"activation payload has {len(payload_raw)} bytes but shape {list(shape)} as "
         f"{quantisation} needs {want}: shape/dtype mismatch",
     )
-    payload = _decode_payload(payload_raw, quantisation, shape)
+    return quantisation, _decode_payload(payload_raw, quantisation, shape)
+
+
+def decode(
+    key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] = ()
+) -> ActivationMessage:
+    """(key, value, headers) from ``veil.activations`` -> ActivationMessage (a float16 payload
+    as float16, an int8 one dequantised to float32).
+
+    Raises WireFormatError naming the reason: foreign message (magic), unsupported version,
+    truncated value or payload, bad header JSON, missing or invalid field, shape/dtype
+    mismatch, non-finite values, or key/headers that disagree with the body.
+    """
+    _require(value is not None, "activation message has no value (tombstone)")
+    assert value is not None  # for mypy; _require raised otherwise
+    h, body_start = _activation_header(value)
+    what = "activation header"
+    quantisation, payload = _activation_payload(h, memoryview(value)[body_start:])
 
     return ActivationMessage(
         *_read_frame_fields(h, key, headers, KIND_ACTIVATION, what),
