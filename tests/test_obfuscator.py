@@ -53,6 +53,26 @@ def test_each_frame_of_a_mixed_batch_gets_its_own_streams_noise() -> None:
     assert not np.allclose(again.activation, out[2].activation)
 
 
+def test_a_batch_of_one_profile_gets_that_profiles_noise_for_every_frame() -> None:
+    """The one-profile path (the row broadcast, the head's output noised in place)."""
+    det = TinyDetector()
+    weak, strong = _profile(det, 0.2, 0.01, 0.0), _profile(det, 0.9, 3.0, 5.0)
+    device = torch.device("cpu")
+    table = ProfileTable(det, det.default_geometry, [strong, weak], device)  # type: ignore[list-item]
+    obf = Obfuscator(det, det.default_geometry, table, device)
+    obf.generator = torch.Generator().manual_seed(0)  # a fixed seed: tests only
+    pixels = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    frames = [Frame(Envelope("s", i, None, 0.0), pixels) for i in range(4)]
+    out = obf.run(frames, [0.9] * 4)
+    clean = det.head(det.preprocess([pixels], det.default_geometry)[0])[0].numpy()
+    residuals = np.stack([o.activation - clean for o in out])
+    n = residuals.size
+    assert abs(residuals.mean() - 5.0) < 5 * 3.0 / np.sqrt(n)
+    assert abs(residuals.std() - 3.0) < 5 * 3.0 / np.sqrt(2 * n)
+    assert not np.allclose(residuals[0], residuals[1])  # each frame its own draw
+    assert {o.profile_id for o in out} == {strong.profile_id}  # type: ignore[attr-defined]
+
+
 def test_frames_of_any_size_are_letterboxed_and_mapped_back() -> None:
     det = TinyDetector()
     table = ProfileTable(det, det.default_geometry, [], torch.device("cpu"))
