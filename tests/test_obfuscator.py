@@ -22,13 +22,20 @@ def _profile(det: TinyDetector, alpha: float, sigma: float, mu: float) -> NoiseP
     return profile_from_layer(layer, meta)
 
 
-def test_each_frame_of_a_mixed_batch_gets_its_own_streams_noise() -> None:
+def _weak_and_strong() -> tuple[TinyDetector, NoiseProfile, NoiseProfile, Obfuscator]:
+    """A tiny detector's obfuscator with a weak (alpha 0.2: sigma 0.01, mu 0) and a strong
+    profile (alpha 0.9: sigma 3, mu 5), its noise seeded."""
     det = TinyDetector()
     weak, strong = _profile(det, 0.2, 0.01, 0.0), _profile(det, 0.9, 3.0, 5.0)
     device = torch.device("cpu")
     table = ProfileTable(det, det.default_geometry, [strong, weak], device)  # type: ignore[list-item]
     obf = Obfuscator(det, det.default_geometry, table, device)
     obf.generator = torch.Generator().manual_seed(0)  # a fixed seed: tests only
+    return det, weak, strong, obf
+
+
+def test_each_frame_of_a_mixed_batch_gets_its_own_streams_noise() -> None:
+    det, weak, strong, obf = _weak_and_strong()
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
     frames = [Frame(Envelope(f"s{i}", i, None, 0.0), pixels) for i in range(3)]
@@ -55,12 +62,7 @@ def test_each_frame_of_a_mixed_batch_gets_its_own_streams_noise() -> None:
 
 def test_a_batch_of_one_profile_gets_that_profiles_noise_for_every_frame() -> None:
     """The one-profile path (the row broadcast, the head's output noised in place)."""
-    det = TinyDetector()
-    weak, strong = _profile(det, 0.2, 0.01, 0.0), _profile(det, 0.9, 3.0, 5.0)
-    device = torch.device("cpu")
-    table = ProfileTable(det, det.default_geometry, [strong, weak], device)  # type: ignore[list-item]
-    obf = Obfuscator(det, det.default_geometry, table, device)
-    obf.generator = torch.Generator().manual_seed(0)  # a fixed seed: tests only
+    det, _, strong, obf = _weak_and_strong()
     pixels = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     frames = [Frame(Envelope("s", i, None, 0.0), pixels) for i in range(4)]
     out = obf.run(frames, [0.9] * 4)
