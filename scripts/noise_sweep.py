@@ -41,16 +41,22 @@ CACHE = Path("runs/sweep-cache")
 
 
 def calibration_set(
-    detector: SplitDetector, geometry: InputGeometry, images: int
+    detector: SplitDetector, geometry: InputGeometry, images: int, whole_teacher: bool
 ) -> CalibrationSet:
-    path = CACHE / f"calib-{detector.name}-{geometry}-{images}.pt"
+    """The calibration images' head outputs (with ``whole_teacher``, the whole network's too,
+    as `veil calibrate` distils from it)."""
+    ref = "-ref" if whole_teacher else ""
+    path = CACHE / f"calib-{detector.name}-{geometry}-{images}{ref}.pt"
     if path.is_file():
         data: CalibrationSet = torch.load(path, weights_only=False)
         return data
     root = data_root()
     assert root is not None  # data_root raises when the data is absent
     folder = root / "widerface" / "WIDER_val" / "images"
-    data = prepare(detector, list_images(folder, images), geometry, teacher=False)
+    reference = detector.reference() if whole_teacher else None
+    data = prepare(
+        detector, list_images(folder, images), geometry, teacher=False, reference=reference
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(data, path)
     return data
@@ -118,15 +124,23 @@ def main() -> None:
     p.add_argument("--tail-lr", type=float, default=1e-4)
     p.add_argument("--tune-tail", type=int, default=1)
     p.add_argument("--leakage", default="channel")
+    p.add_argument("--whole-teacher", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="")
     p.add_argument("--save-bank", default="")
     args = p.parse_args()
     torch.set_num_threads(1)
     detector = load_detector(args.model, reference_weights(args.model))
     geometry = InputGeometry.parse(args.geometry)
-    data = calibration_set(detector, geometry, args.images)
+    data = calibration_set(detector, geometry, args.images, bool(args.whole_teacher))
     fddb = fddb_set(detector, geometry, args.fddb_per_fold)
     clean = fddb_ap(detector, geometry, fddb, None)
+    whole = detector.reference()
+    original = (
+        clean
+        if whole is None
+        else fddb_ap(whole, geometry, fddb_set(whole, geometry, args.fddb_per_fold), None)
+    )
     std = float(data.activations.std())
     var = data.activations.float().var(dim=(0, 2, 3))
     config = CalibrationConfig(
@@ -140,8 +154,14 @@ def main() -> None:
         tail_lr=args.tail_lr,
         tune_tail=bool(args.tune_tail),
         leakage=args.leakage,
+        reference_teacher=bool(args.whole_teacher),
+        seed=args.seed,
     )
-    print(f"{args.model} clean AP {clean:.4f} on {fddb[0].shape[0]} FDDB images", flush=True)
+    print(
+        f"{args.model} clean AP {clean:.4f} (whole network {original:.4f}) on "
+        f"{fddb[0].shape[0]} FDDB images",
+        flush=True,
+    )
     for alpha in config.alphas:
         meta = ProfileMeta(
             detector.name,
@@ -154,7 +174,15 @@ def main() -> None:
             training={"initial_sigma": args.initial_sigma * std},
         )
         t0 = time.perf_counter()
-        profile = train_profile(detector, data, alpha, config, meta, progress=False)
+        profile = train_profile(
+            detector,
+            data,
+            alpha,
+            config,
+            meta,
+            progress=False,
+            reference=whole if args.whole_teacher else None,
+        )
         seconds = time.perf_counter() - t0
         ap = fddb_ap(detector, geometry, fddb, profile)
         sigma = profile.sigma()
@@ -165,6 +193,7 @@ def main() -> None:
             "alpha": alpha,
             "ap": round(ap, 4),
             "kept": round(ap / clean, 4),
+            "kept_whole": round(ap / original, 4),
             "frozen_tail_kept": round(frozen_ap / clean, 4),
             "sigma_ratio": round(float(sigma.mean()) / std, 3),
             "leak_nats": round(float(channel_leakage(sigma, var)), 4),
