@@ -330,6 +330,28 @@ DEFAULT_TOPICS: Final = TopicNames()
 
 
 @dataclass(frozen=True)
+class KafkaLink:
+    """How a worker's clients reach Kafka: the broker, the topics, TLS/SASL, and whether its
+    producers are idempotent (Apache Kafka: yes; tansu refuses it). Built once per run
+    (``veil.runner``) and shared by the edge and detect workers."""
+
+    bootstrap: str
+    idempotent: bool
+    topics: TopicNames = DEFAULT_TOPICS
+    security: KafkaSecurityConfig | None = None
+
+    async def producer(self, client_id: str, max_request_size: int) -> Any:
+        """A started producer (see :func:`make_producer`)."""
+        return await make_producer(
+            self.bootstrap,
+            idempotent=self.idempotent,
+            max_request_size=max_request_size,
+            client_id=client_id,
+            security=self.security,
+        )
+
+
+@dataclass(frozen=True)
 class TopicsStatus:
     """What :func:`ensure_topics` did, and whether the broker reports compaction on control."""
 

@@ -22,7 +22,8 @@ from aiokafka import TopicPartition
 from aiokafka import errors as kafka_errors
 from torch import Tensor
 
-from stream.kafka import publish_dead_letter
+from stream import kafka as kafka_module
+from stream.kafka import KafkaLink, publish_dead_letter
 from stream.runtime import Backoff, Supervisor
 from stream.wire import (
     MAGIC,
@@ -267,7 +268,7 @@ def make_worker(
     tail: FakeTail, decoder: TinyDetector, producer: FakeProducer, consumer: FakeConsumer
 ) -> DetectWorker:
     router = TailRouter({"tiny_tail": tail}, {"none": "tiny_tail"})
-    worker = DetectWorker("unused:0", router, decoder, MANIFEST, idempotent=False, backoff=FAST)
+    worker = DetectWorker(KafkaLink("unused:0", False), router, decoder, MANIFEST, backoff=FAST)
     worker._producer, worker._consumer = producer, consumer
     return worker
 
@@ -519,7 +520,7 @@ async def test_triton_and_the_broker_down_at_start_are_waited_for(
     async def make_consumer(*_: Any, **__: Any) -> FakeConsumer:
         return consumer
 
-    monkeypatch.setattr(detect_module, "make_producer", make_producer)
+    monkeypatch.setattr(kafka_module, "make_producer", make_producer)  # via KafkaLink
     monkeypatch.setattr(detect_module, "make_consumer", make_consumer)
     tail = FakeTail(detector)
     tail.start_down = 2

@@ -21,7 +21,7 @@ import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from tritonclient.grpc.aio import InferenceServerClient
 
-from stream.kafka import DEFAULT_TOPICS, ensure_topics
+from stream.kafka import DEFAULT_TOPICS, KafkaLink, ensure_topics
 from stream.wire import (
     ActivationMessage,
     DetectionMessage,
@@ -326,8 +326,7 @@ def test_an_alpha_without_a_profile_is_refused_with_the_available_ones(
         EdgeWorker(
             [StreamConfig(id="x", source="x.mp4", alpha=0.7)],
             obfuscator,
-            "127.0.0.1:1",
-            idempotent=False,
+            KafkaLink("127.0.0.1:1", idempotent=False),
         )
     with pytest.raises(ProfileError, match="alpha must be a number in"):
         table.row(1.5)
@@ -368,7 +367,9 @@ async def test_malformed_and_foreign_messages_go_to_the_dead_letter_topic(
     finally:
         await producer.stop()
     async with TritonTail(triton.url, triton.model, manifest) as tail:
-        worker = DetectWorker(topics, tail, detector, manifest, idempotent=False, group_id="g-dlq")
+        worker = DetectWorker(
+            KafkaLink(topics, idempotent=False), tail, detector, manifest, group_id="g-dlq"
+        )
         async with worker:
             await worker.run(idle_timeout_s=8)
     assert worker.stats.dead_letters == 3

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from structlog.testing import capture_logs
 
-from stream.kafka import DEFAULT_TOPICS, OutgoingRecord
+from stream.kafka import DEFAULT_TOPICS, KafkaLink, OutgoingRecord
 from stream.signing import (
     HEADER_SIGNATURE,
     HEADER_SIGNER,
@@ -320,7 +320,7 @@ def test_the_edge_signs_every_activation_record(
         quantisation="float16",
         obfuscator=SimpleNamespace(geometry=GEOMETRY),
         partitions=SimpleNamespace(of={"s": 2}),
-        topics=DEFAULT_TOPICS,
+        link=KafkaLink("unused:0", False),
         signer=signers[ROLE_EDGE],
     )
     record = EdgeWorker._record(cast(EdgeWorker, edge), frame)

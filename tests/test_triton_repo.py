@@ -17,6 +17,7 @@ from google.protobuf import text_format
 from torch import Tensor, nn
 from tritonclient.grpc import model_config_pb2
 
+from stream.kafka import KafkaLink
 from stream.wire import (
     ActivationMessage,
     Envelope,
@@ -507,7 +508,7 @@ async def test_a_mixed_batch_is_split_per_profile_model_and_unknown_profiles_are
     tuned_tail = FakeTail(f"stand_in_tail_{tuned.profile_id}", tuned.detector_for(detector))
     routes = {pid: route.python for pid, route in manifest.profile_routes().items()}
     router = TailRouter({t.model_name: t for t in (clean_tail, tuned_tail)}, routes)
-    worker = DetectWorker("unused:0", router, detector, manifest, idempotent=False)
+    worker = DetectWorker(KafkaLink("unused:0", False), router, detector, manifest)
     worker._producer, worker._consumer = FakeProducer(), FakeConsumer()
     await router.start()
     assert clean_tail.started and tuned_tail.started

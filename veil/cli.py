@@ -793,7 +793,7 @@ def _add_calibrate(sub: Subparsers) -> None:
     p.add_argument("--task", default="distill", choices=["distill", "multibox"], help="task loss")
     p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS), help="alphas")
     p.add_argument("--max-images", type=int, default=200, help="calibration images at most")
-    p.add_argument("--epochs", type=int, help="default: 8 (faceboxes, retinaface), 6 retinaface-stage1")
+    p.add_argument("--epochs", type=int, help="default: 8 (retinaface-stage1: 6)")
     p.add_argument("--batch-size", type=int, default=8, help="images per step")
     p.add_argument(
         "--task-weight", type=float, help="task vs noise scale (default: 5 faceboxes, 30 others)"

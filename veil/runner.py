@@ -29,6 +29,7 @@ from aiokafka import TopicPartition
 from stream.frames import Frame
 from stream.kafka import (
     DEFAULT_TOPICS,
+    KafkaLink,
     SequenceDeduper,
     TopicNames,
     assigned_reader,
@@ -258,10 +259,10 @@ def thread_group(config: VeilConfig, roles: Collection[str]) -> frozenset[str]:
 
 
 @contextlib.asynccontextmanager
-async def broker_for(config: VeilConfig, supervisor: Supervisor) -> AsyncIterator[tuple[str, bool]]:
-    """(bootstrap servers, idempotent producers?). An embedded broker is a supervised child:
-    its death fails the graph (and it dies with this process)."""
-    kafka_security(config)  # refuses security settings for the embedded broker
+async def broker_for(config: VeilConfig, supervisor: Supervisor) -> AsyncIterator[KafkaLink]:
+    """How the roles reach the broker. An embedded broker is a supervised child: its death
+    fails the graph (and it dies with this process)."""
+    security = kafka_security(config)  # refuses security settings for the embedded broker
     if config.kafka.bootstrap == EMBEDDED:
         from stream.broker import EmbeddedBroker
 
@@ -269,10 +270,11 @@ async def broker_for(config: VeilConfig, supervisor: Supervisor) -> AsyncIterato
         async with EmbeddedBroker(data_dir=data_dir) as broker:
             supervisor.add("broker", broker.watch, background=True)
             await ensure_topics(broker.bootstrap_servers, topics=topics_of(config))
-            yield broker.bootstrap_servers, False  # tansu refuses idempotent producers
+            # tansu refuses idempotent producers
+            yield KafkaLink(broker.bootstrap_servers, False, topics_of(config))
     else:
         idem = True if config.kafka.idempotent is None else config.kafka.idempotent
-        yield config.kafka.bootstrap, idem
+        yield KafkaLink(config.kafka.bootstrap, idem, topics_of(config), security)
 
 
 def _external_only(value: T, default: T, embedded: bool, name: str, what: str) -> T | None:
@@ -457,19 +459,16 @@ async def serve(
     async with contextlib.AsyncExitStack() as stack:
         # First in, last out: /readyz answers 503 while the rest stops after a failure.
         await stack.enter_async_context(_status(config, graph, say))
-        bootstrap, idempotent = await stack.enter_async_context(broker_for(config, sup))
+        link = await stack.enter_async_context(broker_for(config, sup))
+        bootstrap = link.bootstrap
         if "detect" in roles:
             # Under veil run the detect worker outlives the edge (it stops once drained).
-            graph.detect = await _detect_role(
-                config, stack, sup, bootstrap, idempotent, keys["detect"], roles
-            )
+            graph.detect = await _detect_role(config, stack, sup, link, keys["detect"], roles)
             say(f"detect worker: {graph.detect.manifest.detector} tail on {bootstrap}")
         if "edge" in roles:
             assert obfuscator is not None, "the edge role needs the trusted zone's obfuscator"
             obfuscator.set_threads(config.threads.for_role("edge", thread_group(config, roles)))
-            graph.edge = _edge_role(
-                config, obfuscator, bootstrap, idempotent, keys["edge"], frame_hook
-            )
+            graph.edge = _edge_role(config, obfuscator, link, keys["edge"], frame_hook)
             _wire_edge(config, graph, bank_dir, preview, say)
             await stack.enter_async_context(graph.edge)
             graph.edge.attach(sup)
@@ -509,31 +508,27 @@ def _wire_edge(
 def _edge_role(
     config: VeilConfig,
     obfuscator: Obfuscator,
-    bootstrap: str,
-    idempotent: bool,
+    link: KafkaLink,
     keys: RoleKeys,
     frame_hook: Callable[[Frame], None] | None,
 ) -> EdgeWorker:
     return EdgeWorker(
         config.streams,
         obfuscator,
-        bootstrap,
-        idempotent=idempotent,
+        link,
         quantisation=config.kafka.payload,
         batching=config.batching,
-        topics=topics_of(config),
         max_request_size=config.kafka.max_request_size,
         frame_hook=frame_hook,
         signer=keys.signer,
         control_verifier=keys.verifier,
-        security=kafka_security(config),
         # Realtime streams: two batches per partition at most, one in the zone, one outside.
         flow=FlowControl(
-            bootstrap,
+            link.bootstrap,
             config.kafka.group_id,
-            topics_of(config).activations,
+            link.topics.activations,
             2 * config.batching.max_batch,
-            security=kafka_security(config),
+            security=link.security,
         ),
     )
 
@@ -558,8 +553,7 @@ async def _detect_role(
     config: VeilConfig,
     stack: contextlib.AsyncExitStack,
     supervisor: Supervisor,
-    bootstrap: str,
-    idempotent: bool,
+    link: KafkaLink,
     keys: RoleKeys,
     roles: frozenset[str],
 ) -> Any:
@@ -590,17 +584,14 @@ async def _detect_role(
         tls=triton_tls(config),
     )
     worker = DetectWorker(
-        bootstrap,
+        link,
         tail,
         decoder,
         manifest,
-        idempotent=idempotent,
         group_id=config.kafka.group_id,
-        topics=topics_of(config),
         max_batch=config.batching.max_batch,
         signer=keys.signer,
         verifier=keys.verifier,
-        security=kafka_security(config),
         threads=config.threads.for_role("detect", group),
         session_timeout_ms=session_timeout_ms(config),
     )

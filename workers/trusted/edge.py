@@ -31,10 +31,8 @@ from aiokafka.errors import KafkaError
 
 from stream.frames import Frame
 from stream.kafka import (
-    DEFAULT_TOPICS,
+    KafkaLink,
     OutgoingRecord,
-    TopicNames,
-    make_producer,
     security_kwargs,
     send_all,
     transient,
@@ -60,7 +58,7 @@ from stream.wire import (
     encode_status,
 )
 from veil import observability as obs
-from veil.config import BatchingConfig, KafkaSecurityConfig, StreamConfig, check_stream
+from veil.config import BatchingConfig, StreamConfig, check_stream
 from veil.errors import ConfigError, ProfileError, SourceError, VeilError
 from veil.preflight import check_source
 from veil.profiles import ProfileBank
@@ -243,12 +241,10 @@ class EdgeWorker:
         self,
         streams: Sequence[StreamConfig],
         obfuscator: Obfuscator,
-        bootstrap_servers: str,
+        link: KafkaLink,
         *,
-        idempotent: bool,
         quantisation: Quantisation = "float16",
         batching: BatchingConfig | None = None,
-        topics: TopicNames = DEFAULT_TOPICS,
         max_request_size: int = 4 * 1024 * 1024,
         reconnect: Backoff | None = None,
         follow_control: bool = True,
@@ -257,17 +253,14 @@ class EdgeWorker:
         backoff: Backoff = DEFAULT_BACKOFF,
         signer: Signer | None = None,
         control_verifier: Verifier | None = None,
-        security: KafkaSecurityConfig | None = None,
         bank_dir: Path | None = None,
         flow: FlowControl | None = None,
     ) -> None:
         self.streams = list(streams)  # as configured at start
         self.obfuscator = obfuscator
-        self.bootstrap = bootstrap_servers
-        self.idempotent = idempotent
+        self.link = link  # the broker, topics, TLS/SASL of the producer and control reader
         self.quantisation = quantisation
         self.batching = batching or BatchingConfig()
-        self.topics = topics
         self.max_request_size = max_request_size
         self.reconnect = reconnect
         self.follow_control = follow_control
@@ -281,7 +274,6 @@ class EdgeWorker:
         # The operator key that control records must be signed with (None: not checked); an
         # old record published again is refused by AlphaControl (workers/trusted/control.py).
         self.control_verifier = control_verifier
-        self.security = security  # how the producer and the control reader connect (TLS, SASL)
         self.bank_dir = bank_dir
         self.stats = EdgeStats()
         # Refuses, before anything starts, a configured alpha below the zone's floor or
@@ -309,13 +301,8 @@ class EdgeWorker:
 
     async def start(self) -> None:
         self._producer = await retry(
-            lambda: make_producer(
-                self.bootstrap,
-                idempotent=self.idempotent,
-                max_request_size=self.max_request_size,
-                security=self.security,
-            ),
-            what=f"kafka producer on {self.bootstrap}",
+            lambda: self.link.producer("veil-edge", self.max_request_size),
+            what=f"kafka producer on {self.link.bootstrap}",
             transient=transient,
             backoff=self.backoff,
         )
@@ -339,8 +326,8 @@ class EdgeWorker:
     async def _activation_partitions(self) -> list[int]:
         """The activation topic's partitions, sorted."""
         found = await retry(
-            lambda: self._producer.partitions_for(self.topics.activations),
-            what=f"partitions of {self.topics.activations}",
+            lambda: self._producer.partitions_for(self.link.topics.activations),
+            what=f"partitions of {self.link.topics.activations}",
             transient=transient,
             backoff=self.backoff,
         )
@@ -499,7 +486,7 @@ class EdgeWorker:
         if self.signer is not None:
             headers = [*headers, *self.signer.headers(key, value, headers)]
         partition = self.partitions.of.get(r.envelope.stream_id)
-        return OutgoingRecord(self.topics.activations, key, value, headers, partition)
+        return OutgoingRecord(self.link.topics.activations, key, value, headers, partition)
 
     async def _publish(self, encoded: Channel[_Encoded]) -> None:
         async for item in encoded:
@@ -684,7 +671,7 @@ class EdgeWorker:
         slot = (sid, stamp)
         answer = self._awaiting[slot] = asyncio.get_running_loop().create_future()
         try:
-            record = OutgoingRecord(self.topics.control, *encode_control(request))
+            record = OutgoingRecord(self.link.topics.control, *encode_control(request))
             await send_all(self._producer, [record], what="alpha request", backoff=self.backoff)
             return await asyncio.wait_for(answer, timeout_s)
         except TimeoutError:
@@ -739,21 +726,21 @@ class EdgeWorker:
 
     async def _follow_control(self) -> None:
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
+            bootstrap_servers=self.link.bootstrap,
             group_id=None,
             enable_auto_commit=False,
             client_id="veil-edge-control",
-            **security_kwargs(self.security, self.bootstrap),
+            **security_kwargs(self.link.security, self.link.bootstrap),
         )
         await consumer.start()
         try:
             partitions: set[int] = set()
             while not partitions:
-                partitions = consumer.partitions_for_topic(self.topics.control) or set()
+                partitions = consumer.partitions_for_topic(self.link.topics.control) or set()
                 if not partitions:
                     await asyncio.sleep(1.0)
                     await consumer._client.force_metadata_update()
-            assigned = [TopicPartition(self.topics.control, p) for p in sorted(partitions)]
+            assigned = [TopicPartition(self.link.topics.control, p) for p in sorted(partitions)]
             consumer.assign(assigned)
             await consumer.seek_to_beginning(*assigned)
             while True:
@@ -785,7 +772,7 @@ class EdgeWorker:
 
     async def _answer(self, statuses: list[StatusMessage]) -> None:
         """Publish what the zone decided on the status topic (``veil alpha set`` waits)."""
-        records = [OutgoingRecord(self.topics.status, *encode_status(s)) for s in statuses]
+        records = [OutgoingRecord(self.link.topics.status, *encode_status(s)) for s in statuses]
         if self.signer is not None:  # signed with the edge key: the operator can trust it
             records = [self.signer.signed(r) for r in records]
         await send_all(self._producer, records, what="status", backoff=self.backoff)

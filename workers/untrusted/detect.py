@@ -42,14 +42,12 @@ from aiokafka.errors import KafkaError
 
 from stream.kafka import (
     DEFAULT_MAX_REQUEST_SIZE,
-    DEFAULT_TOPICS,
+    KafkaLink,
     OutgoingRecord,
     SequenceDeduper,
-    TopicNames,
     close_consumer,
     committable,
     make_consumer,
-    make_producer,
     publish_dead_letter,
     send_all,
     transient,
@@ -67,7 +65,6 @@ from stream.runtime import (
 from stream.signing import ROLE_EDGE, Signer, Verifier
 from stream.wire import ActivationMessage, DetectionMessage, decode, encode_detection
 from veil import observability as obs
-from veil.config import KafkaSecurityConfig
 from veil.detections import Detections
 from veil.detectors.base import SplitDetector
 from veil.errors import ConfigError, ServiceError, WireFormatError
@@ -185,14 +182,12 @@ class DetectWorker:
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        link: KafkaLink,
         tail: TritonTail | TailRouter,
         decoder: SplitDetector,
         manifest: TailManifest,
         *,
-        idempotent: bool,
         group_id: str = "veil-detect",
-        topics: TopicNames = DEFAULT_TOPICS,
         max_batch: int = 8,
         poll_timeout_ms: int = 50,
         score_threshold: float = 0.5,
@@ -201,24 +196,20 @@ class DetectWorker:
         dead_letter_max_bytes: int = DEFAULT_MAX_REQUEST_SIZE,
         signer: Signer | None = None,
         verifier: Verifier | None = None,
-        security: KafkaSecurityConfig | None = None,
         threads: int | None = None,
         session_timeout_ms: int = 10_000,
     ) -> None:
-        self.bootstrap = bootstrap_servers
+        self.link = link  # the broker, topics, TLS/SASL of the consumer and the producer
         self.session_timeout_ms = session_timeout_ms
         # Torch threads of box decoding, set in the thread that decodes (None: torch's).
         self.threads = threads
-        self.security = security  # how the consumer and the producer connect (TLS, SASL)
         # A single tail stands for its backend: the other models of the manifest get clients.
         self.router = (
             tail if isinstance(tail, TailRouter) else TailRouter.from_manifest(tail, manifest)
         )
         self.decoder = decoder
         self.manifest = manifest
-        self.idempotent = idempotent
         self.group_id = group_id
-        self.topics = topics
         self.max_batch = max_batch
         self.poll_timeout_ms = poll_timeout_ms
         self.score_threshold = score_threshold
@@ -277,27 +268,21 @@ class DetectWorker:
         if self._consumer is not None:
             return
         self._producer = self._producer or await self._retry_broker(
-            lambda: make_producer(
-                self.bootstrap,
-                idempotent=self.idempotent,
-                max_request_size=self.max_request_size,
-                client_id="veil-detect",
-                security=self.security,
-            ),
-            f"kafka producer on {self.bootstrap}",
+            lambda: self.link.producer("veil-detect", self.max_request_size),
+            f"kafka producer on {self.link.bootstrap}",
         )
         self._consumer = await self._retry_broker(
             lambda: make_consumer(
-                self.bootstrap,
+                self.link.bootstrap,
                 self.group_id,
-                [self.topics.activations],
+                [self.link.topics.activations],
                 client_id="veil-detect",
                 listener=_Rebalance(),
-                security=self.security,
+                security=self.link.security,
                 session_timeout_ms=self.session_timeout_ms,
                 heartbeat_interval_ms=self.session_timeout_ms // 3,
             ),
-            f"kafka consumer (group {self.group_id}) on {self.bootstrap}",
+            f"kafka consumer (group {self.group_id}) on {self.link.bootstrap}",
         )
 
     async def stop(self) -> None:
@@ -609,7 +594,7 @@ class DetectWorker:
         key, value, headers = encode_detection(out)
         if self.signer is not None:
             headers = [*headers, *self.signer.headers(key, value, headers)]
-        return OutgoingRecord(self.topics.detections, key, value, headers)
+        return OutgoingRecord(self.link.topics.detections, key, value, headers)
 
     # -- publish and commit ------------------------------------------------------------------
 
@@ -640,7 +625,7 @@ class DetectWorker:
             self._producer,
             item.record,
             item.reason or "unknown",
-            topics=self.topics,
+            topics=self.link.topics,
             max_bytes=self.dead_letter_max_bytes,
             backoff=self.backoff,
         )
