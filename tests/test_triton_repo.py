@@ -163,7 +163,8 @@ def test_python_model_config(repository: Path) -> None:
     config = read_config(repository / "stand_in_tail" / "config.pbtxt")
     assert config.backend == "python"
     assert config.max_batch_size == 8
-    assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert config.HasField("dynamic_batching")
+    assert config.dynamic_batching.max_queue_delay_microseconds == 0
     assert [(i.name, list(i.dims)) for i in config.input] == [("activation", [16, 3, 4])]
     assert [(o.name, list(o.dims)) for o in config.output] == [
         ("loc", [32, 4]),

@@ -239,7 +239,7 @@ def export_model_repository(
     bank: ProfileBank | Path | str | None = None,
     profiles: Sequence[NoiseProfile] = (),
     max_batch_size: int = 16,
-    max_queue_delay_us: int = 2000,
+    max_queue_delay_us: int = 0,
     instance_count: int = 1,
     device_kind: DeviceKind = "cpu",
     model_name: str | None = None,
@@ -254,6 +254,11 @@ def export_model_repository(
     for another model, weights or geometry is refused (:class:`ProfileError`, naming the
     mismatch). Re-exporting into the same folder replaces the models and the manifest (and
     removes profile models that are no longer served). Returns ``out_dir``.
+
+    ``max_queue_delay_us``: how long Triton's dynamic batcher waits for more requests; 0 (the
+    default) batches only what is queued already. The detect worker sends whole batches, and
+    Triton's statistics showed a 2 ms delay as 2.1 ms of queueing in every request (RetinaFace
+    at 640x640, 22.1 ms per request; 20.1 ms with 0).
     """
     _check_export_arguments(max_batch_size, max_queue_delay_us, instance_count, device_kind)
     detector.check_geometry(geometry)
@@ -555,6 +560,8 @@ class _ConfigCommon:
         )
         for out_name, shape in zip(output_names, self.output_shapes, strict=True):
             config.output.add(name=out_name, data_type=model_config_pb2.TYPE_FP32, dims=shape)
+        # Batches queued requests without waiting for more unless a delay is given.
+        config.dynamic_batching.SetInParent()
         config.dynamic_batching.max_queue_delay_microseconds = self.max_queue_delay_us
         config.instance_group.add(
             count=self.instance_count,
