@@ -192,7 +192,7 @@ def floor_figures(
 
 
 async def tail_timings(
-    url: str, repo: Path, activation: np.ndarray[Any, Any], threads: int, repeats: int = 20
+    url: str, repo: Path, activation: np.ndarray[Any, Any], threads: int, repeats: int = 60
 ) -> dict[str, float]:
     """One float16 activation through the clean tail on Triton and through the same
     TorchScript in this process with Triton's thread count, interleaved (median ms)."""
