@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ from veil.detectors.base import InputGeometry, Letterbox, SplitDetector
 from veil.eval import read_image
 from veil.eval.fddb import load_fddb
 from veil.eval.metrics import average_precision
-from veil.profiles import NoiseProfile, ProfileMeta
+from veil.profiles import NoiseProfile, ProfileBank, ProfileMeta, profile_from_layer
 
 CACHE = Path("runs/sweep-cache")
 
@@ -109,7 +109,7 @@ def fddb_ap(
     return average_precision(dets, gts)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="faceboxes")
     p.add_argument("--geometry", default="1024x1024")
@@ -128,22 +128,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="")
     p.add_argument("--save-bank", default="")
-    args = p.parse_args()
-    torch.set_num_threads(1)
-    detector = load_detector(args.model, reference_weights(args.model))
-    geometry = InputGeometry.parse(args.geometry)
-    data = calibration_set(detector, geometry, args.images, bool(args.whole_teacher))
-    fddb = fddb_set(detector, geometry, args.fddb_per_fold)
-    clean = fddb_ap(detector, geometry, fddb, None)
-    whole = detector.reference()
-    original = (
-        clean
-        if whole is None
-        else fddb_ap(whole, geometry, fddb_set(whole, geometry, args.fddb_per_fold), None)
-    )
-    std = float(data.activations.std())
-    var = data.activations.float().var(dim=(0, 2, 3))
-    config = CalibrationConfig(
+    return p.parse_args()
+
+
+def config_of(args: argparse.Namespace, geometry: InputGeometry) -> CalibrationConfig:
+    return CalibrationConfig(
         alphas=tuple(args.alphas),
         geometry=geometry,
         epochs=args.epochs,
@@ -157,16 +146,29 @@ def main() -> None:
         reference_teacher=bool(args.whole_teacher),
         seed=args.seed,
     )
-    print(
-        f"{args.model} clean AP {clean:.4f} (whole network {original:.4f}) on "
-        f"{fddb[0].shape[0]} FDDB images",
-        flush=True,
-    )
-    for alpha in config.alphas:
+
+
+@dataclass
+class Sweep:
+    """One setting's run: the detector, its data and the APs every alpha is scored against."""
+
+    args: argparse.Namespace
+    detector: SplitDetector
+    geometry: InputGeometry
+    data: CalibrationSet
+    fddb: tuple[torch.Tensor, list[Letterbox], list[npt.NDArray[np.float64]]]
+    whole: SplitDetector | None
+    clean: float  # the split's clean AP on the FDDB subset
+    original: float  # the whole network's
+
+    def row(self, alpha: float) -> dict[str, object]:
+        """Train ``alpha``'s profile and score it (AP with its tail and the frozen one)."""
+        args, data, detector = self.args, self.data, self.detector
+        std = float(data.activations.std())
         meta = ProfileMeta(
             detector.name,
             detector.weights_id,
-            str(geometry),
+            str(self.geometry),
             tuple(data.activations.shape[1:]),  # type: ignore[arg-type]
             alpha,
             0.0,
@@ -174,41 +176,60 @@ def main() -> None:
             training={"initial_sigma": args.initial_sigma * std},
         )
         t0 = time.perf_counter()
+        reference = self.whole if args.whole_teacher else None
+        config = config_of(args, self.geometry)
         profile = train_profile(
-            detector,
-            data,
-            alpha,
-            config,
-            meta,
-            progress=False,
-            reference=whole if args.whole_teacher else None,
+            detector, data, alpha, config, meta, progress=False, reference=reference
         )
         seconds = time.perf_counter() - t0
-        ap = fddb_ap(detector, geometry, fddb, profile)
+        ap = fddb_ap(detector, self.geometry, self.fddb, profile)
+        frozen_ap = fddb_ap(detector, self.geometry, self.fddb, replace(profile, tail=None))
         sigma = profile.sigma()
-        frozen_ap = fddb_ap(detector, geometry, fddb, replace(profile, tail=None))
-        row = {
+        var = data.activations.float().var(dim=(0, 2, 3))
+        if args.save_bank:
+            ProfileBank(args.save_bank).save(
+                profile_from_layer(profile.layer(), profile.meta, profile.tail)
+            )
+        return {
             "tag": args.tag,
             "model": args.model,
             "alpha": alpha,
             "ap": round(ap, 4),
-            "kept": round(ap / clean, 4),
-            "kept_whole": round(ap / original, 4),
-            "frozen_tail_kept": round(frozen_ap / clean, 4),
+            "kept": round(ap / self.clean, 4),
+            "kept_whole": round(ap / self.original, 4),
+            "frozen_tail_kept": round(frozen_ap / self.clean, 4),
             "sigma_ratio": round(float(sigma.mean()) / std, 3),
             "leak_nats": round(float(channel_leakage(sigma, var)), 4),
             "seconds": round(seconds, 1),
             "config": vars(args),
         }
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(1)
+    detector = load_detector(args.model, reference_weights(args.model))
+    geometry = InputGeometry.parse(args.geometry)
+    fddb = fddb_set(detector, geometry, args.fddb_per_fold)
+    clean = fddb_ap(detector, geometry, fddb, None)
+    whole = detector.reference()
+    original = (
+        clean
+        if whole is None
+        else fddb_ap(whole, geometry, fddb_set(whole, geometry, args.fddb_per_fold), None)
+    )
+    data = calibration_set(detector, geometry, args.images, bool(args.whole_teacher))
+    sweep = Sweep(args, detector, geometry, data, fddb, whole, clean, original)
+    print(
+        f"{args.model} clean AP {clean:.4f} (whole network {original:.4f}) on "
+        f"{fddb[0].shape[0]} FDDB images",
+        flush=True,
+    )
+    for alpha in args.alphas:
+        row = sweep.row(alpha)
         print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
         with open("runs/sweep.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
-        if args.save_bank:
-            from veil.profiles import ProfileBank, profile_from_layer
-
-            ProfileBank(args.save_bank).save(
-                profile_from_layer(profile.layer(), profile.meta, profile.tail)
-            )
 
 
 if __name__ == "__main__":

@@ -338,6 +338,23 @@ def _attr_ints(node: Any, name: str, default: list[int]) -> list[int]:
     return default
 
 
+def _check_activations(graph: Any) -> None:
+    """The graph's leaky ReLU slope and resize mode must be the ones this module implements."""
+    slopes = {round(a.f, 6) for n in graph.node if n.op_type == "LeakyRelu" for a in n.attribute}
+    resize_modes = {
+        a.s.decode()
+        for n in graph.node
+        if n.op_type == "Resize"
+        for a in n.attribute
+        if a.name == "mode"
+    }
+    if slopes != {_LEAKY_SLOPE} or resize_modes != {"nearest"}:
+        raise CheckpointError(
+            f"retinaface ONNX graph uses leaky slopes {slopes} and resize modes {resize_modes}; "
+            f"this module implements {_LEAKY_SLOPE} and nearest"
+        )
+
+
 def _load_onnx_weights(model: RetinaFace, data: bytes) -> None:
     """Copy every Conv's weight and bias from the graph, checking the graph is this network."""
     import onnx  # heavy; only needed when building from ONNX
@@ -355,20 +372,7 @@ def _load_onnx_weights(model: RetinaFace, data: bytes) -> None:
     def array(name: str) -> npt.NDArray[Any]:
         return arrays[aliases.get(name, name)]
 
-    slopes = {round(a.f, 6) for n in graph.node if n.op_type == "LeakyRelu" for a in n.attribute}
-    resize_modes = {
-        a.s.decode()
-        for n in graph.node
-        if n.op_type == "Resize"
-        for a in n.attribute
-        if a.name == "mode"
-    }
-    if slopes != {_LEAKY_SLOPE} or resize_modes != {"nearest"}:
-        raise CheckpointError(
-            f"retinaface ONNX graph uses leaky slopes {slopes} and resize modes {resize_modes}; "
-            f"this module implements {_LEAKY_SLOPE} and nearest"
-        )
-
+    _check_activations(graph)
     convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     loaded: dict[str, tuple[npt.NDArray[Any], npt.NDArray[Any]]] = {}
     duplicates: list[tuple[str, npt.NDArray[Any]]] = []
