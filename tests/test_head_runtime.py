@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from stream.frames import Frame as StreamFrame
 from stream.wire import Envelope
+from tests.tiny_detector import TinyDetector
 from veil.calibrate import video_frames
 from veil.config import ThreadsConfig, load_config
 from veil.data import data_root
@@ -77,6 +78,18 @@ def test_the_lean_letterbox_gives_the_old_activation_on_a_1080p_frame(
     assert torch.equal(new, old)
     assert [b.scale for b in boxes] == [1.0, 1.0]
     torch.testing.assert_close(faceboxes.head(new), faceboxes.head(old), rtol=0, atol=1e-5)
+
+
+def test_the_planar_normalisation_divides_by_a_standard_deviation_other_than_one() -> None:
+    class Scaled(TinyDetector):
+        std_bgr = (58.4, 57.1, 57.4)
+
+    rng = np.random.default_rng(3)
+    frames = [rng.integers(0, 256, (48, 40, 3), dtype=np.uint8), np.zeros((30, 64, 3), np.uint8)]
+    new, _ = Scaled().preprocess(frames, InputGeometry(64, 48))
+    old = old_preprocess(Scaled(), frames, InputGeometry(64, 48))
+    torch.testing.assert_close(new, old, rtol=1e-6, atol=1e-6)
+    assert float(new[0, :, :, 40:].abs().max()) == 0.0 and float(new[1, :, 30:].abs().max()) == 0.0
 
 
 @torch.no_grad()

