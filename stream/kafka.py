@@ -162,6 +162,14 @@ def security_kwargs(security: KafkaSecurityConfig | None, bootstrap_servers: str
     return kwargs
 
 
+# How long a fetch may wait at the broker for records. tansu answers a waiting fetch only
+# when the wait is over, not when records arrive: at aiokafka's default of 500 ms a record
+# took 144 ms (median, 267 at most) from send to consumer on the embedded broker, against
+# 10 ms at 10 ms (measured). Apache Kafka answers as soon as records arrive whatever the wait;
+# there a short wait costs only empty fetches while a topic is idle (50 a second at most).
+FETCH_MAX_WAIT_MS = 10
+
+
 # What a client's start() raises: aiokafka's errors, and its SCRAM client's KeyError('v') or
 # ValueError on a server-final "e=..." message (a refusal).
 START_ERRORS: Final = (KafkaError, KeyError, ValueError, OSError)
@@ -443,7 +451,7 @@ async def make_producer(
     idempotent: bool,
     max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
     client_id: str = "veil-producer",
-    linger_ms: int = 5,
+    linger_ms: int = 1,
     request_timeout_ms: int = 30_000,
     security: KafkaSecurityConfig | None = None,
 ) -> Any:
@@ -504,6 +512,7 @@ async def make_consumer(
         raise ConfigError("make_consumer needs at least one topic")
     kwargs = security_kwargs(security, bootstrap_servers)
     consumer = AIOKafkaConsumer(
+        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         bootstrap_servers=bootstrap_servers,
         group_id=group_id,
         client_id=client_id,
@@ -628,7 +637,11 @@ async def assigned_reader(
     SASL hints included) when it cannot start."""
     kwargs = security_kwargs(security, bootstrap)
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, client_id=client_id, **kwargs
+        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        client_id=client_id,
+        **kwargs,
     )
     try:
         await consumer.start()
@@ -659,6 +672,7 @@ async def read_control_table(
     """
     kwargs = security_kwargs(security, bootstrap_servers)
     consumer = AIOKafkaConsumer(
+        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         bootstrap_servers=bootstrap_servers,
         group_id=None,
         enable_auto_commit=False,

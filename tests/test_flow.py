@@ -62,3 +62,13 @@ async def test_a_frame_never_sent_is_given_back() -> None:
     await control.acquire(0)
     control.release(0)
     await asyncio.wait_for(control.acquire(0), 1)
+
+
+async def test_the_limit_is_per_realtime_stream_of_the_partition() -> None:
+    control, _ = flow(limit=2)
+    for _ in range(4):  # two streams share partition 0: four frames in flight
+        await asyncio.wait_for(control.acquire(0, streams=2), 1)
+    fifth = asyncio.create_task(control.acquire(0, streams=2))
+    await asyncio.sleep(0.05)
+    assert not fifth.done()
+    fifth.cancel()

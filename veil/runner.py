@@ -522,12 +522,12 @@ def _edge_role(
         frame_hook=frame_hook,
         signer=keys.signer,
         control_verifier=keys.verifier,
-        # Realtime streams: two batches per partition at most, one in the zone, one outside.
+        # Realtime streams: two frames in flight per stream, one in the zone, one outside.
         flow=FlowControl(
             link.bootstrap,
             config.kafka.group_id,
             link.topics.activations,
-            2 * config.batching.max_batch,
+            2,
             security=link.security,
         ),
     )
