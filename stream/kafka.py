@@ -166,8 +166,17 @@ def security_kwargs(security: KafkaSecurityConfig | None, bootstrap_servers: str
 # when the wait is over, not when records arrive: at aiokafka's default of 500 ms a record
 # took 144 ms (median, 267 at most) from send to consumer on the embedded broker, against
 # 10 ms at 10 ms (measured). Apache Kafka answers as soon as records arrive whatever the wait;
-# there a short wait costs only empty fetches while a topic is idle (50 a second at most).
+# there a short wait costs only empty fetches while a topic is idle (100 a second at most).
+# The detect group's fetch of activations, the product's latency, waits FETCH_MAX_WAIT_MS.
+# Every other long-lived reader (veil run's detections sink, the edge's control follower,
+# `veil alpha`'s status wait, `veil detections tail`) waits FOLLOW_MAX_WAIT_MS: tansu's cost
+# per fetch grows with the records a partition holds, and a topic nobody commits on is never
+# trimmed. One reader of a growing 3-partition topic at 10 ms took 13% of a core in tansu at
+# first and 23% after 1,660 records (5% at 500 ms); in a 120 s RetinaFace realtime run, veil
+# run's sink at 10 ms fell behind (capture to sink 108 ms, then 2.7 s, then 17 s) and took the
+# cores from the pipeline.
 FETCH_MAX_WAIT_MS = 10
+FOLLOW_MAX_WAIT_MS = 100
 
 
 # What a client's start() raises: aiokafka's errors, and its SCRAM client's KeyError('v') or
@@ -632,12 +641,12 @@ async def publish_dead_letter(
 async def assigned_reader(
     bootstrap: str, topic: str, security: KafkaSecurityConfig | None, client_id: str, missing: str
 ) -> tuple[Any, list[TopicPartition]]:
-    """A started group-less consumer assigned every partition of ``topic``; ServiceError
-    ``no topic ... : missing`` when the topic does not exist, the client's own failure (TLS and
-    SASL hints included) when it cannot start."""
+    """A started group-less consumer assigned every partition of ``topic`` (fetches wait
+    FOLLOW_MAX_WAIT_MS); ServiceError ``no topic ... : missing`` when the topic does not
+    exist, the client's own failure (TLS and SASL hints included) when it cannot start."""
     kwargs = security_kwargs(security, bootstrap)
     consumer = AIOKafkaConsumer(
-        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+        fetch_max_wait_ms=FOLLOW_MAX_WAIT_MS,
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
         client_id=client_id,

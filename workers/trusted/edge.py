@@ -31,7 +31,7 @@ from aiokafka.errors import KafkaError
 
 from stream.frames import Frame
 from stream.kafka import (
-    FETCH_MAX_WAIT_MS,
+    FOLLOW_MAX_WAIT_MS,
     KafkaLink,
     OutgoingRecord,
     security_kwargs,
@@ -747,7 +747,7 @@ class EdgeWorker:
 
     async def _follow_control(self) -> None:
         consumer = AIOKafkaConsumer(
-            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+            fetch_max_wait_ms=FOLLOW_MAX_WAIT_MS,
             bootstrap_servers=self.link.bootstrap,
             group_id=None,
             enable_auto_commit=False,
