@@ -36,7 +36,7 @@ import torch
 
 from stream.frames import Frame as StreamFrame
 from stream.kafka import TopicNames, ensure_topics
-from stream.wire import ActivationMessage, Envelope, FramePlacement, encode
+from stream.wire import ActivationMessage, Envelope, FramePlacement, Quantisation, encode
 from veil.calibrate import video_frames
 from veil.config import (
     BatchingConfig,
@@ -127,39 +127,52 @@ def matmul_gflops_per_thread(n: int = 1024, repeats: int = 7) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def _encoded_zone(obfuscator: Obfuscator, pixels: Frame, alpha: float, i: int) -> int:
-    """What the edge does for one frame: letterbox, head, noise, wire encoding; bytes."""
+def _encoded_zone(
+    obfuscator: Obfuscator, pixels: Frame, alpha: float, i: int, payload: Quantisation
+) -> int:
+    """What the edge does for one frame: letterbox, head, noise, wire encoding in the
+    pipeline's ``kafka.payload``; bytes."""
     (r,) = obfuscator.run([StreamFrame(Envelope("bench", i, None, 0.0), pixels)], [alpha])
     message = ActivationMessage(
         r.envelope,
         r.provenance,
         placement=FramePlacement.from_letterbox(r.letterbox, obfuscator.geometry),
         payload=r.activation,
+        quantisation=payload,
     )
     return len(encode(message)[1])
 
 
 def zone_steps(
-    obfuscator: Obfuscator, reference: HeadRunner, alpha: float, x: torch.Tensor
+    obfuscator: Obfuscator,
+    reference: HeadRunner,
+    alpha: float,
+    x: torch.Tensor,
+    payload: Quantisation,
 ) -> dict[str, Callable[[Frame, int], object]]:
     """The steps timed on every frame, by name."""
     row = torch.tensor([obfuscator.table.row(alpha)])
     return {
         "head": lambda f, i: obfuscator.head_and_noise([f], row, noise=False),
         "head_noise": lambda f, i: obfuscator.head_and_noise([f], row),
-        "zone": lambda f, i: _encoded_zone(obfuscator, f, alpha, i),
+        "zone": lambda f, i: _encoded_zone(obfuscator, f, alpha, i, payload),
         "onnxruntime_head": lambda f, i: reference(x),
     }
 
 
 def micro_timings(
-    obfuscator: Obfuscator, reference: HeadRunner, frames: list[Frame], alpha: float
+    obfuscator: Obfuscator,
+    reference: HeadRunner,
+    frames: list[Frame],
+    alpha: float,
+    payload: Quantisation = "int8",
 ) -> dict[str, Any]:
-    """Median and p99 ms of each of :func:`zone_steps`, interleaved frame by frame so that
-    the machine's noise hits them alike; one warm-up pass first."""
+    """Median and p99 ms of each of :func:`zone_steps` (the wire in ``payload``, the
+    pipeline's), interleaved frame by frame so that the machine's noise hits them alike; one
+    warm-up pass first."""
     sync = _synchroniser(obfuscator.device)
     x = obfuscator.letterbox([frames[0]])[0].cpu().clone()  # onnxruntime's own input, CPU
-    steps = zone_steps(obfuscator, reference, alpha, x)
+    steps = zone_steps(obfuscator, reference, alpha, x, payload)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for rep in range(3):
         for i, pixels in enumerate(frames):
@@ -456,13 +469,19 @@ def run_bench(settings: BenchSettings, say: Any = print) -> dict[str, Any]:
     )
     threads = info["threads"]["edge"]
     reference = OnnxHead(obfuscator.detector, obfuscator.geometry, threads)
-    micro = micro_timings(obfuscator, reference, frames[: settings.micro_frames], settings.alpha)
+    config = _pipeline_config(settings, info)
+    micro = micro_timings(
+        obfuscator,
+        reference,
+        frames[: settings.micro_frames],
+        settings.alpha,
+        config.kafka.payload,
+    )
     floor = floor_figures(
         obfuscator.detector, obfuscator.geometry, threads, micro["zone_ms_median"]
     )
     row = torch.tensor([obfuscator.table.row(settings.alpha)])
     activation = obfuscator.head_and_noise([frames[0]], row)[0].cpu().numpy().astype(np.float16)
-    config = _pipeline_config(settings, info)
     served = asyncio.run(
         _served(
             config,

@@ -147,6 +147,7 @@ class Obfuscator:
         )
         self.lanes = max(1, lanes)
         self._inputs: dict[int, Tensor] = {}  # per lane, the letterboxed input it reuses
+        self._eps: dict[int, Tensor] = {}  # per lane, the buffer its noise is drawn into
         self.last_timing: dict[str, float] = {}
         self._provenance: list[Provenance] = []
         self.use_table(table)
@@ -185,12 +186,16 @@ class Obfuscator:
             self._inputs[lane] = x  # the first or a larger batch: the next ones reuse it
         return x, letterboxes
 
-    def add_noise(self, a: Tensor, rows: Tensor) -> Tensor:
+    def add_noise(self, a: Tensor, rows: Tensor, lane: int = 0) -> Tensor:
         """Each frame's own profile, in place on ``a`` (the head's fresh output):
-        ``a + mu[row] + sigma[row] * eps``, fresh ``eps``. A batch of one profile (the common
-        case: one stream) broadcasts its row instead of copying it per frame (measured: the
-        noise 30% cheaper)."""
-        eps = torch.randn(a.shape, generator=self.generator, device=a.device, dtype=a.dtype)
+        ``a + mu[row] + sigma[row] * eps``, fresh ``eps`` drawn into the lane's own buffer
+        (a new tensor each time cost 0.14 of 0.99 ms at 128x40x40 on a CPU: its pages). A
+        batch of one profile (the common case: one stream) broadcasts its row instead of
+        copying it per frame (measured: the noise 30% cheaper)."""
+        eps = self._eps.get(lane)
+        if eps is None or eps.shape != a.shape or eps.dtype != a.dtype or eps.device != a.device:
+            eps = self._eps[lane] = torch.empty_like(a)
+        eps.normal_(generator=self.generator)
         if bool((rows == rows[0]).all()):  # rows are on the CPU: no device sync
             row = int(rows[0])
             mu, sigma = self.table.mu[row], self.table.sigma[row]
@@ -206,7 +211,7 @@ class Obfuscator:
         """Device-side step on one lane: letterbox, head, per-frame noise."""
         x, letterboxes = self.letterbox(pixels, lane)
         a = self.head(x)
-        return (self.add_noise(a, rows) if noise else a), letterboxes
+        return (self.add_noise(a, rows, lane) if noise else a), letterboxes
 
     def run(self, frames: Sequence[StreamFrame], alphas: Sequence[float]) -> list[ObfuscatedFrame]:
         """Obfuscate a mixed batch; ``alphas[i]`` is frame i's stream alpha."""
