@@ -165,7 +165,7 @@ def micro_timings(
     reference: HeadRunner,
     frames: list[Frame],
     alpha: float,
-    payload: Quantisation = "int8",
+    payload: Quantisation,
 ) -> dict[str, Any]:
     """Median and p99 ms of each of :func:`zone_steps` (the wire in ``payload``, the
     pipeline's), interleaved frame by frame so that the machine's noise hits them alike; one

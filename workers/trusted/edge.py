@@ -184,6 +184,11 @@ class _Stream:
     removed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
+    def running(self) -> bool:
+        """Neither ended nor being removed: its frames may still come."""
+        return not (self.ended or self.removing)
+
+    @property
     def state(self) -> StreamState:
         if self.error is not None:
             return "failed"
@@ -441,8 +446,8 @@ class EdgeWorker:
         return sum(
             1
             for s in self._streams.values()
-            if s.config.policy == "realtime"
-            and not (s.ended or s.removing)
+            if s.running
+            and s.config.policy == "realtime"
             and self.partitions.of.get(s.config.id) == partition
         )
 
@@ -479,7 +484,7 @@ class EdgeWorker:
 
     def _every_camera_in(self, batch: list[Frame]) -> bool:
         """Whether every running stream is realtime and has a frame in ``batch``."""
-        running = [s for s in self._streams.values() if not (s.ended or s.removing)]
+        running = [s for s in self._streams.values() if s.running]
         if any(s.config.policy != "realtime" for s in running):
             return False
         return {s.config.id for s in running} <= {f.stream_id for f in batch}
