@@ -421,6 +421,29 @@ def set_parent_death_signal(signum: int) -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signum)
 
 
+# glibc's malloc returns every block over its (adaptive) mmap threshold to the kernel when it
+# is freed, so each batch's large tensors are page-faulted in again: 16-25% of the RetinaFace
+# tail's time on this project's CPU (19.3 -> 16.2 ms). Keeping up to these sizes on the heap:
+MMAP_THRESHOLD_BYTES: Final = 32 * 1024 * 1024  # glibc's largest accepted value on 64-bit
+TRIM_THRESHOLD_BYTES: Final = 256 * 1024 * 1024
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Tune glibc's malloc so that freed tensors stay in the process for the next batch
+    (idempotent; False where the C library is not glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return False
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    )
+
+
 def die_with_parent() -> None:
     """``preexec_fn`` for a child server: the kernel kills it (SIGKILL) when its parent dies,
     even by kill -9, so that no broker or tritonserver is left orphaned on its port."""

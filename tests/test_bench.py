@@ -57,6 +57,10 @@ def test_the_report_states_each_goal_beside_its_ratio() -> None:
             "triton_ms_median": 11.0,
             "in_process_ms_median": 10.0,
             "triton_vs_in_process_ratio": 1.1,
+            "batch": 4.0,
+            "batch_triton_ms_median": 42.0,
+            "batch_in_process_ms_median": 40.0,
+            "batch_triton_vs_in_process_ratio": 1.05,
         },
         "pipeline": {
             "with_noise": pipeline | {"bytes_per_frame": 1000.0},
@@ -81,6 +85,7 @@ def test_the_report_states_each_goal_beside_its_ratio() -> None:
         "x1.20 (goal <= 1.25)",
         "x1.040 (goal <= 1.05)",
         "x1.10 (goal <= 1.15)",
+        "a batch of 4 (the pipeline's): 42.0 against 40.0 ms, x1.05",
         "x1.25 (goal >= 1.0)",
         "x2.50 of it (goal <= 3, flat)",
         "window from 20 s: 1 frames",

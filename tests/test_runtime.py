@@ -19,6 +19,7 @@ from stream.runtime import (
     StageFailed,
     Supervisor,
     blocking,
+    keep_freed_memory,
     retry,
     watch_child,
 )
@@ -302,3 +303,44 @@ async def test_producers_take_turns_so_none_is_starved() -> None:
     await asyncio.gather(produce("busy", 400), produce("quiet", 20), consume())
     # The quiet producer's items are spread over the start, not left behind the busy one's.
     assert max(i for i, name in enumerate(order) if name == "quiet") < 100, order
+
+
+_PAGE_FAULTS_SCRIPT = textwrap.dedent(
+    """
+    import ctypes, resource, sys
+    from stream.runtime import keep_freed_memory
+    if sys.argv[1] == "tuned":
+        assert keep_freed_memory()
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 16 * 1024 * 1024  # a batch's tensors: 64 MB in all, freed at the end of it
+    faults = []
+    for _ in range(6):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        blocks = [libc.malloc(size) for _ in range(4)]
+        for block in blocks:
+            ctypes.memset(block, 1, size)
+        for block in reversed(blocks):
+            libc.free(block)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(sum(faults[1:]))
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_freed_tensors_stay_on_the_heap_instead_of_being_faulted_in_again() -> None:
+    def faults(mode: str) -> int:
+        run = subprocess.run(
+            [sys.executable, "-c", _PAGE_FAULTS_SCRIPT, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return int(run.stdout)
+
+    pages = 4 * 16 * 1024 * 1024 // os.sysconf("SC_PAGE_SIZE")  # one batch's
+    assert faults("default") > 2 * pages  # of 5 batches, most faulted in again
+    assert faults("tuned") < pages // 4  # reused from the heap
+    assert keep_freed_memory()  # idempotent

@@ -1065,6 +1065,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from stream.runtime import keep_freed_memory
+
+    keep_freed_memory()  # every role's tensors reuse the heap instead of page-faulting
     try:
         return int(args.func(args))
     except VeilError as exc:

@@ -500,6 +500,12 @@ class TritonPythonModel:
             self._device = torch.device("cpu")
         if os.environ.get(THREADS_ENV):
             torch.set_num_threads(int(os.environ[THREADS_ENV]))
+        if sys.platform.startswith("linux"):  # as stream.runtime.keep_freed_memory does
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD: big tensors on the heap
+            libc.mallopt(-1, 256 * 1024 * 1024)  # M_TRIM_THRESHOLD: and kept there once freed
         path = Path(args["model_repository"]) / args["model_version"] / TORCHSCRIPT_FILE
         self._tail = torch.jit.load(str(path), map_location=self._device).eval()  # type: ignore[no-untyped-call]
         self._input_name: str = config["input"][0]["name"]

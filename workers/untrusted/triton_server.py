@@ -39,7 +39,12 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
 from stream.broker import free_loopback_port
-from stream.runtime import die_with_parent, watch_child
+from stream.runtime import (
+    MMAP_THRESHOLD_BYTES,
+    TRIM_THRESHOLD_BYTES,
+    die_with_parent,
+    watch_child,
+)
 from veil.config import TritonTlsConfig
 from veil.errors import ConfigError, ServiceError
 from workers.untrusted.tail_client import grpc_client
@@ -292,6 +297,9 @@ class EmbeddedTriton:
         )
         if self.threads is not None:
             env[THREADS_ENV] = str(self.threads)
+        # The server's own response buffers, as keep_freed_memory does for veil's processes.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD_BYTES))
+        env.setdefault("MALLOC_TRIM_THRESHOLD_", str(TRIM_THRESHOLD_BYTES))
         return env
 
     async def _wait_ready(self, deadline: float) -> None:
