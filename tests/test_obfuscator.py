@@ -96,3 +96,18 @@ def test_an_uncalibrated_alpha_is_refused_with_the_available_ones() -> None:
     table = ProfileTable(det, det.default_geometry, [_profile(det, 0.5, 1, 0)], torch.device("cpu"))  # type: ignore[list-item]
     with pytest.raises(ProfileError, match=r"available alphas: \[0.5\]"):
         table.row(0.6)
+
+
+def test_warm_up_runs_one_frame_and_a_full_batch_before_any_real_frame() -> None:
+    *_, obf = _weak_and_strong()
+    calls: list[int] = []
+    real_head = obf.head
+
+    def counting_head(x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        return real_head(x)
+
+    obf.head = counting_head  # type: ignore[assignment]
+    assert obf.warm_up(4) > 0
+    assert calls == [1, 4]
+    assert len(obf._inputs[0]) == 4 and len(obf._eps[0]) == 4  # kept for the real batches

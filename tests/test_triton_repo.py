@@ -243,6 +243,20 @@ def test_reexport_replaces_the_models(detector: StandInDetector, tmp_path: Path)
     assert read_config(tmp_path / "stand_in_tail" / "config.pbtxt").max_batch_size == 2
 
 
+def test_a_repository_an_older_veil_wrote_is_exported_again(
+    detector: StandInDetector, tmp_path: Path
+) -> None:
+    from veil.runner import export_tail
+
+    export_tail(detector, GEOMETRY, tmp_path)
+    model_py = tmp_path / "stand_in_tail" / "1" / "model.py"
+    assert TailManifest.read(tmp_path).python_models_current(tmp_path)
+    model_py.write_text(model_py.read_text().replace("WARM_BATCHES = 4", "WARM_BATCHES = 2"))
+    assert not TailManifest.read(tmp_path).python_models_current(tmp_path)
+    export_tail(detector, GEOMETRY, tmp_path)
+    assert "WARM_BATCHES = 4" in model_py.read_text()
+
+
 def test_a_tail_that_fixes_the_batch_size_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="traced tail differs from the eager one at batch 3"):
         export_model_repository(BatchOfTwoDetector(), GEOMETRY, tmp_path)

@@ -335,6 +335,7 @@ def export_tail(
             and manifest.weights_id == detector.weights_id
             and manifest.geometry == geometry
             and set(manifest.profile_routes()) == wanted
+            and manifest.python_models_current(repo)  # not one an older veil wrote
         ):
             return manifest
     export_model_repository(detector, geometry, repo, profiles=profiles)
@@ -459,11 +460,15 @@ async def serve(
     async with contextlib.AsyncExitStack() as stack:
         # First in, last out: /readyz answers 503 while the rest stops after a failure.
         await stack.enter_async_context(_status(config, graph, say))
+        # An embedded Triton boots (seconds) while the broker starts and the group joins.
+        triton = await _triton_role(config, stack, sup, roles) if "detect" in roles else None
         link = await stack.enter_async_context(broker_for(config, sup))
         bootstrap = link.bootstrap
-        if "detect" in roles:
+        if triton is not None:
             # Under veil run the detect worker outlives the edge (it stops once drained).
-            graph.detect = await _detect_role(config, stack, sup, link, keys["detect"], roles)
+            graph.detect = await _detect_role(
+                config, stack, sup, link, keys["detect"], roles, triton
+            )
             say(f"detect worker: {graph.detect.manifest.detector} tail on {bootstrap}")
         if "edge" in roles:
             assert obfuscator is not None, "the edge role needs the trusted zone's obfuscator"
@@ -549,18 +554,14 @@ async def _stop_on(event: asyncio.Event, supervisor: Supervisor) -> None:
     supervisor.request_stop()
 
 
-async def _detect_role(
+async def _triton_role(
     config: VeilConfig,
     stack: contextlib.AsyncExitStack,
     supervisor: Supervisor,
-    link: KafkaLink,
-    keys: RoleKeys,
     roles: frozenset[str],
-) -> Any:
-    """The detect worker (and an embedded Triton) of a graph of ``roles``: with its own stop
-    under veil run (a sink), each with the threads of its share of the host's cores."""
-    from workers.untrusted.detect import DetectWorker
-    from workers.untrusted.tail_client import TritonTail
+) -> _Triton:
+    """The detect worker's Triton: an embedded one launched now (with the threads of its share
+    of the host's cores), or the one ``triton.url`` names; and its tail repository."""
     from workers.untrusted.triton_repo import TailManifest
 
     if config.triton.model_repository is None:
@@ -569,15 +570,38 @@ async def _detect_role(
         )
     repo = Path(config.triton.model_repository)
     manifest = TailManifest.read(repo)
+    threads = config.threads.for_role("triton", thread_group(config, roles))
+    url, booting = await stack.enter_async_context(triton_for(config, repo, supervisor, threads))
+    return _Triton(url, booting, manifest)
+
+
+@dataclass(frozen=True)
+class _Triton:
+    url: str
+    booting: Callable[[], Awaitable[None]] | None  # what to await until an embedded one is up
+    manifest: Any  # the repository's TailManifest
+
+
+async def _detect_role(
+    config: VeilConfig,
+    stack: contextlib.AsyncExitStack,
+    supervisor: Supervisor,
+    link: KafkaLink,
+    keys: RoleKeys,
+    roles: frozenset[str],
+    triton: _Triton,
+) -> Any:
+    """The detect worker of a graph of ``roles`` on ``triton``: with its own stop under veil
+    run (a sink), with the threads of its share of the host's cores."""
+    from workers.untrusted.detect import DetectWorker
+    from workers.untrusted.tail_client import TritonTail
+
+    manifest = triton.manifest
     # The outside needs the architecture only, for anchors and box decoding: no weights.
     decoder = load_decoder(manifest.detector)
     group = thread_group(config, roles)
-    triton_threads = config.threads.for_role("triton", group)
-    url, triton_booting = await stack.enter_async_context(
-        triton_for(config, repo, supervisor, triton_threads)
-    )
     tail = TritonTail(
-        url,
+        triton.url,
         config.triton.model or manifest.python_model,
         manifest,
         timeout_s=config.triton.timeout_s,
@@ -596,10 +620,10 @@ async def _detect_role(
         session_timeout_ms=session_timeout_ms(config),
     )
     stack.push_async_callback(worker.stop)
-    if triton_booting is not None:
+    if triton.booting is not None:
         # The worker joins its group while its embedded Triton boots. A Triton of its own is
         # waited for before the join: a worker without tails must not hold partitions.
-        await concurrently(triton_booting(), worker.start_kafka())
+        await concurrently(triton.booting(), worker.start_kafka())
     await worker.start()
     worker.attach(supervisor, stop=asyncio.Event() if "sink" in roles else None)
     return worker

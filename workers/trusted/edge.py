@@ -306,15 +306,15 @@ class EdgeWorker:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._producer = await retry(
-            lambda: self.link.producer("veil-edge", self.max_request_size),
-            what=f"kafka producer on {self.link.bootstrap}",
-            transient=transient,
-            backoff=self.backoff,
+        # The head warms up in a thread while the producer connects.
+        warm_up = asyncio.ensure_future(
+            blocking("warm-up", self.obfuscator.warm_up, self.batching.max_batch)
         )
-        self.partitions.order = await self._activation_partitions()
-        if self.flow is not None:
-            await self.flow.start(self.partitions.order)
+        try:
+            await self._connect()
+        finally:
+            warm_s = await warm_up
+        log.info("edge.warmed_up", seconds=round(warm_s, 3))
         for s in self.streams:
             self._streams[s.id] = await self._open(s)
         obs.set_build_info(self.obfuscator.detector.name)
@@ -328,6 +328,17 @@ class EdgeWorker:
             log.info("edge.profile", **note)
         if self.follow_control:
             await self._answer(self.control.started())
+
+    async def _connect(self) -> None:
+        self._producer = await retry(
+            lambda: self.link.producer("veil-edge", self.max_request_size),
+            what=f"kafka producer on {self.link.bootstrap}",
+            transient=transient,
+            backoff=self.backoff,
+        )
+        self.partitions.order = await self._activation_partitions()
+        if self.flow is not None:
+            await self.flow.start(self.partitions.order)
 
     async def _activation_partitions(self) -> list[int]:
         """The activation topic's partitions, sorted."""

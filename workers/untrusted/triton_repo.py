@@ -53,6 +53,8 @@ MANIFEST_FILE = "veil-model.json"
 MANIFEST_FORMAT = "veil-tail-repository/2"
 _READABLE_FORMATS = ("veil-tail-repository/1", MANIFEST_FORMAT)  # 1: no profiles
 TORCHSCRIPT_FILE = "tail.pt"
+PYTHON_MODEL_FILE = "model.py"
+WARM_BATCHES = 4  # the Python model runs batches of 1 to this many at start (model.py)
 LIBTORCH_MODEL_FILE = "model.pt"  # the file name the pytorch_libtorch backend loads
 INPUT_NAME = "activation"
 DEFAULT_OUTPUT_NAMES = ("loc", "conf", "landmarks")
@@ -150,6 +152,15 @@ class TailManifest:
     def models(self, backend: Backend) -> list[str]:
         """Every model of ``backend`` that the routes name, the clean tail first."""
         return list(dict.fromkeys(r.model(backend) for r in self.profile_routes().values()))
+
+    def python_models_current(self, repository: Path) -> bool:
+        """Whether every Python model in ``repository`` runs this veil's ``model.py``."""
+        source = python_model_source()
+        for model in self.models("python"):
+            path = Path(repository) / model / "1" / PYTHON_MODEL_FILE
+            if not path.is_file() or path.read_text() != source:
+                return False
+        return True
 
     def torchscript_sha256_of(self, model: str) -> str | None:
         for route in self.profile_routes().values():
@@ -327,7 +338,7 @@ def _write_models(
     with _torchscript_deprecations_silenced():
         torch.jit.save(tail, str(torchscript))
     shutil.copyfile(torchscript, torchscript_dir / "1" / LIBTORCH_MODEL_FILE)
-    (python_dir / "1" / "model.py").write_text(python_model_source())
+    (python_dir / "1" / PYTHON_MODEL_FILE).write_text(python_model_source())
     sha256 = file_sha256(torchscript)
     parameters = {**plan.parameters, PROFILE_PARAMETER: profile_id, TAIL_SHA256_PARAMETER: sha256}
     python_config = plan.common.build(
@@ -436,6 +447,7 @@ def python_model_source() -> str:
         f"SITE_PACKAGES_ENV = {SITE_PACKAGES_ENV!r}\n"
         f"THREADS_ENV = {THREADS_ENV!r}\n"
         f"TORCHSCRIPT_FILE = {TORCHSCRIPT_FILE!r}\n"
+        f"WARM_BATCHES = {WARM_BATCHES!r}\n"
         "\n\n"
     )
     setup = (
@@ -513,13 +525,14 @@ class TritonPythonModel:
         self._numpy: Any = numpy
         self._torch: Any = torch
         self._pb_utils: Any = pb_utils
-        # TorchScript's profiling executor optimises on the first calls: pay that while the
-        # server is starting rather than on the first requests.
+        # TorchScript's profiling executor optimises on the first calls, and each new batch
+        # size's first call is 30-50% slower: pay that while the server is starting rather
+        # than on the first requests (sizes up to WARM_BATCHES, what a pipeline sends).
         dims = [int(d) for d in config["input"][0]["dims"]]  # int64s come as JSON strings
-        probe = torch.zeros(1, *dims, device=self._device, dtype=torch.float16)
+        sizes = [1, *range(1, min(WARM_BATCHES, int(config.get("max_batch_size", 1))) + 1)]
         with torch.inference_mode():
-            for _ in range(2):
-                self._tail(probe)
+            for n in sizes:
+                self._tail(torch.zeros(n, *dims, device=self._device, dtype=torch.float16))
 
     def execute(self, requests: list[Any]) -> list[Any]:
         """Run the dynamic batch as one tensor and split the outputs back per request."""

@@ -184,6 +184,8 @@ class EmbeddedTriton:
             f"--backend-directory={backends}",
             f"--cache-directory={self._distribution.caches}",
             "--model-control-mode=explicit",
+            # config.pbtxt is complete: no stub launched only to ask model.py to fill it in.
+            "--disable-auto-complete-config",
             *(f"--load-model={name}" for name in self.models),
             "--grpc-address=127.0.0.1",
             f"--grpc-port={self.grpc_port}",
