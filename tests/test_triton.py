@@ -132,8 +132,9 @@ async def test_triton_tail_equals_the_in_process_tail(
             got = await tail.infer(activations[:batch])
             print(f"batch {batch}: {1000 * (time.monotonic() - started):.0f} ms round trip")
             assert [g.shape for g in got] == [(batch, 5456, 4), (batch, 5456, 2)]
+            assert all(g.dtype == np.float32 for g in got)  # served in FP16, read as float32
             for g, e in zip(got, expected, strict=True):
-                np.testing.assert_allclose(g, e[:batch], rtol=0, atol=1e-4)
+                np.testing.assert_allclose(g, e[:batch], rtol=2e-3, atol=1e-4)
 
 
 async def test_triton_outputs_find_the_fddb_faces(
@@ -174,7 +175,7 @@ async def test_concurrent_requests_share_a_batch_and_get_their_own_rows(
         after = await _statistics(tail)
     for row, got in zip(rows, results, strict=True):
         for g, e in zip(got, expected, strict=True):
-            np.testing.assert_allclose(g[0], e[row], rtol=0, atol=1e-4)
+            np.testing.assert_allclose(g[0], e[row], rtol=2e-3, atol=1e-4)
     inferences = after.inference_count - before.inference_count
     executions = after.execution_count - before.execution_count
     assert inferences == 3
@@ -194,7 +195,7 @@ async def test_batches_above_max_batch_size_are_sent_in_chunks(
     async with TritonTail(server.grpc_url, "faceboxes_tail") as tail:
         got = await tail.infer(batch)
     for g, e in zip(got, expected, strict=True):
-        np.testing.assert_allclose(g, e, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(g, e, rtol=2e-3, atol=1e-4)
 
 
 async def test_wrong_inputs_get_clear_errors(
@@ -294,8 +295,8 @@ async def test_a_profile_tail_exported_with_the_bank_gives_the_in_process_boxes(
         finally:
             await router.stop()
     for got, want, got_clean, want_clean in zip(served, expected, served_clean, clean, strict=True):
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
-        np.testing.assert_allclose(got_clean, want_clean, rtol=0, atol=1e-3)
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-3)
+        np.testing.assert_allclose(got_clean, want_clean, rtol=2e-3, atol=1e-3)
         # Not the clean tail: the profile's own tail read the noise.
         assert float(np.abs(got - want_clean).max()) > 0.1
     boxes = detector.decode(

@@ -207,7 +207,8 @@ def test_torchscript_matches_the_eager_tail_at_any_batch(
         assert len(got) == 3
         for e, g in zip(expected, got, strict=True):
             assert g.shape == e.shape
-            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+            assert g.dtype == torch.float16  # the response's bytes halved
+            torch.testing.assert_close(g.float(), e, rtol=2e-3, atol=1e-4)  # float16 rounding
 
 
 def test_torchscript_holds_only_the_tail(detector: StandInDetector, repository: Path) -> None:
@@ -392,8 +393,8 @@ def test_the_tuned_model_runs_the_profile_tail_not_the_clean_one(
         clean = detector.tail(activation)
         got = script(activation)
     for e, c, g in zip(expected, clean, got, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
-        assert float((g - c).abs().max()) > 0.1
+        torch.testing.assert_close(g.float(), e, rtol=2e-3, atol=1e-4)  # float16 rounding
+        assert float((g.float() - c).abs().max()) > 0.1
 
 
 def test_reexport_without_the_bank_removes_the_profile_models(

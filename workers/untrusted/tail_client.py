@@ -213,8 +213,9 @@ class TritonTail:
                     f"{'missing' if array is None else f'with {len(array)} rows'} for a batch "
                     f"of {len(chunk)}"
                 )
-            # A copy: as_numpy views the read-only response buffer, which torch.from_numpy dislikes.
-            arrays.append(np.array(array))
+            # A float32 copy (veil's tails answer in FP16): as_numpy views the read-only
+            # response buffer, which torch.from_numpy dislikes.
+            arrays.append(array.astype(np.float32))
         return tuple(arrays)
 
     async def _call(self, method: Any, *args: Any, **kwargs: Any) -> Any:

@@ -1,7 +1,9 @@
 """Export a detector's tail as a Triton model repository.
 
 Two models serve the same TorchScript of the tail; both take the activation in FP16, as it
-travels on the wire (the TorchScript casts it to float32 first), and return FP32:
+travels on the wire (the TorchScript casts it to float32 first), compute in float32 and return
+FP16 (half the response's bytes: measured, FaceBoxes at 1920x1088 returns 1 MB a frame in FP32,
+and a batch of 4 spent 2.8 ms in Triton's output copy and 5.9 ms in transport):
 
 * ``<name>_tail``: Python backend (the only backend in the ``nvidia-pytriton`` wheel that
   :mod:`workers.untrusted.triton_server` runs); ``1/model.py`` runs ``1/tail.pt`` with torch.
@@ -73,7 +75,8 @@ DeviceKind = Literal["cpu", "gpu"]
 
 _TRACE_BATCH = 2  # not 1, so that a batch dimension hard-coded by the trace shows up below
 _CHECK_BATCH = 3
-_TRACE_TOLERANCE = 1e-4
+_TRACE_TOLERANCE = 1e-4  # absolute, beside the float16 output's relative rounding:
+_OUTPUT_RTOL = 2e-3  # two float16 half-ulps (2^-11 each)
 
 
 Backend = Literal["python", "torchscript"]
@@ -232,14 +235,15 @@ class TailManifest:
 
 class _Tail(nn.Module):
     """The tail as a module's ``forward``, which is what tracing and Triton call: it takes
-    the float16 activation as it travelled on the wire and computes in float32."""
+    the float16 activation as it travelled on the wire, computes in float32 and returns
+    float16."""
 
     def __init__(self, detector: SplitDetector) -> None:
         super().__init__()
         self.detector = detector
 
     def forward(self, activation: Tensor) -> tuple[Tensor, ...]:
-        return tuple(self.detector.tail(activation.float()))
+        return tuple(out.half() for out in self.detector.tail(activation.float()))
 
 
 def export_model_repository(
@@ -578,7 +582,7 @@ class _ConfigCommon:
             name=input_name, data_type=model_config_pb2.TYPE_FP16, dims=self.activation_shape
         )
         for out_name, shape in zip(output_names, self.output_shapes, strict=True):
-            config.output.add(name=out_name, data_type=model_config_pb2.TYPE_FP32, dims=shape)
+            config.output.add(name=out_name, data_type=model_config_pb2.TYPE_FP16, dims=shape)
         # Batches queued requests without waiting for more unless a delay is given.
         config.dynamic_batching.SetInParent()
         config.dynamic_batching.max_queue_delay_microseconds = self.max_queue_delay_us
@@ -603,7 +607,7 @@ def _trace_tail(source: SplitDetector, activation_shape: tuple[int, int, int]) -
         got = frozen(check)
     for i, (e, g) in enumerate(zip(expected, got, strict=True)):
         if e.shape != g.shape or not torch.allclose(
-            e, g, rtol=_TRACE_TOLERANCE, atol=_TRACE_TOLERANCE
+            e, g.float(), rtol=_OUTPUT_RTOL, atol=_TRACE_TOLERANCE
         ):
             raise ConfigError(
                 f"{source.name}: the traced tail differs from the eager one at batch "
