@@ -389,11 +389,13 @@ async def ensure_topics(
     replication_factor: int = 1,
     request_timeout_ms: int = 15_000,
     security: KafkaSecurityConfig | None = None,
+    detections_retention_ms: int | None = None,
 ) -> TopicsStatus:
     """Create veil's topics where missing: activations and detections with ``partitions``
     partitions (the unit of consumer parallelism), control with one compacted partition,
     dead letters with one. Existing topics are left as they are. ``security``: how to
-    connect (default plaintext).
+    connect (default plaintext). ``detections_retention_ms``: the detections topic's
+    ``retention.ms`` (None: the broker's default).
     """
     if partitions < 1 or replication_factor < 1:
         raise ConfigError(
@@ -401,7 +403,16 @@ async def ensure_topics(
         )
     wanted = [
         NewTopic(topics.activations, partitions, replication_factor),
-        NewTopic(topics.detections, partitions, replication_factor),
+        NewTopic(
+            topics.detections,
+            partitions,
+            replication_factor,
+            topic_configs=(
+                {"retention.ms": str(detections_retention_ms)}
+                if detections_retention_ms is not None
+                else None
+            ),
+        ),
         NewTopic(
             topics.control, 1, replication_factor, topic_configs={"cleanup.policy": "compact"}
         ),

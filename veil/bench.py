@@ -51,7 +51,12 @@ from veil.detectors import load_detector
 from veil.detectors.base import Frame, InputGeometry, SplitDetector
 from veil.detectors.head_runtime import HeadRunner, OnnxHead
 from veil.profiles import ProfileBank
-from veil.runner import default_bank, ensure_profiles, run_pipeline
+from veil.runner import (
+    EMBEDDED_DETECTIONS_RETENTION_MS,
+    default_bank,
+    ensure_profiles,
+    run_pipeline,
+)
 from workers.trusted.obfuscator import Obfuscator, ProfileTable, pick_device
 
 MS = 1000.0
@@ -359,7 +364,11 @@ async def _run_config(config: VeilConfig, label: str, **stream: Any) -> VeilConf
         streams=(replace(config.streams[0], id=run_id, **stream),),
         kafka=replace(config.kafka, group_id=run_id, topic_prefix=run_id),
     )
-    await ensure_topics(run.kafka.bootstrap, topics=TopicNames(run_id))
+    await ensure_topics(
+        run.kafka.bootstrap,
+        topics=TopicNames(run_id),
+        detections_retention_ms=EMBEDDED_DETECTIONS_RETENTION_MS,  # as veil run's broker
+    )
     return run
 
 

@@ -258,6 +258,14 @@ def thread_group(config: VeilConfig, roles: Collection[str]) -> frozenset[str]:
     return frozenset(group)
 
 
+# The embedded broker keeps detections for this long: tansu's cost per fetch grows with what a
+# partition holds, and nobody commits on the detections topic (veil run's sink reads without a
+# group), so untrimmed it grew over a run: tansu's CPU 0.27 -> 0.44 of a core in 120 s of a
+# realtime RetinaFace stream, the latency's p99 with it. An external Kafka keeps what its
+# operator sets.
+EMBEDDED_DETECTIONS_RETENTION_MS = 10_000
+
+
 @contextlib.asynccontextmanager
 async def broker_for(config: VeilConfig, supervisor: Supervisor) -> AsyncIterator[KafkaLink]:
     """How the roles reach the broker. An embedded broker is a supervised child: its death
@@ -269,7 +277,11 @@ async def broker_for(config: VeilConfig, supervisor: Supervisor) -> AsyncIterato
         data_dir = Path(config.kafka.data_dir) if config.kafka.data_dir else None
         async with EmbeddedBroker(data_dir=data_dir) as broker:
             supervisor.add("broker", broker.watch, background=True)
-            await ensure_topics(broker.bootstrap_servers, topics=topics_of(config))
+            await ensure_topics(
+                broker.bootstrap_servers,
+                topics=topics_of(config),
+                detections_retention_ms=EMBEDDED_DETECTIONS_RETENTION_MS,
+            )
             # tansu refuses idempotent producers
             yield KafkaLink(broker.bootstrap_servers, False, topics_of(config))
     else:
