@@ -46,6 +46,7 @@ from google.protobuf import text_format
 from torch import Tensor, nn
 from tritonclient.grpc import model_config_pb2
 
+from stream.runtime import MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES
 from stream.wire import CLEAN_PROFILE
 from veil.detectors.base import InputGeometry, SplitDetector, file_sha256
 from veil.errors import ConfigError
@@ -452,6 +453,8 @@ def python_model_source() -> str:
         f"THREADS_ENV = {THREADS_ENV!r}\n"
         f"TORCHSCRIPT_FILE = {TORCHSCRIPT_FILE!r}\n"
         f"WARM_BATCHES = {WARM_BATCHES!r}\n"
+        f"MMAP_THRESHOLD_BYTES = {MMAP_THRESHOLD_BYTES!r}\n"
+        f"TRIM_THRESHOLD_BYTES = {TRIM_THRESHOLD_BYTES!r}\n"
         "\n\n"
     )
     setup = (
@@ -520,8 +523,8 @@ class TritonPythonModel:
             import ctypes
 
             libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD: big tensors on the heap
-            libc.mallopt(-1, 256 * 1024 * 1024)  # M_TRIM_THRESHOLD: and kept there once freed
+            libc.mallopt(-3, MMAP_THRESHOLD_BYTES)  # M_MMAP_THRESHOLD: big tensors on the heap
+            libc.mallopt(-1, TRIM_THRESHOLD_BYTES)  # M_TRIM_THRESHOLD: and kept there once freed
         path = Path(args["model_repository"]) / args["model_version"] / TORCHSCRIPT_FILE
         self._tail = torch.jit.load(str(path), map_location=self._device).eval()  # type: ignore[no-untyped-call]
         self._input_name: str = config["input"][0]["name"]
