@@ -60,8 +60,8 @@ from veil.runner import (
 from workers.trusted.obfuscator import Obfuscator, ProfileTable, pick_device
 
 MS = 1000.0
+_DISTINCT_INPUTS = 16  # onnxruntime's own inputs: 78 MB at 640x640, 400 MB at 1920x1088
 # veil run's roles on one host: the edge's share of the cores is what the figures use.
-_DISTINCT_INPUTS = 16  # 78 MB at 640x640, 400 MB at 1920x1088
 PIPELINE_GROUP = frozenset({"edge", "detect", "triton"})
 
 
