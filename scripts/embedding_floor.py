@@ -57,7 +57,12 @@ def main() -> None:
     scored = score_embeddings(ctx, np.repeat(mean, faces, axis=0), range(len(ctx.evals)), "mean", 0)
     identity = scored.scores.identity
     assert identity is not None  # embeddings are always scored for identity
-    print(json.dumps({"rank1": str(identity.rank1), "same_person": str(identity.same_person)}))
+    summary = {
+        "rank1": str(identity.rank1),
+        "same_person": str(identity.same_person),
+        "false_match": str(identity.false_match),
+    }
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

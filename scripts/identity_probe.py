@@ -106,6 +106,7 @@ def main() -> None:
             "setting": label,
             "rank1": str(scores.rank1),
             "same_person": str(scores.same_person),
+            "false_match": str(scores.false_match),
             "chance": round(scores.chance, 4),
             "attack": args.attack,
             "model": args.model,

@@ -184,6 +184,22 @@ def test_identification_scores_and_validates_its_input() -> None:
         identification(probes[:, :64], gallery, [0, 1, 2])
 
 
+def test_a_probe_that_looks_like_everyone_verifies_with_a_high_false_match_rate() -> None:
+    # Five originals 0.5 apart from their centre and about 0.71 from each other (beyond 0.6).
+    centre = np.zeros(128)
+    centre[0] = 1.0
+    gallery = np.tile(centre, (5, 1))
+    gallery[np.arange(5), np.arange(1, 6)] = 0.5
+    exact = identification(gallery, gallery, range(5))  # each probe its own original
+    assert exact.same_person.hits == 5 and exact.false_match is not None
+    assert exact.false_match.mean == 0.0  # no other original lies within 0.6
+    blur = identification(np.tile(centre, (5, 1)), gallery, range(5))  # one guess for all
+    assert blur.same_person.hits == 5 and blur.rank1.hits == 0  # verifies, identifies nobody
+    assert blur.false_match is not None and blur.false_match.mean == 1.0
+    assert blur.to_json()["false_match"]["n"] == 5
+    assert identification(gallery[:1], gallery[:1], [0]).false_match is None  # no other face
+
+
 def test_boxes_only_images_paint_the_mean_face_inside_the_boxes_only() -> None:
     chip = np.full((8, 8, 3), 200, np.uint8)
     boxes = [

@@ -449,7 +449,9 @@ _VERDICT = re.compile(
     r"^(?P<setting>no noise \(clean\)|alpha (?P<alpha>[0-9.]+))(?P<deployed> \(deployed\))?: "
     r"the strongest attack \((?P<attack>[^)]+)\) re-identified (?P<rank1>[0-9.]+)% of "
     r"(?P<n>\d+) faces? \[(?P<low>[0-9.]+), (?P<high>[0-9.]+)\] \(chance (?P<chance>[0-9.]+)%, "
-    r"boxes-only (?P<floor>[0-9.]+)%\); (?P<same>[0-9.]+)% .* accuracy kept (?P<kept>[0-9.]+)\. "
+    r"boxes-only (?P<floor>[0-9.]+)%\); (?P<same>[0-9.]+)% .*\(boxes-only [0-9.]+%; the "
+    r"attack's faces lie as close to (?P<false>[0-9.]+)% of other people's faces\); "
+    r"accuracy kept (?P<kept>[0-9.]+)\. "
     r"(?P<leak>Identity leaks|No identity leak)"
 )
 
@@ -481,6 +483,7 @@ def test_the_verdict_says_what_report_json_says(
             ("chance", data["gallery"]["chance"]),
             ("floor", floor["value"]),
             ("same", head["same_person"]["value"]),
+            ("false", head["false_match"]["mean"]),
         ):
             assert float(match[key]) == pytest.approx(100 * value, abs=0.05), key
         assert float(match["kept"]) == pytest.approx(row["ap_kept"], abs=0.005)

@@ -15,6 +15,13 @@ Threat model. FDDB carries no identity labels, so an "identity" here is a face *
   original (rank-1 identification, against chance ``1 / N``), or when the probe lies within
   dlib's same-person distance of its own original (verification).
 
+Verification alone can mislead: a probe that looks like everybody (a constant guess of the
+mean embedding, or a near-blank reconstruction) lies within 0.6 of many originals, its own
+among them, without pointing to anyone. So every verification share comes with its
+**false-match rate**: the share of the *other* gallery faces within the same distance of
+the probe (averaged over probes). A same-person share no higher than the false-match rate
+says the attack makes faces that match people in general, not the person.
+
 Baselines: :func:`boxes_only_images` is the attacker who knows only the output boxes (which
 the outside receives anyway) and pastes the mean face of its own training images into them;
 a defence leaks identity only in so far as it beats that attacker.
@@ -220,6 +227,9 @@ class IdentityScores:
     gallery_size: int
     chance: float  # rank-1 rate of a random guess, 1 / gallery_size
     distances: MeanCI  # euclidean distance of each probe to its own original
+    # Per probe, the share of the other gallery faces within SAME_PERSON_DISTANCE of it; None
+    # for a gallery of one face (or a report written before veil measured it).
+    false_match: MeanCI | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -229,6 +239,7 @@ class IdentityScores:
             "gallery_size": self.gallery_size,
             "chance": self.chance,
             "distances": self.distances.to_json(),
+            "false_match": None if self.false_match is None else self.false_match.to_json(),
         }
 
 
@@ -260,14 +271,26 @@ def identification(
     to_own = distance[rows, own]
     # Rank-1: no other gallery face is as close; a tie counts as a miss (it cannot be told apart).
     rank1 = int(np.sum((distance <= to_own[:, None]).sum(1) == 1))
-    same = int(np.sum(to_own < SAME_PERSON_DISTANCE))
+    within = to_own < SAME_PERSON_DISTANCE
     return IdentityScores(
         Rate(rank1, len(p)),
-        Rate(same, len(p)),
+        Rate(int(within.sum()), len(p)),
         len(g),
         1.0 / len(g),
         mean_ci(to_own.tolist()),
+        _false_matches(distance, within),
     )
+
+
+def _false_matches(
+    distance: npt.NDArray[np.float64], own_within: npt.NDArray[np.bool_]
+) -> MeanCI | None:
+    """Per probe, the share of the gallery's other faces within the same-person distance."""
+    others = distance.shape[1] - 1
+    if others < 1 or not len(distance):
+        return None
+    matches = (distance < SAME_PERSON_DISTANCE).sum(1) - own_within
+    return mean_ci((matches / others).tolist())
 
 
 def _crop(image: Uint8Array, box: npt.NDArray[np.float64]) -> Uint8Array | None:

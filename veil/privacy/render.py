@@ -162,6 +162,13 @@ def mean_cell(value: MeanCI | None) -> str:
     return f"{value.mean:.3f} [{value.low:.3f}, {value.high:.3f}]"
 
 
+def share_cell(value: MeanCI | None) -> str:
+    """A mean share as percentages with its interval."""
+    if value is None or value.n == 0:
+        return "n/a"
+    return f"{pct(value.mean)}% [{pct(max(0.0, value.low))}, {pct(min(1.0, value.high))}]"
+
+
 HEADLINE = [
     "setting",
     "mean AP",
@@ -170,6 +177,7 @@ HEADLINE = [
     "strongest attack",
     "rank-1 [95% CI] (hits/N)",
     "same person [95% CI]",
+    "others within 0.6 (false match)",
     "face SSIM, best pixel attack [95% CI]",
     "frame SSIM, same attack [95% CI]",
 ]
@@ -180,6 +188,7 @@ DETAIL = [
     "faces",
     "rank-1 [95% CI] (hits/N)",
     "same person [95% CI]",
+    "others within 0.6 (false match)",
     "distance to own original",
     "face SSIM [95% CI] (N)",
     "frame SSIM [95% CI] (N)",
@@ -195,6 +204,7 @@ def _identity_cells(s: AttackScores) -> list[str]:
     return [
         rate_cell(None if ident is None else ident.rank1),
         rate_cell(None if ident is None else ident.same_person),
+        share_cell(None if ident is None else ident.false_match),
     ]
 
 
@@ -205,7 +215,7 @@ def headline_rows(report: PrivacyReport) -> list[list[str]]:
         label = r.label + (" (deployed)" if r.deployed else "")
         cells = [label, _fmt(r.mean_ap), _fmt(r.ap_kept), _fmt(r.sigma_ratio, 2)]
         if head is None:
-            rows.append(cells + ["none"] + ["n/a"] * 4)
+            rows.append(cells + ["none"] + ["n/a"] * 5)
             continue
         head_cells = [attack_title(head.attack), *_identity_cells(head)]
         rows.append([*cells, *head_cells, *_pixel_cells(best_pixels(r.attacks))])
@@ -262,7 +272,8 @@ def floors_line(report: PrivacyReport) -> str:
     if floor is not None and floor.identity is not None:
         text += (
             f"; boxes-only attacker rank-1 {rate_cell(floor.identity.rank1)}, same person "
-            f"{rate_cell(floor.identity.same_person)}"
+            f"{rate_cell(floor.identity.same_person)}, other people's faces within "
+            f"{SAME_PERSON_DISTANCE} of its faces {share_cell(floor.identity.false_match)}"
         )
     return text + "."
 
@@ -281,7 +292,9 @@ def setup_lines(report: PrivacyReport) -> list[str]:
         f"identity against a gallery of {report.gallery['size']} originals "
         f"({report.gallery['mode']}, {report.gallery['distractors']} distractors).",
         f"Identity: dlib ResNet embeddings; probes from reconstructions upscaled to the "
-        f"original frame with the same boxes; same person = distance < {SAME_PERSON_DISTANCE}.",
+        f"original frame with the same boxes; same person = distance < {SAME_PERSON_DISTANCE} "
+        "to the face's own original; false match = the share of the other gallery faces that "
+        "close to it (a probe that looks like everyone scores high on both).",
         f"Attacks: decoder ({s['epochs']} epochs, width {s['decoder_width']}, fresh noise every "
         f"step); rMLE on {report.rmle_images} eval images ({s['rmle_steps']} Adam steps, batched"
         + (f", {np.mean(rmle_cost):.1f} s per image" if rmle_cost else "")

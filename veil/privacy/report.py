@@ -712,6 +712,9 @@ def leakage_record(report: PrivacyReport, row: ReportRow) -> dict[str, Any]:
         "strongest_attack": row.strongest,
         "rank1": None if ident is None else rate_to_json(ident.rank1),
         "same_person": None if ident is None else rate_to_json(ident.same_person),
+        "false_match": None
+        if ident is None or ident.false_match is None
+        else mean_to_json(ident.false_match),
         "face_ssim": None
         if face is None or face.ssim_face is None
         else {"attack": face.attack, **mean_to_json(face.ssim_face)},

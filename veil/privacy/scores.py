@@ -52,6 +52,8 @@ def identity_to_json(value: IdentityScores) -> dict[str, Any]:
     data["rank1"] = rate_to_json(value.rank1)
     data["same_person"] = rate_to_json(value.same_person)
     data["distances"] = mean_to_json(value.distances)
+    if value.false_match is not None:
+        data["false_match"] = mean_to_json(value.false_match)
     return data
 
 
@@ -62,6 +64,7 @@ def identity_from_json(data: Mapping[str, Any]) -> IdentityScores:
         int(data["gallery_size"]),
         float(data["chance"]),
         mean_from_json(data["distances"]),
+        None if data.get("false_match") is None else mean_from_json(data["false_match"]),
     )
 
 

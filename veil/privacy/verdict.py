@@ -2,8 +2,8 @@
 
 Example: ``alpha 0.90 (deployed): the strongest attack (rMLE) re-identified 3.1% of 64 faces
 [1.2, 7.0] (chance 1.0%, boxes-only 0.0%); 9.4% [4.4, 19.0] lie within dlib's same-person
-distance of their original (boxes-only 3.1%); accuracy kept 0.97. Identity leaks: the
-interval lies above both floors.``
+distance of their original (boxes-only 3.1%; the attack's faces lie as close to 2.0% of other
+people's faces); accuracy kept 0.97. Identity leaks: the interval lies above both floors.``
 
 A setting leaks identity when the lower end of its strongest attack's rank-1 interval lies
 above both floors (chance and the boxes-only attacker); otherwise no leak beyond what the
@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from veil.privacy.identity import Rate
+from veil.privacy.identity import MeanCI, Rate
 from veil.privacy.scores import AttackScores, attack_title
 
 if TYPE_CHECKING:
@@ -59,6 +59,12 @@ def leaks(head: AttackScores, chance: float, boxes_only: float) -> bool:
     return head.identity.rank1.low > max(floors, default=0.0)
 
 
+def _false_match(value: MeanCI | None) -> str:
+    if value is None or value.n == 0:
+        return ""
+    return f"; the attack's faces lie as close to {pct(value.mean)}% of other people's faces"
+
+
 def _setting_name(row: ReportRow) -> str:
     name = "no noise (clean)" if row.alpha is None else f"alpha {row.alpha:.2f}"
     return name + (" (deployed)" if row.deployed else "")
@@ -79,7 +85,8 @@ def verdict_line(row: ReportRow, report: PrivacyReport) -> str:
         f"{_rate(ident.rank1)} (chance {pct(chance)}%, boxes-only {pct(floor_rank1)}%); "
         f"{pct(ident.same_person.value)}% [{pct(ident.same_person.low)}, "
         f"{pct(ident.same_person.high)}] lie within dlib's same-person distance of their "
-        f"original (boxes-only {pct(floor_same)}%); {accuracy}. "
+        f"original (boxes-only {pct(floor_same)}%{_false_match(ident.false_match)}); "
+        f"{accuracy}. "
     )
     if leaks(head, chance, floor_rank1):
         text += "Identity leaks: the interval lies above both floors."
