@@ -401,24 +401,7 @@ async def ensure_topics(
         raise ConfigError(
             f"partitions ({partitions}) and replication_factor ({replication_factor}) must be >= 1"
         )
-    wanted = [
-        NewTopic(topics.activations, partitions, replication_factor),
-        NewTopic(
-            topics.detections,
-            partitions,
-            replication_factor,
-            topic_configs=(
-                {"retention.ms": str(detections_retention_ms)}
-                if detections_retention_ms is not None
-                else None
-            ),
-        ),
-        NewTopic(
-            topics.control, 1, replication_factor, topic_configs={"cleanup.policy": "compact"}
-        ),
-        NewTopic(topics.dead_letter, 1, replication_factor),
-        NewTopic(topics.status, 1, replication_factor, topic_configs={"cleanup.policy": "compact"}),
-    ]
+    wanted = _new_topics(topics, partitions, replication_factor, detections_retention_ms)
     kwargs = security_kwargs(security, bootstrap_servers)
     admin = AIOKafkaAdminClient(
         bootstrap_servers=bootstrap_servers, request_timeout_ms=request_timeout_ms, **kwargs
@@ -430,17 +413,7 @@ async def ensure_topics(
             what = "a Kafka admin client"
             raise await client_failure(exc, what, bootstrap_servers, security, kwargs) from exc
         response = await admin.create_topics(wanted)
-        created, existing = [], []
-        for name, code, message in response.topic_errors:
-            if code == 0:
-                created.append(name)
-            elif code == _TOPIC_EXISTS:
-                existing.append(name)
-            else:
-                raise ServiceError(
-                    f"broker {bootstrap_servers} refused to create topic {name}: error {code} "
-                    f"({message})"
-                )
+        created, existing = _created_or_existing(response.topic_errors, bootstrap_servers)
         policy = await _cleanup_policy(admin, topics.control)
     except KafkaError as exc:
         raise ServiceError(f"cannot create topics on {bootstrap_servers}: {exc!r}") from exc
@@ -449,6 +422,42 @@ async def ensure_topics(
     if policy != "compact":
         log.warning("control topic is not compacted", topic=topics.control, cleanup_policy=policy)
     return TopicsStatus(tuple(created), tuple(existing), policy)
+
+
+def _new_topics(
+    topics: TopicNames, partitions: int, replication: int, detections_retention_ms: int | None
+) -> list[NewTopic]:
+    """veil's topics: activations and detections with ``partitions`` partitions, control and
+    status compacted with one, dead letters with one."""
+    compacted = {"cleanup.policy": "compact"}
+    retention = (
+        None if detections_retention_ms is None else {"retention.ms": str(detections_retention_ms)}
+    )
+    return [
+        NewTopic(topics.activations, partitions, replication),
+        NewTopic(topics.detections, partitions, replication, topic_configs=retention),
+        NewTopic(topics.control, 1, replication, topic_configs=compacted),
+        NewTopic(topics.dead_letter, 1, replication),
+        NewTopic(topics.status, 1, replication, topic_configs=compacted),
+    ]
+
+
+def _created_or_existing(
+    topic_errors: Sequence[tuple[str, int, str | None]], bootstrap_servers: str
+) -> tuple[list[str], list[str]]:
+    """Split a CreateTopics answer into (created, already there); any other error is raised."""
+    created, existing = [], []
+    for name, code, message in topic_errors:
+        if code == 0:
+            created.append(name)
+        elif code == _TOPIC_EXISTS:
+            existing.append(name)
+        else:
+            raise ServiceError(
+                f"broker {bootstrap_servers} refused to create topic {name}: error {code} "
+                f"({message})"
+            )
+    return created, existing
 
 
 async def _cleanup_policy(admin: Any, topic: str) -> str | None:

@@ -427,6 +427,11 @@ def set_parent_death_signal(signum: int) -> None:
 MMAP_THRESHOLD_BYTES: Final = 32 * 1024 * 1024  # glibc's largest accepted value on 64-bit
 TRIM_THRESHOLD_BYTES: Final = 256 * 1024 * 1024
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+# (parameter, value) of every mallopt call, in order: Triton's model.py makes the same calls.
+MALLOPT_SETTINGS: Final = (
+    (_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES),
+    (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
+)
 
 
 def keep_freed_memory() -> bool:
@@ -438,10 +443,7 @@ def keep_freed_memory() -> bool:
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None:
         return False
-    return bool(
-        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-        and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-    )
+    return all(mallopt(parameter, value) for parameter, value in MALLOPT_SETTINGS)
 
 
 def die_with_parent() -> None:

@@ -226,9 +226,10 @@ class Obfuscator:
         started = time.perf_counter()
         torch.set_num_threads(self.threads)
         blank = np.zeros((self.geometry.height, self.geometry.width, 3), np.uint8)
-        rows = torch.zeros(max(1, max_batch), dtype=torch.long)
+        full = max(1, max_batch)
+        rows = torch.zeros(full, dtype=torch.long)
         for lane in range(self.lanes if self.cuda else 1):
-            for n in sorted({1, max(1, max_batch)}):
+            for n in sorted({1, full}):
                 with self._lane(lane):
                     self.head_and_noise([blank] * n, rows[:n], lane=lane)
         if self.cuda:

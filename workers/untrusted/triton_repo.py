@@ -46,7 +46,7 @@ from google.protobuf import text_format
 from torch import Tensor, nn
 from tritonclient.grpc import model_config_pb2
 
-from stream.runtime import MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES
+from stream.runtime import MALLOPT_SETTINGS
 from stream.wire import CLEAN_PROFILE
 from veil.detectors.base import InputGeometry, SplitDetector, file_sha256
 from veil.errors import ConfigError
@@ -286,18 +286,10 @@ def export_model_repository(
     source = copy.deepcopy(detector).to("cpu").eval()
     activation_shape = source.activation_shape(geometry)
     names, output_shapes = _output_signature(source, activation_shape, output_names)
-    plan = _ExportPlan(
-        _ConfigCommon(
-            activation_shape, output_shapes, max_batch_size, max_queue_delay_us, instance_count
-        ),
-        names,
-        "KIND_GPU" if device_kind == "gpu" else "KIND_CPU",
-        {
-            WEIGHTS_ID_PARAMETER: detector.weights_id,
-            DETECTOR_PARAMETER: detector.name,
-            GEOMETRY_PARAMETER: str(geometry),
-        },
+    batching = _ConfigCommon(
+        activation_shape, output_shapes, max_batch_size, max_queue_delay_us, instance_count
     )
+    plan = _ExportPlan.of(detector, geometry, batching, names, device_kind)
     repository = Path(out_dir)
     repository.mkdir(parents=True, exist_ok=True)
     clean = _write_models(plan, source, repository, name, CLEAN_PROFILE)
@@ -329,6 +321,27 @@ class _ExportPlan:
     output_names: tuple[str, ...]
     instance_kind: str
     parameters: dict[str, str]
+
+    @classmethod
+    def of(
+        cls,
+        detector: SplitDetector,
+        geometry: InputGeometry,
+        common: _ConfigCommon,
+        output_names: tuple[str, ...],
+        device_kind: DeviceKind,
+    ) -> _ExportPlan:
+        """The plan of ``detector``'s repository; its parameters name what it serves."""
+        return cls(
+            common,
+            output_names,
+            "KIND_GPU" if device_kind == "gpu" else "KIND_CPU",
+            {
+                WEIGHTS_ID_PARAMETER: detector.weights_id,
+                DETECTOR_PARAMETER: detector.name,
+                GEOMETRY_PARAMETER: str(geometry),
+            },
+        )
 
 
 def _write_models(
@@ -453,8 +466,7 @@ def python_model_source() -> str:
         f"THREADS_ENV = {THREADS_ENV!r}\n"
         f"TORCHSCRIPT_FILE = {TORCHSCRIPT_FILE!r}\n"
         f"WARM_BATCHES = {WARM_BATCHES!r}\n"
-        f"MMAP_THRESHOLD_BYTES = {MMAP_THRESHOLD_BYTES!r}\n"
-        f"TRIM_THRESHOLD_BYTES = {TRIM_THRESHOLD_BYTES!r}\n"
+        f"MALLOPT_SETTINGS = {MALLOPT_SETTINGS!r}\n"
         "\n\n"
     )
     setup = (
@@ -523,8 +535,8 @@ class TritonPythonModel:
             import ctypes
 
             libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-3, MMAP_THRESHOLD_BYTES)  # M_MMAP_THRESHOLD: big tensors on the heap
-            libc.mallopt(-1, TRIM_THRESHOLD_BYTES)  # M_TRIM_THRESHOLD: and kept there once freed
+            for parameter, value in MALLOPT_SETTINGS:  # big tensors stay on the heap once freed
+                libc.mallopt(parameter, value)
         path = Path(args["model_repository"]) / args["model_version"] / TORCHSCRIPT_FILE
         self._tail = torch.jit.load(str(path), map_location=self._device).eval()  # type: ignore[no-untyped-call]
         self._input_name: str = config["input"][0]["name"]
