@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -119,12 +120,17 @@ def test_calibration_learns_more_noise_for_higher_alpha_and_is_deterministic(
     assert meta.training["epochs_run"] == 3 and len(meta.training["loss_curve"]) == 3
 
 
-def test_an_interrupted_alpha_resumes_to_the_same_result(tmp_path: Path) -> None:
+@pytest.mark.parametrize("adversary_weight", [0.0, 1.0])
+def test_an_interrupted_alpha_resumes_to_the_same_result(
+    tmp_path: Path, adversary_weight: float
+) -> None:
     det = TinyDetector()
-    data = prepare(det, frames(8), det.default_geometry, progress=False)
+    data = prepare(det, frames(8), det.default_geometry, progress=False, pixels=True)
     meta = _meta(0.5, s_max=2.0, training={"initial_sigma": 0.3})
-    full = CalibrationConfig(alphas=(0.5,), epochs=2, batch_size=4, seed=3)
-    half = CalibrationConfig(alphas=(0.5,), epochs=1, batch_size=4, seed=3)
+    settings: dict[str, Any] = {"alphas": (0.5,), "batch_size": 4, "seed": 3}
+    settings["adversary_weight"] = adversary_weight
+    full = CalibrationConfig(epochs=2, **settings)
+    half = CalibrationConfig(epochs=1, **settings)
     ck = tmp_path / "partial.pt"
     straight = train_profile(det, data, 0.5, full, meta, None, progress=False)
     train_profile(det, data, 0.5, half, meta, ck, progress=False)  # "crash" after epoch 1

@@ -199,3 +199,34 @@ def test_the_deep_split_distils_its_tail_from_the_whole_network(tmp_path: Path) 
         after = float(distillation_loss(tuned(x), target))
     # Measured on these held-out images: 6.47 before, 5.33 after.
     assert after < before - 0.5, (before, after)
+
+
+def test_calibration_against_an_adversary_trains_it_and_resumes_with_it(tmp_path: Path) -> None:
+    from veil.adversary import Adversary
+    from veil.calibrate import prepare
+
+    det = TinyDetector()
+    data = prepare(det, frames(8), det.default_geometry, progress=False, pixels=True)
+    assert data.pixels is not None and data.pixels.dtype == torch.float16
+    grid = data.activations.shape[2:]
+    assert data.pixels.shape == (8, 3, 4 * grid[0], 4 * grid[1])
+    assert float(data.pixels.min()) >= 0.0 and float(data.pixels.max()) <= 1.0
+
+    # The decoder learns: its error relative to the mean image falls on clean activations.
+    torch.manual_seed(0)
+    adversary = Adversary.build(data.activations, data.pixels, lr=3e-3)
+    zero = torch.zeros(data.activations.shape[1:])
+    idx = torch.arange(8)
+    first = adversary.learn(data.activations, zero, zero, idx)
+    for _ in range(60):
+        last = adversary.learn(data.activations, zero, zero, idx)
+    assert last < 0.8 * first, (first, last)
+    assert float(adversary.advantage(data.activations, zero, zero, idx)) > 0.0
+
+    config = CalibrationConfig(alphas=(0.5,), epochs=2, batch_size=4, seed=1, adversary_weight=1.0)
+    (profile,) = calibrate(det, frames(8), tmp_path, config, progress=False, log=lambda _: None)
+    curve = profile.meta.training["loss_curve"]
+    assert len(curve) == 2 and all(0.0 <= epoch["adversary"] <= 1.0 for epoch in curve)
+    assert profile.meta.training["adversary_weight"] == 1.0
+    with pytest.raises(ConfigError, match="adversary_weight"):
+        CalibrationConfig(adversary_weight=-1.0)

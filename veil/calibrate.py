@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from veil.adversary import Adversary, letterboxed_targets
 from veil.detectors.base import Frame, InputGeometry, Letterbox, SplitDetector
 from veil.errors import ConfigError, DatasetError
 from veil.eval import read_image
@@ -108,6 +109,10 @@ class CalibrationConfig:
     tail_lr: float = 1e-4
     # Distil from the whole network where the split changed it (SplitDetector.reference).
     reference_teacher: bool = True
+    # Train against an inversion decoder learning alongside (veil.adversary): the weight of
+    # its advantage over the no-information guess, beside the leakage term; 0 turns it off.
+    adversary_weight: float = 0.0
+    adversary_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         if not self.alphas:
@@ -124,6 +129,8 @@ class CalibrationConfig:
             raise ConfigError(f"leakage must be 'channel' or 'log_sigma', got {self.leakage!r}")
         if self.tail_lr <= 0:
             raise ConfigError("tail_lr must be > 0")
+        if self.adversary_weight < 0 or self.adversary_lr <= 0:
+            raise ConfigError("adversary_weight must be >= 0 and adversary_lr > 0")
 
 
 @dataclass
@@ -138,6 +145,8 @@ class CalibrationSet:
     description: dict[str, Any] = field(default_factory=dict)
     # The reference network's head outputs [N, C', kH, kW], when the teacher is the reference.
     reference: Tensor | None = None
+    # The letterboxed images at 4x the activation's grid (veil.adversary), when kept.
+    pixels: Tensor | None = None
 
 
 def list_images(folder: Path, limit: int | None = None) -> list[Path]:
@@ -178,6 +187,7 @@ def prepare(
     progress: bool = True,
     teacher: bool = True,
     reference: SplitDetector | None = None,
+    pixels: bool = False,
 ) -> CalibrationSet:
     """Run the frozen head (and, with ``teacher``, the clean teacher) once over the images.
 
@@ -185,13 +195,16 @@ def prepare(
     The clean outputs are only needed by distillation without random shifts; shifted
     batches get their teacher from the shifted activations during training. With
     ``reference`` (the whole network), the teacher is the reference, and its head outputs are
-    kept too, to be shifted alike.
+    kept too, to be shifted alike. ``pixels``: keep the letterboxed images too, at 4x the
+    activation's grid (what :mod:`veil.adversary`'s decoder rebuilds).
     """
     detector.check_geometry(geometry)
     acts: list[Tensor] = []
     reference_acts: list[Tensor] = []
     teacher_parts: list[list[Tensor]] = []
     targets: list[Tensor] = []
+    kept: list[Tensor] = []
+    mean_bgr, std_bgr = torch.tensor(detector.mean_bgr), torch.tensor(detector.std_bgr)
     digest = hashlib.sha256()
     bar = tqdm(total=len(images), desc="clean activations", disable=not progress, unit="img")
     for start in range(0, len(images), batch_size):
@@ -202,6 +215,9 @@ def prepare(
         x, letterboxes = detector.preprocess(frames, geometry)
         a = detector.head(x)
         acts.append(a.cpu())
+        if pixels:
+            grid = (int(a.shape[2]), int(a.shape[3]))
+            kept.append(letterboxed_targets(x.cpu(), mean_bgr, std_bgr, grid))
         teacher_net, teacher_in = detector, a
         if reference is not None:
             teacher_net, teacher_in = reference, reference.head(x)
@@ -224,6 +240,7 @@ def prepare(
             "digest": digest.hexdigest()[:16],
         },
         reference=torch.cat(reference_acts) if reference_acts else None,
+        pixels=torch.cat(kept) if kept else None,
     )
 
 
@@ -296,6 +313,7 @@ class _Trainer:
     channel_var: Tensor
     history: list[dict[str, float]] = field(default_factory=list)
     first_epoch: int = 0
+    adversary: Adversary | None = None
 
     def strength(self, config: CalibrationConfig) -> Tensor:
         if config.leakage == "channel":
@@ -311,6 +329,7 @@ class _Trainer:
             "optimizer": self.optimizer.state_dict(),
             "history": self.history,
             "epoch": epoch,
+            "adversary": None if self.adversary is None else self.adversary.state_dict(),
         }
         torch.save(state, tmp)
         tmp.replace(checkpoint)
@@ -324,6 +343,8 @@ class _Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.history = state["history"]
         self.first_epoch = state["epoch"] + 1
+        if self.adversary is not None and state.get("adversary") is not None:
+            self.adversary.load_state_dict(state["adversary"])
 
 
 def _make_trainer(
@@ -350,7 +371,15 @@ def _make_trainer(
         groups.append({"params": tail, "lr": config.tail_lr})
     channel_var = data.activations.float().var(dim=(0, 2, 3))
     teacher = reference or detector
-    return _Trainer(teacher, student, layer, torch.optim.Adam(groups), channel_var)
+    adversary = None
+    if config.adversary_weight > 0:
+        if data.pixels is None:
+            raise ConfigError("training against an adversary needs prepare(..., pixels=True)")
+        adversary = Adversary.build(
+            data.activations, data.pixels, lr=config.adversary_lr, seed=config.seed
+        )
+    optimizer = torch.optim.Adam(groups)
+    return _Trainer(teacher, student, layer, optimizer, channel_var, adversary=adversary)
 
 
 def _task_loss(
@@ -394,6 +423,16 @@ def _check_task(
     return None
 
 
+def _adversary_advantage(
+    trainer: _Trainer, adversary: Adversary, data: CalibrationSet, idx: Tensor, gen: torch.Generator
+) -> Tensor:
+    """Train the adversary one step on a fresh draw, then score that draw against it."""
+    noisy = trainer.layer(data.activations[idx], generator=gen)
+    mu, sigma = trainer.layer.mu, trainer.layer.sigma()
+    adversary.learn(noisy, mu, sigma, idx)
+    return adversary.advantage(noisy, mu, sigma, idx)
+
+
 def _run_epoch(
     trainer: _Trainer,
     data: CalibrationSet,
@@ -413,6 +452,10 @@ def _run_epoch(
         task = _task_loss(trainer, data, idx, config, gen, priors)
         strength = trainer.strength(config)
         loss = (1 - alpha) * config.task_weight * task + alpha * strength
+        if trainer.adversary is not None:
+            advantage = _adversary_advantage(trainer, trainer.adversary, data, idx, gen)
+            loss = loss + alpha * config.adversary_weight * advantage
+            sums["adversary"] = sums.get("adversary", 0.0) + float(advantage.detach())
         trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         trainer.optimizer.step()
@@ -508,6 +551,7 @@ def _profile_meta(
             "tune_tail": config.tune_tail,
             "tail_lr": config.tail_lr,
             "teacher": teacher,
+            "adversary_weight": config.adversary_weight,
         },
     )
 
@@ -543,6 +587,7 @@ def calibrate(
         progress,
         teacher=distill and not config.augment_shifts,
         reference=reference,
+        pixels=config.adversary_weight > 0,
     )
     teacher = (reference or detector).name if distill else "labels"
     act_std = float(data.activations.std())

@@ -86,6 +86,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         leakage=args.leakage,
         tune_tail=not args.frozen_tail,
         tail_lr=args.tail_lr,
+        adversary_weight=args.adversary_weight,
     )
     started = time.perf_counter()
     print(
@@ -815,6 +816,12 @@ def _add_calibrate(sub: Subparsers) -> None:
         "--frozen-tail", action="store_true", help="learn the noise only (no tail per profile)"
     )
     p.add_argument("--tail-lr", type=float, default=1e-4, help="learning rate of the tail")
+    p.add_argument(
+        "--adversary-weight",
+        type=float,
+        default=0.0,
+        help="train against an inversion decoder learning alongside, at this weight (0: off)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", required=True, help="profile bank folder")
     p.set_defaults(func=cmd_calibrate)
