@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from veil.privacy.attacks import InversionDecoder
+from veil.privacy.attacks import AttackerView, InversionDecoder, NoiseModel
 
 UPSAMPLINGS = 2  # targets at 4x the activation's grid
-_SPREAD_FLOOR = 1e-3
 
 
 @dataclass
@@ -55,20 +54,14 @@ class Adversary:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             decoder = InversionDecoder(2 * channels, UPSAMPLINGS, width).train()
-        floor = _SPREAD_FLOOR * float(activations.std()) + 1e-12
-        return cls(
-            decoder,
-            torch.optim.Adam(decoder.parameters(), lr=lr),
-            activations.float().mean(0),
-            activations.float().std(0).clamp_min(floor),
-            targets,
-            targets.float().mean(0),
-        )
+        mean, spread = AttackerView.prior(activations.float())
+        optimizer = torch.optim.Adam(decoder.parameters(), lr=lr)
+        return cls(decoder, optimizer, mean, spread, targets, targets.float().mean(0))
 
     def _features(self, observed: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
-        reliability = self.spread**2 / (self.spread**2 + sigma**2)
-        estimate = reliability * (observed - mu - self.mean) / self.spread
-        return torch.cat([estimate, reliability.expand_as(estimate)], dim=1)
+        """The report's decoder input (:class:`AttackerView`) under the current noise."""
+        noise = NoiseModel(mu, sigma, "calibration")
+        return AttackerView.with_prior(self.mean, self.spread, noise).features(observed)
 
     def _errors(self, observed: Tensor, mu: Tensor, sigma: Tensor, idx: Tensor) -> Tensor:
         """Per image, the decoder's L1 error over the prior's."""

@@ -263,10 +263,16 @@ class AttackerView:
 
     @classmethod
     def build(cls, clean_activations: Tensor, noise: NoiseModel) -> AttackerView:
-        mean = clean_activations.mean(0)
-        spread = clean_activations.std(0)
+        return cls.with_prior(*cls.prior(clean_activations), noise)
+
+    @staticmethod
+    def prior(clean_activations: Tensor) -> tuple[Tensor, Tensor]:
+        """The per-element prior ``(m, s)`` measured on clean activations, ``s`` floored."""
         floor = _SPREAD_FLOOR * float(clean_activations.std()) + 1e-12
-        spread = spread.clamp_min(floor)
+        return clean_activations.mean(0), clean_activations.std(0).clamp_min(floor)
+
+    @classmethod
+    def with_prior(cls, mean: Tensor, spread: Tensor, noise: NoiseModel) -> AttackerView:
         reliability = spread**2 / (spread**2 + noise.sigma**2)
         return cls(mean, spread, reliability, noise)
 
