@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -27,6 +27,7 @@ from veil.privacy.identity import (
     identification,
     mean_ci,
     mean_face_chip,
+    shared_verifications,
     wilson,
 )
 from veil.privacy.linkage import (
@@ -35,6 +36,7 @@ from veil.privacy.linkage import (
     roi_features,
     train_linkage,
 )
+from veil.privacy.scores import identity_from_json, identity_to_json
 
 FACES = 30
 MIN_FACE = 40  # pixels: smaller FDDB faces are too blurred by the degradation to be a fair test
@@ -198,6 +200,20 @@ def test_a_probe_that_looks_like_everyone_verifies_with_a_high_false_match_rate(
     assert blur.false_match is not None and blur.false_match.mean == 1.0
     assert blur.to_json()["false_match"]["n"] == 5
     assert identification(gallery[:1], gallery[:1], [0]).false_match is None  # no other face
+
+
+def test_two_attacks_say_which_faces_both_verified() -> None:
+    gallery = np.eye(128, dtype=np.float32)[:4]
+    near, far = gallery + 0.01, gallery + 0.5  # within 0.6 of their own original, or not
+    first = identification(np.stack([near[0], near[1], far[2]]), gallery, [0, 1, 2])
+    second = identification(np.stack([near[1], far[2], near[3]]), gallery, [1, 2, 3])
+    assert first.own_rows == (0, 1, 2) and first.own_distances[0] < 0.6 < first.own_distances[2]
+    assert shared_verifications(first, second) == 1  # face 1 alone is verified by both
+    assert shared_verifications(first, first) == first.same_person.hits == 2
+    written = identity_from_json(identity_to_json(first))
+    assert written.own_rows == first.own_rows
+    assert written.own_distances == pytest.approx(first.own_distances, abs=1e-4)
+    assert shared_verifications(first, replace(second, own_rows=(), own_distances=())) is None
 
 
 def test_boxes_only_images_paint_the_mean_face_inside_the_boxes_only() -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,6 +231,10 @@ class IdentityScores:
     # Per probe, the share of the other gallery faces within SAME_PERSON_DISTANCE of it; None
     # for a gallery of one face (or a report written before veil measured it).
     false_match: MeanCI | None = None
+    # Per probe, its own original's gallery row and its distance to it (empty in reports
+    # written before veil kept them): which faces an attack verified, to compare attacks.
+    own_rows: tuple[int, ...] = ()
+    own_distances: tuple[float, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -240,6 +245,8 @@ class IdentityScores:
             "chance": self.chance,
             "distances": self.distances.to_json(),
             "false_match": None if self.false_match is None else self.false_match.to_json(),
+            "own_rows": list(self.own_rows),
+            "own_distances": [round(d, 4) for d in self.own_distances],
         }
 
 
@@ -279,7 +286,22 @@ def identification(
         1.0 / len(g),
         mean_ci(to_own.tolist()),
         _false_matches(distance, within),
+        tuple(int(r) for r in own),
+        tuple(float(d) for d in to_own),
     )
+
+
+def shared_verifications(scores: IdentityScores, other: IdentityScores) -> int | None:
+    """How many of the faces ``scores`` verified (within the same-person distance of their
+    own original) ``other`` verified too; None when either kept no per-face distances."""
+    if not scores.own_rows or not other.own_rows:
+        return None
+
+    def verified(s: IdentityScores) -> Counter[int]:
+        pairs = zip(s.own_rows, s.own_distances, strict=True)
+        return Counter(row for row, d in pairs if d < SAME_PERSON_DISTANCE)
+
+    return sum((verified(scores) & verified(other)).values())
 
 
 def _false_matches(

@@ -18,7 +18,7 @@ from veil.detections import Detections
 from veil.detectors.base import Frame
 from veil.privacy.attacks import AttackSet
 from veil.privacy.evaluation import Scored, to_bgr_uint8
-from veil.privacy.identity import SAME_PERSON_DISTANCE, MeanCI, Rate
+from veil.privacy.identity import SAME_PERSON_DISTANCE, MeanCI, Rate, shared_verifications
 from veil.privacy.metrics import BoxArray
 from veil.privacy.scores import AttackScores, attack_title, best_pixels
 from veil.privacy.verdict import deployment_note, pct
@@ -189,6 +189,7 @@ DETAIL = [
     "rank-1 [95% CI] (hits/N)",
     "same person [95% CI]",
     "others within 0.6 (false match)",
+    "of its same-person faces, the boxes-only attacker's too",
     "distance to own original",
     "face SSIM [95% CI] (N)",
     "frame SSIM [95% CI] (N)",
@@ -239,7 +240,14 @@ def _reference_rows(report: PrivacyReport) -> list[tuple[str, AttackScores]]:
     return [(titles.get(k, k), v) for k, v in report.references.items()]
 
 
-def _detail_cells(label: str, s: AttackScores) -> list[str]:
+def _shared_cell(s: AttackScores, floor: AttackScores | None) -> str:
+    if s.identity is None or floor is None or floor.identity is None:
+        return "n/a"
+    shared = shared_verifications(s.identity, floor.identity)
+    return "n/a" if shared is None else f"{shared} of {s.identity.same_person.hits}"
+
+
+def _detail_cells(label: str, s: AttackScores, floor: AttackScores | None) -> list[str]:
     distance = None if s.identity is None else s.identity.distances
     return [
         label,
@@ -247,6 +255,7 @@ def _detail_cells(label: str, s: AttackScores) -> list[str]:
         str(s.images),
         str(s.faces),
         *_identity_cells(s),
+        _shared_cell(s, floor),
         mean_cell(distance),
         mean_cell(s.ssim_face) + ("" if s.ssim_face is None else f" ({s.ssim_face.n})"),
         mean_cell(s.ssim) + ("" if s.ssim is None else f" ({s.ssim.n})"),
@@ -258,8 +267,9 @@ def _detail_cells(label: str, s: AttackScores) -> list[str]:
 
 
 def detail_rows(report: PrivacyReport) -> list[list[str]]:
-    rows = [_detail_cells(r.label, s) for r in report.rows for s in r.attacks.values()]
-    rows += [_detail_cells(label, s) for label, s in _reference_rows(report)]
+    floor = report.references.get("boxes-only")
+    rows = [_detail_cells(r.label, s, floor) for r in report.rows for s in r.attacks.values()]
+    rows += [_detail_cells(label, s, floor) for label, s in _reference_rows(report)]
     return rows
 
 

@@ -65,6 +65,8 @@ def identity_from_json(data: Mapping[str, Any]) -> IdentityScores:
         float(data["chance"]),
         mean_from_json(data["distances"]),
         None if data.get("false_match") is None else mean_from_json(data["false_match"]),
+        tuple(int(r) for r in data.get("own_rows", ())),
+        tuple(float(d) for d in data.get("own_distances", ())),
     )
 
 
