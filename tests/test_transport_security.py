@@ -514,8 +514,9 @@ async def test_inference_over_tls(
     with torch.inference_mode():
         want_loc, want_conf = tiny.tail(torch.from_numpy(batch).float())
     assert loc.shape == tuple(want_loc.shape) and conf.shape == tuple(want_conf.shape)
-    np.testing.assert_allclose(loc, want_loc.numpy(), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(conf, want_conf.numpy(), rtol=1e-4, atol=1e-5)
+    # The tail answers in FP16: within float16 rounding, as tests/test_triton.py compares.
+    np.testing.assert_allclose(loc, want_loc.numpy(), rtol=2e-3, atol=1e-4)
+    np.testing.assert_allclose(conf, want_conf.numpy(), rtol=2e-3, atol=1e-4)
     assert float(np.abs(loc).max()) > 0.01  # real values came back, not zeros
 
 
