@@ -30,9 +30,11 @@ _PEAK_ZOOM = 1.9
 
 @functools.lru_cache(maxsize=1)
 def astronaut_bgr() -> npt.NDArray[np.uint8]:
-    """The 512x512 astronaut photo as BGR (shared: do not modify it)."""
+    """The 512x512 astronaut photo as BGR, shared and read-only (a write raises)."""
     rgb = skimage_data.astronaut()  # type: ignore[no-untyped-call]
-    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)[:, :, ::-1])
+    bgr = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)[:, :, ::-1])
+    bgr.flags.writeable = False
+    return bgr
 
 
 def _encoder_name() -> str:
