@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from veil.privacy.attacks import AttackerView, InversionDecoder, NoiseModel
+from veil.detectors.base import SplitDetector
+from veil.privacy.attacks import AttackerView, InversionDecoder, NoiseModel, input_pixels
 
 UPSAMPLINGS = 2  # targets at 4x the activation's grid
 
@@ -99,11 +100,8 @@ class Adversary:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def letterboxed_targets(
-    inputs: Tensor, mean_bgr: Tensor, std_bgr: Tensor, grid: tuple[int, int]
-) -> Tensor:
-    """The normalised detector inputs ``[N, 3, H, W]`` back in [0, 1] at 4x ``grid`` (h, w),
-    area-averaged, float16."""
-    pixels = (inputs * std_bgr.view(1, 3, 1, 1) + mean_bgr.view(1, 3, 1, 1)) / 255.0
+def letterboxed_targets(detector: SplitDetector, inputs: Tensor, grid: tuple[int, int]) -> Tensor:
+    """``detector``'s normalised inputs ``[N, 3, H, W]`` back in [0, 1] at 4x ``grid`` (h, w),
+    area-averaged as the report's attack targets are, float16."""
     size = (grid[0] * 2**UPSAMPLINGS, grid[1] * 2**UPSAMPLINGS)
-    return F.interpolate(pixels, size=size, mode="area").clamp(0, 1).half()
+    return (input_pixels(detector, inputs, size) / 255.0).half()

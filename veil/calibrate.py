@@ -209,7 +209,6 @@ def prepare(
     teacher_parts: list[list[Tensor]] = []
     targets: list[Tensor] = []
     kept: list[Tensor] = []
-    mean_bgr, std_bgr = torch.tensor(detector.mean_bgr), torch.tensor(detector.std_bgr)
     digest = hashlib.sha256()
     bar = tqdm(total=len(images), desc="clean activations", disable=not progress, unit="img")
     for start in range(0, len(images), batch_size):
@@ -222,7 +221,7 @@ def prepare(
         acts.append(a.cpu())
         if pixels:
             grid = (int(a.shape[2]), int(a.shape[3]))
-            kept.append(letterboxed_targets(x.cpu(), mean_bgr, std_bgr, grid))
+            kept.append(letterboxed_targets(detector, x, grid).cpu())
         teacher_net, teacher_in = detector, a
         if reference is not None:
             teacher_net, teacher_in = reference, reference.head(x)

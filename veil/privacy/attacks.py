@@ -176,6 +176,15 @@ def prepare_attack_set(
     )
 
 
+def input_pixels(detector: SplitDetector, x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Normalised inputs ``[N, 3, H, W]`` of ``detector`` back as BGR pixel values in
+    [0, 255], area-averaged to ``size`` (h, w): an anti-aliased downscale, as the target a
+    viewer would compare."""
+    mean = torch.tensor(detector.mean_bgr, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(detector.std_bgr, device=x.device).view(1, 3, 1, 1)
+    return F.interpolate((x * std + mean).clamp(0, 255), size=size, mode="area")
+
+
 def _collect(
     parts: _Parts,
     detector: SplitDetector,
@@ -186,11 +195,7 @@ def _collect(
     size: tuple[int, int],
     geometry: InputGeometry,
 ) -> None:
-    mean = torch.tensor(detector.mean_bgr, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(detector.std_bgr, device=x.device).view(1, 3, 1, 1)
-    pixels = (x * std + mean).clamp(0, 255)
-    # Area averaging: an anti-aliased downscale, as the target a viewer would compare.
-    small = F.interpolate(pixels, size=size, mode="area")
+    small = input_pixels(detector, x, size)
     parts.targets.append(small.round().to(torch.uint8).cpu())
     parts.activations.append(activation.cpu())
     ratio = size[1] / geometry.width
