@@ -213,9 +213,7 @@ def prepare(
     bar = tqdm(total=len(images), desc="clean activations", disable=not progress, unit="img")
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        frames = [read_image(p) if isinstance(p, Path) else p for p in chunk]
-        for f in frames:
-            digest.update(f[::16, ::16].tobytes())
+        frames = _read_frames(chunk, digest)
         x, letterboxes = detector.preprocess(frames, geometry)
         a = detector.head(x)
         acts.append(a.cpu())
@@ -246,6 +244,15 @@ def prepare(
         reference=torch.cat(reference_acts) if reference_acts else None,
         pixels=torch.cat(kept) if kept else None,
     )
+
+
+def _read_frames(chunk: Sequence[Path | Frame], digest: Any) -> list[Frame]:
+    """The chunk's frames (files read), each folded into the run's ``digest`` (a hashlib
+    object)."""
+    frames = [read_image(p) if isinstance(p, Path) else p for p in chunk]
+    for f in frames:
+        digest.update(f[::16, ::16].tobytes())
+    return frames
 
 
 def _normalised_boxes(
@@ -580,20 +587,8 @@ def calibrate(
     torch.manual_seed(config.seed)
     started = time.perf_counter()
     bank = ProfileBank(out_dir)
-    distill = config.task == "distill"
-    reference = detector.reference() if distill and config.reference_teacher else None
-    data = prepare(
-        detector,
-        images,
-        geometry,
-        boxes,
-        config.batch_size,
-        progress,
-        teacher=distill and not config.augment_shifts,
-        reference=reference,
-        pixels=config.adversary_weight > 0,
-    )
-    teacher = (reference or detector).name if distill else "labels"
+    data, reference = _calibration_set(detector, images, geometry, boxes, config, progress)
+    teacher = (reference or detector).name if config.task == "distill" else "labels"
     act_std = float(data.activations.std())
     run_id = _run_id(data, config, detector)
     profiles: list[NoiseProfile] = []
@@ -621,6 +616,33 @@ def calibrate(
         profiles.append(profile)
     log(f"calibration finished in {time.perf_counter() - started:.1f} s; bank: {out_dir}")
     return profiles
+
+
+def _calibration_set(
+    detector: SplitDetector,
+    images: Sequence[Path | Frame],
+    geometry: InputGeometry,
+    boxes: Sequence[BoxArray] | None,
+    config: CalibrationConfig,
+    progress: bool,
+) -> tuple[CalibrationSet, SplitDetector | None]:
+    """The images through the frozen head once, with what ``config``'s training needs (the
+    whole network's outputs when it is the teacher, the pixels when an adversary trains);
+    and that reference network, if any."""
+    distill = config.task == "distill"
+    reference = detector.reference() if distill and config.reference_teacher else None
+    data = prepare(
+        detector,
+        images,
+        geometry,
+        boxes,
+        config.batch_size,
+        progress,
+        teacher=distill and not config.augment_shifts,
+        reference=reference,
+        pixels=config.adversary_weight > 0,
+    )
+    return data, reference
 
 
 def _run_id(data: CalibrationSet, config: CalibrationConfig, detector: SplitDetector) -> str:
