@@ -30,7 +30,12 @@ from veil.errors import ConfigError, ServiceError
 from veil.inference import make_detect_fn
 from veil.noise import NoiseLayer
 from veil.profiles import ProfileBank, ProfileMeta, profile_from_layer
-from workers.untrusted.tail_client import ActivationArray, FloatArray, TailRouter, TritonTail
+from workers.untrusted.tail_client import (
+    ActivationArray,
+    FloatArray,
+    TailRouter,
+    TritonTail,
+)
 from workers.untrusted.triton_repo import TailManifest, export_model_repository
 from workers.untrusted.triton_server import EmbeddedTriton
 

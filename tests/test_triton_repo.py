@@ -32,7 +32,13 @@ from veil.errors import ConfigError, ProfileError
 from veil.noise import NoiseLayer
 from veil.profiles import NoiseProfile, ProfileBank, ProfileMeta, profile_from_layer
 from workers.untrusted.detect import DetectWorker
-from workers.untrusted.tail_client import ActivationArray, FloatArray, TailRouter, TritonTail
+from workers.untrusted.tail_client import (
+    ActivationArray,
+    FloatArray,
+    TailRouter,
+    TritonTail,
+    cast,
+)
 from workers.untrusted.triton_repo import (
     MANIFEST_FILE,
     PROFILE_PARAMETER,
@@ -565,3 +571,16 @@ def test_a_router_from_one_tail_serves_every_profile_with_that_backend(
     assert (sibling.url, sibling.timeout_s, sibling.manifest) == (given.url, 3.0, manifest)
     with pytest.raises(ConfigError, match="'other_tail' is not a tail of the repository"):
         TailRouter.from_manifest(TritonTail("127.0.0.1:1", "other_tail"), manifest)
+
+
+def test_cast_converts_read_only_float16_exactly_and_keeps_what_already_fits() -> None:
+    rng = np.random.default_rng(0)
+    half = rng.normal(size=(2, 300, 4)).astype(np.float16)
+    half.setflags(write=False)  # as tritonclient's as_numpy returns a response buffer
+    single = cast(half, np.float32)
+    assert single.dtype == np.float32 and single.flags.c_contiguous and single.flags.writeable
+    np.testing.assert_array_equal(single, half.astype(np.float32))
+    back = cast(single[:, ::2], np.float16)  # a strided view is made contiguous
+    assert back.flags.c_contiguous
+    np.testing.assert_array_equal(back, half[:, ::2])
+    assert cast(single, np.float32) is single

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
@@ -47,6 +49,10 @@ FloatArray = npt.NDArray[np.float32]
 ActivationArray = npt.NDArray[np.floating[Any]]  # float16 as from the wire, or float32
 # The input types a tail may declare, and the numpy type each is sent as.
 _INPUT_TYPES: dict[str, type[np.floating[Any]]] = {"FP16": np.float16, "FP32": np.float32}
+_TORCH_TYPES: dict[type[np.floating[Any]], torch.dtype] = {
+    np.float16: torch.float16,
+    np.float32: torch.float32,
+}
 
 _RETRIABLE_STATUSES = {
     "StatusCode.UNAVAILABLE",
@@ -200,8 +206,7 @@ class TritonTail:
     async def _infer_chunk(self, chunk: ActivationArray) -> tuple[FloatArray, ...]:
         signature = self.signature
         request = InferInput(signature.input_name, list(chunk.shape), signature.datatype)
-        wanted = _INPUT_TYPES[signature.datatype]
-        request.set_data_from_numpy(np.ascontiguousarray(chunk, dtype=wanted))
+        request.set_data_from_numpy(cast(chunk, _INPUT_TYPES[signature.datatype]))
         outputs = [InferRequestedOutput(name) for name in signature.output_names]
         result = await self._call(self._client.infer, self.model_name, [request], outputs=outputs)
         arrays: list[FloatArray] = []
@@ -213,9 +218,8 @@ class TritonTail:
                     f"{'missing' if array is None else f'with {len(array)} rows'} for a batch "
                     f"of {len(chunk)}"
                 )
-            # A float32 copy (veil's tails answer in FP16): as_numpy views the read-only
-            # response buffer, which torch.from_numpy dislikes.
-            arrays.append(array.astype(np.float32))
+            # A float32 copy (veil's tails answer in FP16) of the read-only response buffer.
+            arrays.append(cast(array, np.float32))
         return tuple(arrays)
 
     async def _call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
@@ -225,6 +229,19 @@ class TritonTail:
             return await method(*args, client_timeout=self.timeout_s, **kwargs)
         except InferenceServerException as exc:
             raise _translate(exc, self.model_name, self.url) from exc
+
+
+def cast(array: npt.NDArray[Any], dtype: type[np.floating[Any]]) -> npt.NDArray[Any]:
+    """``array`` as a C-contiguous ``dtype`` array (itself when it already is one, else a new
+    array), converted by torch: numpy 1.26 converts float16 element by element (measured:
+    0.37 ms against torch's 0.02 for a FaceBoxes frame's 174k ``loc`` values)."""
+    if array.dtype == dtype and array.flags.c_contiguous:
+        return array
+    with warnings.catch_warnings():  # a read-only response buffer: it is only read here
+        warnings.simplefilter("ignore", UserWarning)
+        source = torch.from_numpy(np.ascontiguousarray(array))
+    converted: npt.NDArray[Any] = source.to(_TORCH_TYPES[dtype]).numpy()
+    return converted
 
 
 def _translate(exc: InferenceServerException, model: str, url: str) -> VeilError:
