@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import torch
+from tritonclient.utils import InferenceServerException
 
 from tests.fixtures_triton import tuned_tail_state
 from veil.cli import main
@@ -30,6 +31,7 @@ from veil.errors import ConfigError, ServiceError
 from veil.inference import make_detect_fn
 from veil.noise import NoiseLayer
 from veil.profiles import ProfileBank, ProfileMeta, profile_from_layer
+from workers.untrusted.shared_memory import SharedMemorySlots
 from workers.untrusted.tail_client import (
     ActivationArray,
     FloatArray,
@@ -325,6 +327,80 @@ async def test_export_refuses_a_bank_for_another_geometry_in_one_line(
     assert error.startswith("veil: error: noise profile ") and "\n" not in error
     assert "geometry 256x256 (serving 512x512)" in error
     assert not (tmp_path / "repo").exists()
+
+
+async def _registered_regions(tail: TritonTail) -> set[str]:
+    status = await tail._client.get_system_shared_memory_status()
+    return set(status.regions)
+
+
+def _mapped_regions() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob(f"veil-{os.getpid()}-*")}
+
+
+async def test_shared_memory_gives_the_grpc_outputs_and_leaves_nothing_behind(
+    server: EmbeddedTriton, activations: ActivationArray
+) -> None:
+    async with (
+        TritonTail(server.grpc_url, "faceboxes_tail") as shared,
+        TritonTail(server.grpc_url, "faceboxes_tail", shared_memory="off") as plain,
+    ):
+        assert shared.uses_shared_memory and not plain.uses_shared_memory  # loopback: auto on
+        registered = await _registered_regions(shared)
+        assert len(registered) == 2 * 3  # two slots of one input and two outputs
+        assert registered == _mapped_regions()
+        for rows in (slice(0, 1), slice(0, 3), slice(1, 3)):
+            got, want = await shared.infer(activations[rows]), await plain.infer(activations[rows])
+            for g, w in zip(got, want, strict=True):
+                assert g.dtype == np.float32 and g.flags.writeable
+                np.testing.assert_array_equal(g, w)
+        first = await shared.infer(activations[:1])
+        await shared.infer(activations[2:3])  # reuses the slot: the first answer is a copy
+        np.testing.assert_array_equal(first[0], (await plain.infer(activations[:1]))[0])
+    async with TritonTail(server.grpc_url, "faceboxes_tail", shared_memory="off") as probe:
+        assert not await _registered_regions(probe)
+    assert not _mapped_regions()
+
+
+async def test_a_cancelled_request_retires_its_slot_and_the_next_ones_are_right(
+    server: EmbeddedTriton, detector: FaceBoxes, activations: ActivationArray
+) -> None:
+    expected = reference_tail(detector, activations)
+    async with TritonTail(server.grpc_url, "faceboxes_tail") as tail:
+        before = await _registered_regions(tail)
+        pending = asyncio.ensure_future(tail.infer(activations[:1]))
+        await asyncio.sleep(0.01)  # in flight: the server's queue delay alone is 100 ms
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        results = await asyncio.gather(*(tail.infer(activations[r : r + 1]) for r in (2, 1, 0)))
+        await tail.infer(activations[:1])  # the cancelled request is done: its slot goes
+        after = await _registered_regions(tail)
+        assert len(after) == len(before) and after != before  # a fresh slot in its place
+    for row, got in zip((2, 1, 0), results, strict=True):
+        for g, e in zip(got, expected, strict=True):
+            np.testing.assert_allclose(g[0], e[row], rtol=2e-3, atol=1e-4)
+    assert not _mapped_regions()
+
+
+async def test_a_server_that_refuses_shared_memory(
+    server: EmbeddedTriton, activations: ActivationArray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a Triton in another container answers (it cannot open this host's /dev/shm key):
+    ``auto`` keeps the tensors on gRPC, ``on`` stops with the reason."""
+
+    async def refuse(self: SharedMemorySlots, client: Any) -> None:
+        raise InferenceServerException("Unable to open shared memory region: '/veil-x'")
+
+    monkeypatch.setattr(SharedMemorySlots, "start", refuse)
+    async with TritonTail(server.grpc_url, "faceboxes_tail") as tail:
+        assert not tail.uses_shared_memory
+        (loc, _) = await tail.infer(activations[:1])
+        assert loc.shape == (1, 5456, 4) and np.isfinite(loc).all() and loc.any()
+    with pytest.raises(ConfigError, match=r"system shared memory refused: .*Unable to open"):
+        await TritonTail(server.grpc_url, "faceboxes_tail", shared_memory="on").start()
+    with pytest.raises(ConfigError, match="shared_memory must be auto, on or off, got 'yes'"):
+        TritonTail(server.grpc_url, "faceboxes_tail", shared_memory="yes")  # type: ignore[arg-type]
 
 
 async def test_server_stops_cleanly(server: EmbeddedTriton, activations: ActivationArray) -> None:

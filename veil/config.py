@@ -224,6 +224,10 @@ class TritonConfig:
     # NGC image serves ``<name>_tail_ts`` (pytorch_libtorch) instead.
     model: str | None = None
     tls: TritonTlsConfig = field(default_factory=TritonTlsConfig)
+    # Tensors through system shared memory instead of inside the gRPC messages: "auto" where
+    # the URL is loopback and the server accepts it (the embedded server; else gRPC with a
+    # warning), "on" (a server on this host, else an error), "off".
+    shared_memory: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass(frozen=True)

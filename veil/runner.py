@@ -618,6 +618,7 @@ async def _detect_role(
         manifest,
         timeout_s=config.triton.timeout_s,
         tls=triton_tls(config),
+        shared_memory=config.triton.shared_memory,
     )
     worker = DetectWorker(
         link,

@@ -24,26 +24,36 @@ from __future__ import annotations
 import asyncio
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
+import structlog
 import torch
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
+from tritonclient.utils.shared_memory import SharedMemoryException
 
-from stream.kafka import warn_unencrypted
+from stream.kafka import is_loopback, warn_unencrypted
 from veil.config import TritonTlsConfig
 from veil.errors import ConfigError, ServiceError, VeilError
+from workers.untrusted.shared_memory import SharedMemorySlots, Slot, TensorSpec
 from workers.untrusted.triton_repo import (
     TAIL_SHA256_PARAMETER,
     WEIGHTS_ID_PARAMETER,
     TailManifest,
 )
+
+log = structlog.get_logger(__name__)
+
+# How tensors travel: "on" through system shared memory (the server must run on this host),
+# "off" inside the gRPC messages, "auto" shared memory for a loopback URL where the server
+# accepts it (else gRPC, with one warning).
+SharedMemoryMode = Literal["auto", "on", "off"]
 
 FloatArray = npt.NDArray[np.float32]
 ActivationArray = npt.NDArray[np.floating[Any]]  # float16 as from the wire, or float32
@@ -97,9 +107,17 @@ class TailSignature:
     input_name: str
     datatype: str  # FP16 (veil's exports) or FP32 (older ones); activations are sent as it
     activation_shape: tuple[int, int, int]
-    output_names: tuple[str, ...]  # as the server names them, in the tail's order
+    outputs: tuple[TensorSpec, ...]  # named as the server names them, in the tail's order
     max_batch_size: int
     weights_id: str | None
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(output.name for output in self.outputs)
+
+    @property
+    def input(self) -> TensorSpec:
+        return TensorSpec(self.input_name, self.datatype, self.activation_shape)
 
 
 class TritonTail:
@@ -113,16 +131,36 @@ class TritonTail:
         *,
         timeout_s: float = 10.0,
         tls: TritonTlsConfig | None = None,
+        shared_memory: SharedMemoryMode = "auto",
     ) -> None:
         if timeout_s <= 0:
             raise ConfigError(f"timeout_s must be positive, got {timeout_s}")
+        if shared_memory not in get_args(SharedMemoryMode):
+            raise ConfigError(f"shared_memory must be auto, on or off, got {shared_memory!r}")
         self.url = url
         self.model_name = model_name
         self.manifest = manifest
         self.timeout_s = timeout_s
         self.tls = tls  # gRPC over TLS when tls.enabled
+        self.shared_memory = shared_memory
         self._client: Any = None
         self._signature: TailSignature | None = None
+        self._slots: SharedMemorySlots | None = None
+
+    def sibling(self, model_name: str, manifest: TailManifest | None) -> TritonTail:
+        """A client of another model on the same server, with this one's settings."""
+        return TritonTail(
+            self.url,
+            model_name,
+            manifest,
+            timeout_s=self.timeout_s,
+            tls=self.tls,
+            shared_memory=self.shared_memory,
+        )
+
+    @property
+    def uses_shared_memory(self) -> bool:
+        return self._slots is not None
 
     @property
     def signature(self) -> TailSignature:
@@ -141,11 +179,37 @@ class TritonTail:
             metadata = await self._call(self._client.get_model_metadata, self.model_name)
             config = await self._call(self._client.get_model_config, self.model_name)
             self._signature = _signature(self.model_name, metadata, config.config, self.manifest)
+            await self._start_shared_memory(self._signature)
         except BaseException:
             await self.stop()
             raise
 
+    async def _start_shared_memory(self, signature: TailSignature) -> None:
+        """Register the shared-memory slots the mode asks for; in ``auto``, a server that
+        cannot map them (one in another container, say) leaves the tensors on gRPC."""
+        if self.shared_memory == "off" or (
+            self.shared_memory == "auto" and not is_loopback(self.url)
+        ):
+            return
+        slots = SharedMemorySlots(
+            self.model_name, signature.input, signature.outputs, signature.max_batch_size
+        )
+        try:
+            await slots.start(self._client)
+        except (InferenceServerException, SharedMemoryException, OSError) as exc:
+            reason = f"{self.model_name} on {self.url}: system shared memory refused: {exc}"
+            if self.shared_memory == "on":
+                raise ConfigError(
+                    f"{reason} (shared_memory on needs the server on this host)"
+                ) from exc
+            log.warning("triton.shared_memory_off", reason=reason, fallback="tensors over gRPC")
+            return
+        self._slots = slots
+
     async def stop(self) -> None:
+        if self._slots is not None:
+            slots, self._slots = self._slots, None
+            await slots.stop()
         if self._client is not None:
             client, self._client = self._client, None
             await client.close()
@@ -205,22 +269,57 @@ class TritonTail:
 
     async def _infer_chunk(self, chunk: ActivationArray) -> tuple[FloatArray, ...]:
         signature = self.signature
+        batch = cast(chunk, _INPUT_TYPES[signature.datatype])
+        if self._slots is not None:
+            return await self._infer_shared(self._slots, batch)
         request = InferInput(signature.input_name, list(chunk.shape), signature.datatype)
-        request.set_data_from_numpy(cast(chunk, _INPUT_TYPES[signature.datatype]))
+        request.set_data_from_numpy(batch)
         outputs = [InferRequestedOutput(name) for name in signature.output_names]
         result = await self._call(self._client.infer, self.model_name, [request], outputs=outputs)
-        arrays: list[FloatArray] = []
+        # A float32 copy (veil's tails answer in FP16) of the read-only response buffer.
+        arrays = []
         for name in signature.output_names:
             array = result.as_numpy(name)
-            if array is None or len(array) != len(chunk):
-                raise ServiceError(
-                    f"{self.model_name}: output {name!r} came back "
-                    f"{'missing' if array is None else f'with {len(array)} rows'} for a batch "
-                    f"of {len(chunk)}"
-                )
-            # A float32 copy (veil's tails answer in FP16) of the read-only response buffer.
+            self._require_rows(name, None if array is None else len(array), len(chunk))
             arrays.append(cast(array, np.float32))
         return tuple(arrays)
+
+    async def _infer_shared(
+        self, slots: SharedMemorySlots, batch: ActivationArray
+    ) -> tuple[FloatArray, ...]:
+        """One request through a leased slot: the outputs copied out before it is freed."""
+        outputs = self.signature.outputs
+        try:
+            async with slots.lease() as slot:
+                tensor, requested = slot.request(self.signature.input, batch, outputs)
+                result = await self._call(
+                    self._client.infer, self.model_name, [tensor], outputs=requested
+                )
+                return tuple(self._copied(slot, result, len(batch)))
+        except InferenceServerException as exc:  # registering a fresh slot
+            raise _translate(exc, self.model_name, self.url) from exc
+
+    def _copied(self, slot: Slot, result: Any, rows: int) -> list[FloatArray]:
+        """The outputs of ``result`` out of ``slot``, as float32 arrays of their own."""
+        arrays = []
+        for i, spec in enumerate(self.signature.outputs):
+            answered = result.get_output(spec.name)
+            self._require_rows(
+                spec.name, None if answered is None else int(answered.shape[0]), rows
+            )
+            view = slot.output(i, spec, rows)
+            single = cast(view, np.float32)
+            arrays.append(view.copy() if single is view else single)
+        return arrays
+
+    def _require_rows(self, name: str, answered: int | None, rows: int) -> None:
+        """A ServiceError unless output ``name`` came back (``answered`` rows) with ``rows``."""
+        if answered != rows:
+            raise ServiceError(
+                f"{self.model_name}: output {name!r} came back "
+                f"{'missing' if answered is None else f'with {answered} rows'} for a batch "
+                f"of {rows}"
+            )
 
     async def _call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
         if self._client is None:
@@ -298,10 +397,24 @@ def _signature(
         tensor.name,
         tensor.datatype,
         (c, h, w),
-        ordered,
+        _output_specs(model, metadata, ordered),
         int(config.max_batch_size),
         weights_id,
     )
+
+
+def _output_specs(model: str, metadata: Any, ordered: Sequence[str]) -> tuple[TensorSpec, ...]:
+    served = {output.name: output for output in metadata.outputs}
+    specs = []
+    for name in ordered:
+        output = served[name]
+        if output.datatype not in _INPUT_TYPES:
+            raise ConfigError(
+                f"model {model!r} returns {name!r} as {output.datatype}; a tail returns FP16 "
+                "or FP32"
+            )
+        specs.append(TensorSpec(name, output.datatype, tuple(int(d) for d in output.shape[1:])))
+    return tuple(specs)
 
 
 def _check_tail_sha256(model: str, config: Any, manifest: TailManifest) -> None:
@@ -368,9 +481,7 @@ class TailRouter:
         tails = {tail.model_name: tail}
         for name in routes.values():
             if name not in tails:
-                tails[name] = TritonTail(
-                    tail.url, name, manifest, timeout_s=tail.timeout_s, tls=tail.tls
-                )
+                tails[name] = tail.sibling(name, manifest)
         return cls(tails, routes, owned=frozenset(tails) - {tail.model_name})
 
     def model_for(self, profile_id: str) -> str | None:
@@ -393,9 +504,7 @@ class TailRouter:
         started: dict[str, TritonTail] = {}
         try:
             for name in sorted(set(new.values()) - set(self.tails)):
-                tail = TritonTail(
-                    template.url, name, manifest, timeout_s=template.timeout_s, tls=template.tls
-                )
+                tail = template.sibling(name, manifest)
                 if load:
                     await tail.load()
                 await tail.start()
