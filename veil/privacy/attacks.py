@@ -464,6 +464,30 @@ class _RmleProblem:
     activation_scale: float
     tv_weight: float
 
+    @classmethod
+    def of(
+        cls,
+        detector: SplitDetector,
+        geometry: InputGeometry,
+        observed: Tensor,
+        noise: NoiseModel,
+        activation_scale: float,
+        tv_weight: float,
+    ) -> _RmleProblem:
+        device = detector.device
+        sigma = noise.sigma.to(device)
+        return cls(
+            detector,
+            geometry,
+            observed.to(device),
+            noise.mu.to(device),
+            activation_scale**2 / (activation_scale**2 + sigma**2),
+            torch.tensor(detector.mean_bgr, device=device).view(1, 3, 1, 1),
+            torch.tensor(detector.std_bgr, device=device).view(1, 3, 1, 1),
+            activation_scale,
+            tv_weight,
+        )
+
     def losses(self, logits: Tensor, index: slice) -> tuple[Tensor, Tensor]:
         """Per-image (data term, data + TV) of the images ``index``, each ``[n]``."""
         image = torch.sigmoid(logits[index])
@@ -477,6 +501,28 @@ class _RmleProblem:
         residual = (activation + self.mu - self.observed[index]) / self.activation_scale
         data = (self.weights * residual**2).mean(dim=(1, 2, 3))
         return data, data + self.tv_weight * total_variation(image)
+
+
+def _descend(
+    problem: _RmleProblem, logits: Tensor, steps: int, lr: float, chunk: int, bar: Any
+) -> Tensor:
+    """Adam on ``logits`` for ``steps`` steps, ``chunk`` images per backward pass; each
+    step's data term per image (``[steps, N]``)."""
+    n = int(logits.shape[0])
+    optimizer = torch.optim.Adam([logits], lr=lr)
+    history = torch.zeros(steps, n)
+    with torch.enable_grad():
+        for step in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            for first in range(0, n, chunk):
+                index = slice(first, min(n, first + chunk))
+                data, loss = problem.losses(logits, index)
+                loss.sum().backward()  # type: ignore[no-untyped-call]
+                history[step, index] = data.detach().cpu()
+            optimizer.step()
+            bar.update(1)
+            bar.set_postfix(match=f"{float(history[step].mean()):.4f}")
+    return history
 
 
 def rmle_attack(
@@ -522,35 +568,12 @@ def rmle_attack(
     if activation_scale <= 0:
         raise ConfigError(f"activation_scale must be positive, got {activation_scale}")
     started = time.perf_counter()
-    device = detector.device
     detector.eval()
-    problem = _RmleProblem(
-        detector,
-        geometry,
-        observed.to(device),
-        noise.mu.to(device),
-        activation_scale**2 / (activation_scale**2 + noise.sigma.to(device) ** 2),
-        torch.tensor(detector.mean_bgr, device=device).view(1, 3, 1, 1),
-        torch.tensor(detector.std_bgr, device=device).view(1, 3, 1, 1),
-        activation_scale,
-        tv_weight,
-    )
+    problem = _RmleProblem.of(detector, geometry, observed, noise, activation_scale, tv_weight)
     n = int(observed.shape[0])
-    logits = torch.zeros(n, 3, *size, device=device, requires_grad=True)
-    optimizer = torch.optim.Adam([logits], lr=lr)
-    history = torch.zeros(steps, n)
+    logits = torch.zeros(n, 3, *size, device=detector.device, requires_grad=True)
     bar = tqdm(total=steps, desc=f"rMLE ({noise.label})", disable=not progress, unit="step")
-    with torch.enable_grad():
-        for step in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            for first in range(0, n, chunk):
-                index = slice(first, min(n, first + chunk))
-                data, loss = problem.losses(logits, index)
-                loss.sum().backward()  # type: ignore[no-untyped-call]
-                history[step, index] = data.detach().cpu()
-            optimizer.step()
-            bar.update(1)
-            bar.set_postfix(match=f"{float(history[step].mean()):.4f}")
+    history = _descend(problem, logits, steps, lr, chunk, bar)
     bar.close()
     return RmleResult(
         torch.sigmoid(logits).detach().cpu(),

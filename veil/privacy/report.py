@@ -452,13 +452,7 @@ def privacy_report(
     images. ``settings`` are :class:`ReportOptions` fields (``epochs``, ``image_size``, ...).
     """
     started = time.perf_counter()
-    options = ReportOptions(**settings)
-    if eval_gt_boxes is not None and len(eval_gt_boxes) != len(eval_images):
-        raise DatasetError(
-            f"{len(eval_images)} eval images but {len(eval_gt_boxes)} ground-truth box sets"
-        )
-    if options.rmle_images < 0 or options.grid_images < 0:
-        raise ConfigError("rmle_images and grid_images must be >= 0")
+    options = _options(settings, len(eval_images), eval_gt_boxes)
     profiles = _load_bank(Path(bank_dir), detector)
     geometry = InputGeometry.parse(profiles[0].meta.geometry)
     detector.eval()
@@ -476,12 +470,11 @@ def privacy_report(
     log(_data_summary(attacker, ctx, options))
     references, guesses = _references(ctx, attacker)
     done = _run_settings(detector, profiles, attacker, ctx, options, progress, log)
-    accuracy_source = "given"
+    accuracy_source = "given" if accuracy is not None else "eval images"
     if accuracy is None:
         clean_ap, accuracy = measure_accuracy(
             detector, geometry, profiles, eval_images, ctx.frame_boxes, options.seed
         )
-        accuracy_source = "eval images"
     report = _assemble(detector, geometry, attacker, ctx, references, options)
     report.rows = _with_accuracy([s.row for s in done], accuracy, clean_ap, deployed_alpha)
     report.accuracy_source = accuracy_source
@@ -493,6 +486,20 @@ def privacy_report(
         record_profile_leakage(Path(bank_dir), report, profiles)
     log(f"privacy report written to {out_dir} in {report.seconds:.0f} s")
     return report
+
+
+def _options(
+    settings: dict[str, Any], eval_count: int, eval_gt_boxes: Sequence[BoxArray] | None
+) -> ReportOptions:
+    """The report's options, checked with the eval set's size."""
+    options = ReportOptions(**settings)
+    if eval_gt_boxes is not None and len(eval_gt_boxes) != eval_count:
+        raise DatasetError(
+            f"{eval_count} eval images but {len(eval_gt_boxes)} ground-truth box sets"
+        )
+    if options.rmle_images < 0 or options.grid_images < 0:
+        raise ConfigError("rmle_images and grid_images must be >= 0")
+    return options
 
 
 def _assemble(

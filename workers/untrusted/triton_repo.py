@@ -134,6 +134,31 @@ class TailManifest:
     torchscript_sha256: str
     routes: Mapping[str, TailRoute] = field(default_factory=dict)
 
+    @classmethod
+    def of(
+        cls,
+        detector: SplitDetector,
+        geometry: InputGeometry,
+        common: _ConfigCommon,
+        output_names: Sequence[str],
+        routes: Mapping[str, TailRoute],
+    ) -> TailManifest:
+        """The manifest of an export: ``routes`` holds the clean tail's under ``"none"``."""
+        clean = routes[CLEAN_PROFILE]
+        return cls(
+            detector=detector.name,
+            weights_id=detector.weights_id,
+            geometry=geometry,
+            activation_shape=common.activation_shape,
+            output_names=tuple(output_names),
+            output_shapes=common.output_shapes,
+            max_batch_size=common.max_batch_size,
+            python_model=clean.python,
+            torchscript_model=clean.torchscript,
+            torchscript_sha256=clean.torchscript_sha256,
+            routes=routes,
+        )
+
     def clean_route(self) -> TailRoute:
         return TailRoute(self.python_model, self.torchscript_model, self.torchscript_sha256)
 
@@ -297,19 +322,7 @@ def export_model_repository(
     for profile in served:
         routes[profile.profile_id] = _profile_route(plan, source, repository, name, profile, clean)
     _remove_stale_profile_models(repository, name, routes.values())
-    TailManifest(
-        detector=detector.name,
-        weights_id=detector.weights_id,
-        geometry=geometry,
-        activation_shape=activation_shape,
-        output_names=names,
-        output_shapes=output_shapes,
-        max_batch_size=max_batch_size,
-        python_model=clean.python,
-        torchscript_model=clean.torchscript,
-        torchscript_sha256=clean.torchscript_sha256,
-        routes=routes,
-    ).write(repository)
+    TailManifest.of(detector, geometry, batching, names, routes).write(repository)
     return repository
 
 
