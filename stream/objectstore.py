@@ -389,31 +389,55 @@ class _Trimmer:
             policy = config.get("cleanup.policy", "delete")
             if "compact" in policy and "delete" not in policy:
                 continue  # compacted topics keep every record (tansu does not compact)
-            floor = floors.get(tp)
-            retention_ms = _config_number(config, "retention.ms")
-            retention_s = self.retention_s if retention_ms is None else retention_ms / 1000
-            retention_bytes = _config_number(config, "retention.bytes")
-            held = 0
-            # Newest first. The newest batch stays (as Kafka keeps the active segment): tansu
-            # takes a partition's earliest and latest offsets from the batches it holds.
-            for rank, (offset, key, blob) in enumerate(sorted(listed, reverse=True)):
-                end = offset + blob.records
-                unconsumed = end - offset if floor is None else max(0, end - max(offset, floor))
-                if rank > 0 and (
-                    (retention_s is not None and blob.mtime < now - retention_s)
-                    or (retention_bytes is not None and held + blob.size > retention_bytes)
-                ):
-                    victims[key] = ("expired", unconsumed)
-                    continue
-                held += blob.size
-                if rank > 0 and floor is not None and unconsumed == 0:
-                    consumed.append((blob.mtime, key, blob))
-                else:
-                    kept.append((blob.mtime, key, blob, unconsumed))
+            self._sort_partition(listed, floors.get(tp), config, now, (victims, consumed, kept))
+        self._cap(victims, consumed, kept)
+        self._delete(victims)
+
+    def _sort_partition(
+        self,
+        listed: list[tuple[int, str, _Blob]],
+        floor: int | None,
+        config: dict[str, str],
+        now: float,
+        into: tuple[
+            dict[str, tuple[str, int]],
+            list[tuple[float, str, _Blob]],
+            list[tuple[float, str, _Blob, int]],
+        ],
+    ) -> None:
+        """One partition's batches into expired victims, consumed and kept ones. Newest first:
+        the newest batch stays (as Kafka keeps the active segment), since tansu takes a
+        partition's earliest and latest offsets from the batches it holds."""
+        victims, consumed, kept = into
+        retention_ms = _config_number(config, "retention.ms")
+        retention_s = self.retention_s if retention_ms is None else retention_ms / 1000
+        retention_bytes = _config_number(config, "retention.bytes")
+        held = 0
+        for rank, (offset, key, blob) in enumerate(sorted(listed, reverse=True)):
+            end = offset + blob.records
+            unconsumed = end - offset if floor is None else max(0, end - max(offset, floor))
+            if rank > 0 and (
+                (retention_s is not None and blob.mtime < now - retention_s)
+                or (retention_bytes is not None and held + blob.size > retention_bytes)
+            ):
+                victims[key] = ("expired", unconsumed)
+                continue
+            held += blob.size
+            if rank > 0 and floor is not None and unconsumed == 0:
+                consumed.append((blob.mtime, key, blob))
+            else:
+                kept.append((blob.mtime, key, blob, unconsumed))
+
+    def _cap(
+        self,
+        victims: dict[str, tuple[str, int]],
+        consumed: list[tuple[float, str, _Blob]],
+        kept: list[tuple[float, str, _Blob, int]],
+    ) -> None:
+        """Consumed batches go first (oldest first): beyond keep_consumed_bytes, and beyond
+        max_stored_bytes whatever keep_consumed_bytes says; then, oldest first, the others."""
         total = sum(b.size for _, _, b in consumed) + sum(b.size for _, _, b, _ in kept)
         consumed.sort(key=lambda c: c[0])
-        # Consumed batches go first (oldest first): beyond keep_consumed_bytes, and beyond
-        # max_stored_bytes whatever keep_consumed_bytes says; then, oldest first, the others.
         limits = [x for x in (self.keep_consumed_bytes, self.max_stored_bytes) if x is not None]
         while consumed and limits and total > min(limits):
             _mtime, key, blob = consumed.pop(0)
@@ -425,6 +449,8 @@ class _Trimmer:
                     break
                 victims[key] = ("capped", unconsumed)
                 total -= blob.size
+
+    def _delete(self, victims: dict[str, tuple[str, int]]) -> None:
         deleted: dict[str, list[int]] = {}
         with self.store.lock:
             for key, (why, lost) in victims.items():
