@@ -18,20 +18,27 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from veil.calibrate import list_images
 from veil.data import data_root, reference_weights
 from veil.detectors import load_detector
-from veil.detectors.base import InputGeometry
+from veil.detectors.base import Frame, InputGeometry, SplitDetector
 from veil.eval import read_image
-from veil.eval.fddb import load_fddb
-from veil.privacy.attacks import NoiseModel, prepare_attack_set, rmle_attack, train_decoder
+from veil.eval.fddb import FddbImage, load_fddb
+from veil.privacy.attacks import (
+    AttackSet,
+    NoiseModel,
+    prepare_attack_set,
+    rmle_attack,
+    train_decoder,
+)
 from veil.privacy.identity import FaceRecognizer, identification
 from veil.profiles import ProfileBank
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="faceboxes")
     p.add_argument("--geometry", default="1024x1024")
@@ -43,7 +50,56 @@ def main() -> None:
     p.add_argument("--clean", type=int, default=1)
     p.add_argument("--attack", default="decoder", choices=["decoder", "rmle"])
     p.add_argument("--rmle-steps", type=int, default=100)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def _reconstruct(
+    args: argparse.Namespace,
+    detector: SplitDetector,
+    geometry: InputGeometry,
+    train: AttackSet,
+    evals: AttackSet,
+    noise: NoiseModel,
+) -> tuple[torch.Tensor, float]:
+    """The attack's reconstructions of the eval images under ``noise``, and its seconds."""
+    observed = noise.observe(evals.activations, torch.Generator().manual_seed(1))
+    if args.attack == "decoder":
+        decoder = train_decoder(train, noise, epochs=args.epochs, progress=False)
+        return decoder.reconstruct(observed), decoder.seconds
+    result = rmle_attack(
+        detector,
+        observed,
+        noise,
+        geometry,
+        evals.target_size,
+        float(train.activations.std()),
+        steps=args.rmle_steps,
+        progress=False,
+    )
+    return result.images, result.seconds
+
+
+def _probes(
+    recon: torch.Tensor,
+    originals: list[Frame],
+    fddb: list[FddbImage],
+    evals: AttackSet,
+    recogniser: FaceRecognizer,
+) -> npt.NDArray[np.float32]:
+    """dlib embeddings of the faces in the reconstructions, upscaled to their frames."""
+    probes = []
+    for i, (frame, im) in enumerate(zip(originals, fddb, strict=True)):
+        w, h = evals.content[i]
+        small = (recon[i, :, :h, :w].permute(1, 2, 0).numpy() * 255).round()
+        pic = cv2.resize(
+            small.astype(np.uint8), (frame.shape[1], frame.shape[0]), interpolation=cv2.INTER_CUBIC
+        )
+        probes.append(recogniser.embed(np.asarray(pic, np.uint8), im.boxes.astype(np.float32)))
+    return np.concatenate(probes)
+
+
+def main() -> None:
+    args = _arguments()
     torch.set_num_threads(1)
     root = data_root()
     assert root is not None  # data_root raises when the data is absent
@@ -66,7 +122,6 @@ def main() -> None:
             for f, im in zip(originals, fddb, strict=True)
         ]
     )
-    truth = list(range(len(gallery)))
     shape = tuple(int(v) for v in train.activations.shape[1:])
     settings = [(NoiseModel.clean(shape), "clean")] if args.clean else []  # type: ignore[arg-type]
     settings += [
@@ -74,33 +129,9 @@ def main() -> None:
         for pr in (ProfileBank(args.bank).profiles() if args.bank else [])
     ]
     for noise, label in settings:
-        observed = noise.observe(evals.activations, torch.Generator().manual_seed(1))
-        if args.attack == "decoder":
-            decoder = train_decoder(train, noise, epochs=args.epochs, progress=False)
-            recon, seconds = decoder.reconstruct(observed), decoder.seconds
-        else:
-            result = rmle_attack(
-                detector,
-                observed,
-                noise,
-                geometry,
-                evals.target_size,
-                float(train.activations.std()),
-                steps=args.rmle_steps,
-                progress=False,
-            )
-            recon, seconds = result.images, result.seconds
-        probes = []
-        for i, (frame, im) in enumerate(zip(originals, fddb, strict=True)):
-            w, h = evals.content[i]
-            small = (recon[i, :, :h, :w].permute(1, 2, 0).numpy() * 255).round()
-            pic = cv2.resize(
-                small.astype(np.uint8),
-                (frame.shape[1], frame.shape[0]),
-                interpolation=cv2.INTER_CUBIC,
-            )
-            probes.append(recogniser.embed(np.asarray(pic, np.uint8), im.boxes.astype(np.float32)))
-        scores = identification(np.concatenate(probes), gallery, truth)
+        recon, seconds = _reconstruct(args, detector, geometry, train, evals, noise)
+        probes = _probes(recon, originals, fddb, evals, recogniser)
+        scores = identification(probes, gallery, list(range(len(gallery))))
         row = {
             "bank": args.bank,
             "setting": label,
