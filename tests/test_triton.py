@@ -124,6 +124,15 @@ def reference_tail(detector: FaceBoxes, activations: ActivationArray) -> list[Fl
         return [out.numpy() for out in detector.tail(torch.from_numpy(activations).float())]
 
 
+def assert_rows(
+    results: list[tuple[FloatArray, ...]], rows: list[int], expected: list[FloatArray]
+) -> None:
+    """Each one-row answer of ``results`` is row ``rows[i]`` of the expected outputs."""
+    for row, got in zip(rows, results, strict=True):
+        for g, e in zip(got, expected, strict=True):
+            np.testing.assert_allclose(g[0], e[row], rtol=2e-3, atol=1e-4)
+
+
 async def test_triton_tail_equals_the_in_process_tail(
     server: EmbeddedTriton,
     repository: Path,
@@ -180,9 +189,7 @@ async def test_concurrent_requests_share_a_batch_and_get_their_own_rows(
         rows = [2, 0, 1]
         results = await asyncio.gather(*(tail.infer(activations[r : r + 1]) for r in rows))
         after = await _statistics(tail)
-    for row, got in zip(rows, results, strict=True):
-        for g, e in zip(got, expected, strict=True):
-            np.testing.assert_allclose(g[0], e[row], rtol=2e-3, atol=1e-4)
+    assert_rows(results, rows, expected)
     inferences = after.inference_count - before.inference_count
     executions = after.execution_count - before.execution_count
     assert inferences == 3
@@ -377,9 +384,7 @@ async def test_a_cancelled_request_retires_its_slot_and_the_next_ones_are_right(
         await tail.infer(activations[:1])  # the cancelled request is done: its slot goes
         after = await _registered_regions(tail)
         assert len(after) == len(before) and after != before  # a fresh slot in its place
-    for row, got in zip((2, 1, 0), results, strict=True):
-        for g, e in zip(got, expected, strict=True):
-            np.testing.assert_allclose(g[0], e[row], rtol=2e-3, atol=1e-4)
+    assert_rows(results, [2, 1, 0], expected)
     assert not _mapped_regions()
 
 

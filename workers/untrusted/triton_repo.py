@@ -114,6 +114,9 @@ class TailRoute:
         )
 
 
+Routes = Mapping[str, "TailRoute"]
+
+
 @dataclass(frozen=True)
 class TailManifest:
     """What a tail repository serves: the contents of its ``veil-model.json``.
@@ -136,12 +139,7 @@ class TailManifest:
 
     @classmethod
     def of(
-        cls,
-        detector: SplitDetector,
-        geometry: InputGeometry,
-        common: _ConfigCommon,
-        output_names: Sequence[str],
-        routes: Mapping[str, TailRoute],
+        cls, detector: SplitDetector, geometry: InputGeometry, plan: _ExportPlan, routes: Routes
     ) -> TailManifest:
         """The manifest of an export: ``routes`` holds the clean tail's under ``"none"``."""
         clean = routes[CLEAN_PROFILE]
@@ -149,10 +147,10 @@ class TailManifest:
             detector=detector.name,
             weights_id=detector.weights_id,
             geometry=geometry,
-            activation_shape=common.activation_shape,
-            output_names=tuple(output_names),
-            output_shapes=common.output_shapes,
-            max_batch_size=common.max_batch_size,
+            activation_shape=plan.common.activation_shape,
+            output_names=plan.output_names,
+            output_shapes=plan.common.output_shapes,
+            max_batch_size=plan.common.max_batch_size,
             python_model=clean.python,
             torchscript_model=clean.torchscript,
             torchscript_sha256=clean.torchscript_sha256,
@@ -322,7 +320,7 @@ def export_model_repository(
     for profile in served:
         routes[profile.profile_id] = _profile_route(plan, source, repository, name, profile, clean)
     _remove_stale_profile_models(repository, name, routes.values())
-    TailManifest.of(detector, geometry, batching, names, routes).write(repository)
+    TailManifest.of(detector, geometry, plan, routes).write(repository)
     return repository
 
 
