@@ -341,8 +341,18 @@ async def _registered_regions(tail: TritonTail) -> set[str]:
     return set(status.regions)
 
 
-def _mapped_regions() -> set[str]:
-    return {p.name for p in Path("/dev/shm").glob(f"veil-{os.getpid()}-*")}
+def _mapped_regions(tail: TritonTail) -> set[str]:
+    """The regions of ``tail``'s slots under /dev/shm (read while it is started)."""
+    return _mapped(_prefix(tail))
+
+
+def _prefix(tail: TritonTail) -> str:
+    assert tail._slots is not None
+    return tail._slots._prefix
+
+
+def _mapped(prefix: str) -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob(f"{prefix}-*")}
 
 
 async def test_shared_memory_gives_the_grpc_outputs_and_leaves_nothing_behind(
@@ -355,7 +365,8 @@ async def test_shared_memory_gives_the_grpc_outputs_and_leaves_nothing_behind(
         assert shared.uses_shared_memory and not plain.uses_shared_memory  # loopback: auto on
         registered = await _registered_regions(shared)
         assert len(registered) == 2 * 3  # two slots of one input and two outputs
-        assert registered == _mapped_regions()
+        assert registered == _mapped_regions(shared)
+        prefix = _prefix(shared)
         for rows in (slice(0, 1), slice(0, 3), slice(1, 3)):
             got, want = await shared.infer(activations[rows]), await plain.infer(activations[rows])
             for g, w in zip(got, want, strict=True):
@@ -366,7 +377,7 @@ async def test_shared_memory_gives_the_grpc_outputs_and_leaves_nothing_behind(
         np.testing.assert_array_equal(first[0], (await plain.infer(activations[:1]))[0])
     async with TritonTail(server.grpc_url, "faceboxes_tail", shared_memory="off") as probe:
         assert not await _registered_regions(probe)
-    assert not _mapped_regions()
+    assert not _mapped(prefix)
 
 
 async def test_a_cancelled_request_retires_its_slot_and_the_next_ones_are_right(
@@ -375,6 +386,7 @@ async def test_a_cancelled_request_retires_its_slot_and_the_next_ones_are_right(
     expected = reference_tail(detector, activations)
     async with TritonTail(server.grpc_url, "faceboxes_tail") as tail:
         before = await _registered_regions(tail)
+        prefix = _prefix(tail)
         pending = asyncio.ensure_future(tail.infer(activations[:1]))
         await asyncio.sleep(0.01)  # in flight: the server's queue delay alone is 100 ms
         pending.cancel()
@@ -385,7 +397,7 @@ async def test_a_cancelled_request_retires_its_slot_and_the_next_ones_are_right(
         after = await _registered_regions(tail)
         assert len(after) == len(before) and after != before  # a fresh slot in its place
     assert_rows(results, [2, 1, 0], expected)
-    assert not _mapped_regions()
+    assert not _mapped(prefix)
 
 
 async def test_a_server_that_refuses_shared_memory(

@@ -620,6 +620,7 @@ async def _detect_role(
         tls=triton_tls(config),
         shared_memory=config.triton.shared_memory,
     )
+    stack.push_async_callback(tail.stop)  # after the worker's stop: it does not own this tail
     worker = DetectWorker(
         link,
         tail,
