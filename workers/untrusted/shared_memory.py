@@ -32,8 +32,8 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 
 from veil.errors import ServiceError
 
-# Triton's datatypes of veil's tails and the numpy type each is read as.
-_NUMPY_TYPES: dict[str, type[np.floating[Any]]] = {"FP16": np.float16, "FP32": np.float32}
+# Triton's datatypes of veil's tails (inputs and outputs) and the numpy type of each.
+TENSOR_TYPES: dict[str, type[np.floating[Any]]] = {"FP16": np.float16, "FP32": np.float32}
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class TensorSpec:
 
     @property
     def item_bytes(self) -> int:
-        return int(np.prod(self.shape)) * np.dtype(_NUMPY_TYPES[self.datatype]).itemsize
+        return int(np.prod(self.shape)) * np.dtype(TENSOR_TYPES[self.datatype]).itemsize
 
 
 @dataclass
@@ -89,7 +89,7 @@ class Slot:
         """A view of output ``index`` of a ``rows``-item answer (valid until the slot's next
         request: copy it)."""
         view: npt.NDArray[Any] = shm.get_contents_as_numpy(
-            self.outputs[index].handle, _NUMPY_TYPES[spec.datatype], [rows, *spec.shape]
+            self.outputs[index].handle, TENSOR_TYPES[spec.datatype], [rows, *spec.shape]
         )
         return view
 

@@ -41,7 +41,7 @@ from tritonclient.utils.shared_memory import SharedMemoryException
 from stream.kafka import is_loopback, warn_unencrypted
 from veil.config import TritonTlsConfig
 from veil.errors import ConfigError, ServiceError, VeilError
-from workers.untrusted.shared_memory import SharedMemorySlots, Slot, TensorSpec
+from workers.untrusted.shared_memory import TENSOR_TYPES, SharedMemorySlots, Slot, TensorSpec
 from workers.untrusted.triton_repo import (
     TAIL_SHA256_PARAMETER,
     WEIGHTS_ID_PARAMETER,
@@ -57,8 +57,6 @@ SharedMemoryMode = Literal["auto", "on", "off"]
 
 FloatArray = npt.NDArray[np.float32]
 ActivationArray = npt.NDArray[np.floating[Any]]  # float16 as from the wire, or float32
-# The input types a tail may declare, and the numpy type each is sent as.
-_INPUT_TYPES: dict[str, type[np.floating[Any]]] = {"FP16": np.float16, "FP32": np.float32}
 _TORCH_TYPES: dict[type[np.floating[Any]], torch.dtype] = {
     np.float16: torch.float16,
     np.float32: torch.float32,
@@ -247,7 +245,7 @@ class TritonTail:
         signature = self.signature
         if (
             not isinstance(activations, np.ndarray)
-            or activations.dtype not in _INPUT_TYPES.values()
+            or activations.dtype not in TENSOR_TYPES.values()
         ):
             kind = activations.dtype if isinstance(activations, np.ndarray) else type(activations)
             raise ConfigError(
@@ -269,7 +267,7 @@ class TritonTail:
 
     async def _infer_chunk(self, chunk: ActivationArray) -> tuple[FloatArray, ...]:
         signature = self.signature
-        batch = cast(chunk, _INPUT_TYPES[signature.datatype])
+        batch = cast(chunk, TENSOR_TYPES[signature.datatype])
         if self._slots is not None:
             return await self._infer_shared(self._slots, batch)
         request = InferInput(signature.input_name, list(chunk.shape), signature.datatype)
@@ -361,7 +359,7 @@ def _signature(
         raise ConfigError(f"model {model!r} has {len(metadata.inputs)} inputs; a tail has one")
     tensor = metadata.inputs[0]
     dims = [int(d) for d in tensor.shape]
-    if tensor.datatype not in _INPUT_TYPES or config.max_batch_size < 1 or len(dims) != 4:
+    if tensor.datatype not in TENSOR_TYPES or config.max_batch_size < 1 or len(dims) != 4:
         raise ConfigError(
             f"model {model!r} takes {tensor.datatype} {dims} with max_batch_size "
             f"{config.max_batch_size}; a tail takes batched FP16 or FP32 [N, C, H, W]"
@@ -408,7 +406,7 @@ def _output_specs(model: str, metadata: Any, ordered: Sequence[str]) -> tuple[Te
     specs = []
     for name in ordered:
         output = served[name]
-        if output.datatype not in _INPUT_TYPES:
+        if output.datatype not in TENSOR_TYPES:
             raise ConfigError(
                 f"model {model!r} returns {name!r} as {output.datatype}; a tail returns FP16 "
                 "or FP32"
