@@ -11,7 +11,14 @@ from tests.tiny_detector import TinyDetector
 from veil.calibrate import CalibrationConfig, calibrate, prepare, train_profile
 from veil.detectors.base import Frame, InputGeometry
 from veil.errors import ConfigError, ProfileError
-from veil.noise import NoiseLayer, entropy_generator
+from veil.noise import (
+    CipherNormal,
+    NoiseLayer,
+    TorchNormal,
+    entropy_generator,
+    noise_source,
+    normal_levels,
+)
 from veil.profiles import ProfileBank, ProfileMeta, profile_from_layer
 
 
@@ -51,6 +58,59 @@ def test_noise_is_fresh_per_call_and_has_the_learned_moments() -> None:
 def test_entropy_generators_never_repeat_each_other() -> None:
     draws = {float(torch.randn(1, generator=entropy_generator())) for _ in range(20)}
     assert len(draws) == 20
+
+
+def test_the_cipher_levels_are_a_unit_normal_quantised_into_equiprobable_bins() -> None:
+    levels = normal_levels().double()
+    assert levels.shape == (65536,) and bool((levels[1:] > levels[:-1]).all())
+    torch.testing.assert_close(levels, -levels.flip(0))  # symmetric, mean 0
+    assert float(levels.pow(2).mean()) == pytest.approx(1.0, abs=1e-9)
+    assert float(levels.max()) == pytest.approx(4.325, abs=0.005)
+    # the median level and the bin of the 97.5% quantile sit where the normal's CDF puts them
+    assert float(levels[int(0.975 * 65536)]) == pytest.approx(1.96, abs=1e-3)
+
+
+def _normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1 + torch.erf(x / 2**0.5))
+
+
+def test_cipher_draws_are_standard_normal_fresh_and_independent_of_each_other() -> None:
+    source = CipherNormal()
+    first, second = source.fill_(torch.empty(200_000)), source.fill_(torch.empty(200_000))
+    assert not torch.equal(first, second)
+    for draws in (first, second):
+        assert abs(float(draws.mean())) < 0.01 and float(draws.std()) == pytest.approx(1, abs=0.01)
+        ordered = draws.double().sort().values
+        ranks = torch.arange(1, len(ordered) + 1, dtype=torch.float64) / len(ordered)
+        assert float((_normal_cdf(ordered) - ranks).abs().max()) < 0.005  # Kolmogorov-Smirnov
+    pairs = torch.stack([first[:-1], first[1:]])
+    assert abs(float(torch.corrcoef(pairs)[0, 1])) < 0.01  # neighbours uncorrelated
+    assert not torch.equal(
+        CipherNormal().fill_(torch.empty(64)), CipherNormal().fill_(torch.empty(64))
+    )
+
+
+def test_a_seeded_cipher_repeats_and_fills_any_layout() -> None:
+    a = CipherNormal(seed=7).fill_(torch.empty(3, 4, 5))
+    torch.testing.assert_close(a, CipherNormal(seed=7).fill_(torch.empty(3, 4, 5)))
+    assert not torch.equal(a, CipherNormal(seed=8).fill_(torch.empty(3, 4, 5)))
+    strided = CipherNormal(seed=7).fill_(torch.empty(5, 4, 3).permute(2, 1, 0))
+    assert strided.shape == (3, 4, 5) and bool(torch.isin(strided, normal_levels()).all())
+    half = CipherNormal(seed=7).fill_(torch.empty(3, 4, 5, dtype=torch.float64))
+    torch.testing.assert_close(half, a.double())
+    with pytest.raises(ValueError, match="CPU tensors"):
+        CipherNormal().fill_(torch.empty(2, device="meta"))
+
+
+def test_serving_draws_from_the_cipher_on_a_cpu_and_a_noise_layer_takes_either_source() -> None:
+    assert isinstance(noise_source("cpu"), CipherNormal)
+    layer = NoiseLayer((4, 8, 8), 0.0, 4.0, initial_sigma=1.5)
+    a = torch.zeros(256, 4, 8, 8)
+    for source in (noise_source("cpu"), TorchNormal(torch.Generator().manual_seed(1))):
+        out = layer(a, source)
+        assert float(out.std()) == pytest.approx(1.5, rel=0.02)
+    seeded = TorchNormal(torch.Generator().manual_seed(3))
+    torch.testing.assert_close(layer(a, seeded), layer(a, torch.Generator().manual_seed(3)))
 
 
 def test_wrong_activation_shape_is_named() -> None:

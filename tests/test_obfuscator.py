@@ -8,7 +8,7 @@ from stream.frames import Frame
 from stream.wire import Envelope
 from tests.tiny_detector import TinyDetector
 from veil.errors import ProfileError
-from veil.noise import NoiseLayer
+from veil.noise import NoiseLayer, noise_source
 from veil.profiles import NoiseProfile, ProfileMeta, profile_from_layer
 from workers.trusted.obfuscator import CLEAN_PROFILE_ID, Obfuscator, ProfileTable
 
@@ -30,7 +30,7 @@ def _weak_and_strong() -> tuple[TinyDetector, NoiseProfile, NoiseProfile, Obfusc
     device = torch.device("cpu")
     table = ProfileTable(det, det.default_geometry, [strong, weak], device)  # type: ignore[list-item]
     obf = Obfuscator(det, det.default_geometry, table, device)
-    obf.generator = torch.Generator().manual_seed(0)  # a fixed seed: tests only
+    obf.noise = noise_source("cpu", seed=0)  # a fixed seed: tests only
     return det, weak, strong, obf
 
 

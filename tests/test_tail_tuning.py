@@ -125,28 +125,35 @@ def test_a_tail_tuned_under_noise_keeps_more_accuracy_than_the_frozen_tail(
     geometry = InputGeometry(512, 512)
     wider = list_images(root / "widerface" / "WIDER_val" / "images")[:160]
     # Strong noise (1.5 activation std) that barely moves (tiny noise learning rate): the
-    # comparison is between tails under the same noise. Measured: AP 0.747 tuned, 0.693 frozen.
+    # comparison is between tails under the same noise draws. One draw's AP on 30 images moved
+    # by 0.05 between seeds, more than the tuned tail's gain at tail_lr 1e-4 (0.02 on average):
+    # hence 60 images, tail_lr 1e-3 and two draws. Measured over six draws: the tuned tail kept
+    # 0.053-0.081 more AP (0.855-0.898 against 0.775-0.842).
     config = CalibrationConfig(
         alphas=(0.5,),
         geometry=geometry,
-        epochs=4,
+        epochs=8,
         batch_size=8,
         lr=1e-6,
         initial_sigma_ratio=1.5,
-        tail_lr=1e-4,
+        tail_lr=1e-3,
         seed=0,
     )
     (profile,) = calibrate(detector, wider, tmp_path, config, progress=False, log=lambda _: None)
-    fddb = load_fddb(root, folds=[2, 7], max_images_per_fold=15).images
+    fddb = load_fddb(root, folds=[2, 4, 7, 9], max_images_per_fold=15).images
     images = [read_image(im.path) for im in fddb]
     truth = [im.boxes for im in fddb]
 
     def ap(p: NoiseProfile) -> float:
-        detect = make_detect_fn(detector, geometry, p, seed=3)
-        dets: list[Detections] = []
-        for start in range(0, len(images), 10):
-            dets += detect(images[start : start + 10])
-        return average_precision(dets, truth)
+        """Mean AP over two seeded noise draws (the same draws for either tail)."""
+        scores = []
+        for seed in (3, 4):
+            detect = make_detect_fn(detector, geometry, p, seed=seed)
+            dets: list[Detections] = []
+            for start in range(0, len(images), 10):
+                dets += detect(images[start : start + 10])
+            scores.append(average_precision(dets, truth))
+        return sum(scores) / len(scores)
 
     tuned, frozen = ap(profile), ap(replace(profile, tail=None))
     assert tuned > frozen + 0.03, (tuned, frozen)

@@ -34,7 +34,7 @@ from veil.detectors import load_decoder, load_detector
 from veil.detectors.base import Frame, InputGeometry, Letterbox, SplitDetector
 from veil.errors import ConfigError, DatasetError
 from veil.eval import read_image
-from veil.noise import entropy_generator
+from veil.noise import noise_source
 from veil.profiles import NoiseProfile, ProfileBank, check_alpha
 
 DEFAULT_ALPHA = 0.8  # the alpha `veil run` serves by default
@@ -189,12 +189,7 @@ class Bank:
         if alpha > 0:
             profile = self.profile(alpha)
             device = self.detector.device
-            generator = (
-                entropy_generator(device)
-                if seed is None
-                else torch.Generator(device).manual_seed(seed)
-            )
-            activation = profile.layer(device)(activation, generator)
+            activation = profile.layer(device)(activation, noise_source(device, seed))
             profile_id = profile.profile_id
         wire = activation[0].to(torch.float16).float().cpu()
         return Obfuscated(wire, alpha, profile_id, letterbox, self.geometry)

@@ -413,9 +413,9 @@ def _task_loss(
             clean = roll(clean, shift)
             with torch.no_grad():
                 teacher = list(trainer.teacher.tail(roll(source, shift, factor)))
-        noisy = trainer.layer(clean, generator=gen)
+        noisy = trainer.layer(clean, gen)
         return distillation_loss(trainer.student.tail(noisy), teacher)
-    raw = trainer.student.tail(trainer.layer(clean, generator=gen))
+    raw = trainer.student.tail(trainer.layer(clean, gen))
     from veil.detectors.multibox import multibox_loss
 
     assert data.targets is not None and priors is not None
@@ -438,7 +438,7 @@ def _adversary_advantage(
     trainer: _Trainer, adversary: Adversary, data: CalibrationSet, idx: Tensor, gen: torch.Generator
 ) -> Tensor:
     """Train the adversary one step on a fresh draw, then score that draw against it."""
-    noisy = trainer.layer(data.activations[idx], generator=gen)
+    noisy = trainer.layer(data.activations[idx], gen)
     mu, sigma = trainer.layer.mu, trainer.layer.sigma()
     adversary.learn(noisy, mu, sigma, idx)
     return adversary.advantage(noisy, mu, sigma, idx)

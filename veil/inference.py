@@ -14,7 +14,7 @@ from torch import Tensor
 from veil.detections import Detections
 from veil.detectors.base import Frame, InputGeometry, Letterbox, SplitDetector
 from veil.eval import DetectFn
-from veil.noise import NoiseLayer, entropy_generator
+from veil.noise import NoiseLayer, NoiseSource, noise_source
 from veil.profiles import NoiseProfile
 
 
@@ -61,7 +61,7 @@ def make_detect_fn(
     detector.check_geometry(geometry)
     cache = head_cache or HeadCache()
     layer: NoiseLayer | None = None
-    generator: torch.Generator | None = None
+    noise: NoiseSource | None = None
     tail_model = detector
     if profile is not None:
         profile.check_fits(
@@ -69,16 +69,13 @@ def make_detect_fn(
         )
         layer = profile.layer(detector.device)
         tail_model = profile.detector_for(detector)
-        if seed is None:
-            generator = entropy_generator(detector.device)
-        else:
-            generator = torch.Generator(detector.device).manual_seed(seed)
+        noise = noise_source(detector.device, seed)
 
     @torch.no_grad()
     def detect(frames: list[Frame]) -> list[Detections]:
         a, letterboxes, (h, w) = cache.get(detector, frames, geometry)
         if layer is not None:
-            a = layer(a, generator)
+            a = layer(a, noise)
         if wire is not None:
             a = through_wire(a, wire)
         return detector.decode(tail_model.tail(a), letterboxes, h, w, score_threshold)
