@@ -109,6 +109,30 @@ def test_a_reused_input_is_refilled_and_its_padding_cleared(
 
 
 @torch.no_grad()
+def test_padding_already_zero_is_not_zeroed_again_and_a_size_change_clears_it(
+    faceboxes: SplitDetector, street: list[Frame]
+) -> None:
+    buffer = torch.full((2, 3, 1088, 1920), 55.0)
+    padded: list[tuple[int, int] | None] = [(1080, 1920)]  # its padding for 1920x1080 frames
+    short = np.ascontiguousarray(street[0][:700])
+    first, _ = faceboxes.preprocess([short], GEOMETRY_1080P, buffer, padded)
+    assert padded == [(700, 1920)]  # another size: zeroed below row 700 and recorded
+    assert torch.equal(first, old_preprocess(faceboxes, [short], GEOMETRY_1080P))
+    buffer[0, :, 700:] = 7.0  # the memo is trusted: a same-size frame leaves the padding alone
+    kept, _ = faceboxes.preprocess([short], GEOMETRY_1080P, buffer, padded)
+    assert float(kept[0, :, 700:].min()) == 7.0
+    buffer[0, :, 700:] = 0.0
+    taller = np.ascontiguousarray(street[1][:900])  # another size: its own padding zeroed
+    buffer[0, :, 900:] = 9.0
+    again, _ = faceboxes.preprocess([taller, short], GEOMETRY_1080P, buffer, padded)
+    assert padded == [(900, 1920), (700, 1920)]
+    assert torch.equal(again, old_preprocess(faceboxes, [taller, short], GEOMETRY_1080P))
+    smaller = torch.empty(1, 3, 1088, 1920)  # a buffer too small: a new one, a new memo
+    faceboxes.preprocess([short, short], GEOMETRY_1080P, smaller, padded)
+    assert padded == [(700, 1920), (700, 1920)]
+
+
+@torch.no_grad()
 def test_a_resized_frame_differs_from_the_old_path_by_uint8_rounding_only(
     faceboxes: SplitDetector,
 ) -> None:

@@ -82,8 +82,7 @@ class CipherNormal:
             self._index = torch.empty(n, dtype=torch.int32)
         self._cipher.update_into(memoryview(self._zeros)[: 2 * n], self._stream)
         index = self._index[:n]
-        index.copy_(torch.frombuffer(self._stream, dtype=torch.int16, count=n))
-        index.bitwise_and_(_LEVELS - 1)
+        index.copy_(torch.frombuffer(self._stream, dtype=torch.uint16, count=n))
         if out.dtype == torch.float32 and out.is_contiguous():
             torch.index_select(normal_levels(), 0, index, out=out.view(-1))
         else:

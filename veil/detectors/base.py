@@ -207,6 +207,7 @@ class SplitDetector(nn.Module, ABC):
         frames: Sequence[Frame | Tensor],
         geometry: InputGeometry,
         out: Tensor | None = None,
+        padded: list[tuple[int, int] | None] | None = None,
     ) -> tuple[Tensor, list[Letterbox]]:
         """Letterbox BGR uint8 frames into ``geometry`` and normalise, on the model's device.
 
@@ -216,11 +217,19 @@ class SplitDetector(nn.Module, ABC):
         (:meth:`_normalise_planes`), on a GPU copied as uint8 and normalised there in one
         fused multiply-add. ``out`` (a float32 ``[M, 3, H, W]`` buffer on the device,
         ``M >= len(frames)``, e.g. the previous call's result) is reused instead of a new input;
-        the batch returned is then a view of it.
+        the batch returned is then a view of it. ``padded``, kept by the owner of ``out`` beside
+        it, records per input the frame size whose padding is already zero there, so that a
+        stream's next frame of the same size does not zero it again (0.1 ms at 640x640 for a
+        16:9 frame); it is reset when ``out`` is not reused.
         """
         self.check_geometry(geometry)
         batch = _input_buffer(out, len(frames), geometry, self.device)
-        shift, scale = self._normalisation(batch.device)
+        padded = [] if padded is None else padded
+        if out is None or batch.data_ptr() != out.data_ptr():
+            padded.clear()
+        padded.extend([None] * (len(frames) - len(padded)))
+        on_cpu = batch.device.type == "cpu"
+        shift, scale = (None, None) if on_cpu else self._normalisation(batch.device)
         boxes: list[Letterbox] = []
         for i, frame in enumerate(frames):
             pixels = _host_pixels(frame, i)
@@ -232,13 +241,15 @@ class SplitDetector(nn.Module, ABC):
                 resized = cv2.resize(pixels, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
                 pixels = np.asarray(resized, dtype=np.uint8)
             dst = batch[i]
-            if batch.device.type == "cpu":
+            if shift is None or scale is None:  # on a CPU (measured: 0.1 ms a call to build them)
                 self._normalise_planes(pixels, dst[:, :new_h, :new_w].numpy())
             else:
                 src = torch.from_numpy(pixels).pin_memory().to(batch.device, non_blocking=True)
                 torch.addcmul(shift, src.permute(2, 0, 1), scale, out=dst[:, :new_h, :new_w])
-            dst[:, new_h:].zero_()
-            dst[:, :new_h, new_w:].zero_()
+            if padded[i] != (new_h, new_w):
+                dst[:, new_h:].zero_()
+                dst[:, :new_h, new_w:].zero_()
+                padded[i] = (new_h, new_w)
             boxes.append(Letterbox(scale_factor, w, h))
         return batch, boxes
 

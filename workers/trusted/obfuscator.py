@@ -147,6 +147,7 @@ class Obfuscator:
         )
         self.lanes = max(1, lanes)
         self._inputs: dict[int, Tensor] = {}  # per lane, the letterboxed input it reuses
+        self._padded: dict[int, list[tuple[int, int] | None]] = {}  # per lane, see preprocess
         self._eps: dict[int, Tensor] = {}  # per lane, the buffer its noise is drawn into
         self.last_timing: dict[str, float] = {}
         self._provenance: list[Provenance] = []
@@ -181,7 +182,8 @@ class Obfuscator:
     def letterbox(self, pixels: Sequence[Frame], lane: int = 0) -> tuple[Tensor, list[Letterbox]]:
         """The lane's input, refilled with ``pixels`` letterboxed and normalised."""
         buffer = self._inputs.get(lane)
-        x, letterboxes = self.detector.preprocess(pixels, self.geometry, buffer)
+        padded = self._padded.setdefault(lane, [])
+        x, letterboxes = self.detector.preprocess(pixels, self.geometry, buffer, padded)
         if buffer is None or len(buffer) < len(x):
             self._inputs[lane] = x  # the first or a larger batch: the next ones reuse it
         return x, letterboxes
