@@ -204,36 +204,23 @@ def prepare(
     activation's grid (what :mod:`veil.adversary`'s decoder rebuilds).
     """
     detector.check_geometry(geometry)
-    acts: list[Tensor] = []
-    reference_acts: list[Tensor] = []
-    teacher_parts: list[list[Tensor]] = []
-    targets: list[Tensor] = []
-    kept: list[Tensor] = []
+    parts = _Prepared()
     digest = hashlib.sha256()
     bar = tqdm(total=len(images), desc="clean activations", disable=not progress, unit="img")
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        frames = _read_frames(chunk, digest)
-        x, letterboxes = detector.preprocess(frames, geometry)
-        a = detector.head(x)
-        acts.append(a.cpu())
-        if pixels:
-            grid = (int(a.shape[2]), int(a.shape[3]))
-            kept.append(letterboxed_targets(detector, x, grid).cpu())
-        teacher_net, teacher_in = detector, a
-        if reference is not None:
-            teacher_net, teacher_in = reference, reference.head(x)
-            reference_acts.append(teacher_in.cpu())
-        if teacher:
-            teacher_parts.append([t.cpu() for t in teacher_net.tail(teacher_in)])
+        x, letterboxes = detector.preprocess(_read_frames(chunk, digest), geometry)
+        parts.add(detector, x, reference, teacher=teacher, pixels=pixels)
         if boxes is not None:
-            targets += _normalised_boxes(boxes[start : start + len(chunk)], letterboxes, geometry)
+            parts.targets += _normalised_boxes(
+                boxes[start : start + len(chunk)], letterboxes, geometry
+            )
         bar.update(len(chunk))
     bar.close()
     return CalibrationSet(
-        activations=torch.cat(acts),
-        teacher=[torch.cat(parts) for parts in zip(*teacher_parts, strict=True)],
-        targets=targets if boxes is not None else None,
+        activations=torch.cat(parts.activations),
+        teacher=[torch.cat(column) for column in zip(*parts.teacher, strict=True)],
+        targets=parts.targets if boxes is not None else None,
         input_height=geometry.height,
         input_width=geometry.width,
         description={
@@ -241,9 +228,42 @@ def prepare(
             "geometry": str(geometry),
             "digest": digest.hexdigest()[:16],
         },
-        reference=torch.cat(reference_acts) if reference_acts else None,
-        pixels=torch.cat(kept) if kept else None,
+        reference=torch.cat(parts.reference) if parts.reference else None,
+        pixels=torch.cat(parts.pixels) if parts.pixels else None,
     )
+
+
+@dataclass
+class _Prepared:
+    """What :func:`prepare` collects batch by batch (on the CPU)."""
+
+    activations: list[Tensor] = field(default_factory=list)
+    reference: list[Tensor] = field(default_factory=list)
+    teacher: list[list[Tensor]] = field(default_factory=list)
+    targets: list[Tensor] = field(default_factory=list)
+    pixels: list[Tensor] = field(default_factory=list)
+
+    def add(
+        self,
+        detector: SplitDetector,
+        x: Tensor,
+        reference: SplitDetector | None,
+        *,
+        teacher: bool,
+        pixels: bool,
+    ) -> None:
+        """One letterboxed batch ``x``: its activations, and what :func:`prepare` asks for."""
+        a = detector.head(x)
+        self.activations.append(a.cpu())
+        if pixels:
+            grid = (int(a.shape[2]), int(a.shape[3]))
+            self.pixels.append(letterboxed_targets(detector, x, grid).cpu())
+        teacher_net, teacher_in = detector, a
+        if reference is not None:
+            teacher_net, teacher_in = reference, reference.head(x)
+            self.reference.append(teacher_in.cpu())
+        if teacher:
+            self.teacher.append([t.cpu() for t in teacher_net.tail(teacher_in)])
 
 
 def _read_frames(chunk: Sequence[Path | Frame], digest: Any) -> list[Frame]:
