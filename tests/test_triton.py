@@ -29,7 +29,7 @@ from veil.detectors.base import Frame, InputGeometry
 from veil.detectors.faceboxes import FaceBoxes
 from veil.errors import ConfigError, ServiceError
 from veil.inference import make_detect_fn
-from veil.noise import NoiseLayer
+from veil.noise import NoiseLayer, noise_source
 from veil.profiles import ProfileBank, ProfileMeta, profile_from_layer
 from workers.untrusted.shared_memory import SharedMemorySlots
 from workers.untrusted.tail_client import (
@@ -291,7 +291,7 @@ async def test_a_profile_tail_exported_with_the_bank_gives_the_in_process_boxes(
     # In process, with a fixed noise seed: the same draw make_detect_fn makes.
     with torch.no_grad():
         x, letterboxes = detector.preprocess(frames, PROFILE_GEOMETRY)
-        noisy = profile.layer()(detector.head(x), torch.Generator().manual_seed(NOISE_SEED))
+        noisy = profile.layer()(detector.head(x), noise_source("cpu", NOISE_SEED))
         expected = [o.numpy() for o in profile.detector_for(detector).tail(noisy)]
         clean = [o.numpy() for o in detector.tail(noisy)]
     in_process = make_detect_fn(
