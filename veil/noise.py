@@ -12,13 +12,14 @@ entropy and never from a fixed seed (:func:`noise_source`).
 
 Where ``eps`` comes from (:data:`NoiseSource`):
 
-- :class:`CipherNormal`, the CPU serving path: an AES-128-CTR keystream (``cryptography``, AES-NI)
-  read as 16-bit indices into the standard normal's inverse CDF at the centres of 65,536
-  equiprobable bins (rescaled to unit variance; the largest level is 4.32). The stream cannot be
-  predicted from what it produced, unlike torch's Mersenne Twister, whose state its own outputs
-  give away, and it is 3-4x faster (measured at 128x40x40: 0.23 ms against 0.72-0.95 ms for
-  ``normal_``). Its draws differ from a Gaussian by the 4.32 truncation (a mass of 1.5e-5) and
-  bins 4e-5 wide in the bulk, far below the wire's own int8 step.
+- :class:`CipherNormal`, the CPU serving path: an AES-128-CTR keystream (``cryptography``,
+  AES-NI) read as 16-bit indices into the standard normal's inverse CDF at the centres of
+  65,536 equiprobable bins (rescaled to unit variance; the largest level is 4.32). The stream
+  cannot be predicted from what it produced, unlike torch's Mersenne Twister, whose state its
+  own outputs give away, and it is faster (measured at 128x40x40: 0.23 ms against 0.72-0.95 ms
+  for ``normal_`` in a loop of its own, 0.62 against 1.06 ms right after the head). Its draws
+  differ from a Gaussian by the 4.32 truncation (a mass of 1.5e-5) and bins 4e-5 wide in the
+  bulk, far below the wire's own int8 step.
 - :class:`TorchNormal`: torch's generator (Philox on a GPU), for CUDA tensors and for the
   calibration, whose seeded draws stay those of ``torch.randn``.
 """

@@ -228,8 +228,8 @@ class SplitDetector(nn.Module, ABC):
         if out is None or batch.data_ptr() != out.data_ptr():
             padded.clear()
         padded.extend([None] * (len(frames) - len(padded)))
-        on_cpu = batch.device.type == "cpu"
-        shift, scale = (None, None) if on_cpu else self._normalisation(batch.device)
+        # A GPU's normalisation tensors (building them cost 0.1 ms a call; a CPU needs none).
+        normalisation = None if batch.device.type == "cpu" else self._normalisation(batch.device)
         boxes: list[Letterbox] = []
         for i, frame in enumerate(frames):
             pixels = _host_pixels(frame, i)
@@ -241,9 +241,10 @@ class SplitDetector(nn.Module, ABC):
                 resized = cv2.resize(pixels, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
                 pixels = np.asarray(resized, dtype=np.uint8)
             dst = batch[i]
-            if shift is None or scale is None:  # on a CPU (measured: 0.1 ms a call to build them)
+            if normalisation is None:
                 self._normalise_planes(pixels, dst[:, :new_h, :new_w].numpy())
             else:
+                shift, scale = normalisation
                 src = torch.from_numpy(pixels).pin_memory().to(batch.device, non_blocking=True)
                 torch.addcmul(shift, src.permute(2, 0, 1), scale, out=dst[:, :new_h, :new_w])
             if padded[i] != (new_h, new_w):
