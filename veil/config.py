@@ -34,6 +34,9 @@ class ModelConfig:
     # FaceBoxes head at 1920x1088 in about half the time of torch), torch on a GPU. The
     # activation is the same to float rounding either way; the noise layer is always torch.
     head_runtime: Literal["auto", "torch", "onnxruntime"] = "auto"
+    # The head's and the noise's arithmetic on the edge: float16 (torch only, the GPU's
+    # setting) halves the head's memory traffic; the wire carries float16 or int8 either way.
+    precision: Literal["float32", "float16"] = "float32"
 
 
 # The roles whose compute has a thread count, and their weights in the default share.

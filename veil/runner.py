@@ -234,6 +234,7 @@ def build_obfuscator(
         config.batching.cuda_streams,
         head_runtime=config.model.head_runtime,
         threads=config.threads.for_role("edge", {"edge"}),  # serve() sets the edge role's
+        precision=config.model.precision,
     )
 
 

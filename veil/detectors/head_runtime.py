@@ -11,6 +11,10 @@
 
 Both give :meth:`SplitDetector.head`'s activation to float rounding (tests check 1e-4
 absolute on real frames). The noise layer runs after them, in torch.
+
+``model.precision`` ``float16`` runs the torch head in half precision (the GPU's setting: half
+the memory traffic, and tensor cores); the input is cast where it turns channels_last, so it
+costs no extra pass. onnxruntime runs float32 only.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from veil.errors import ConfigError
 
 HeadRuntime = Literal["auto", "torch", "onnxruntime"]
 HEAD_RUNTIMES: tuple[str, ...] = get_args(HeadRuntime)
+Precision = Literal["float32", "float16"]
+PRECISIONS: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
 _INPUT = "input"
 _OUTPUT = "activation"
 
@@ -81,17 +87,24 @@ class HeadRunner(ABC):
 class TorchHead(HeadRunner):
     name = "torch"
 
-    def __init__(self, detector: SplitDetector, device: torch.device, threads: int) -> None:
-        head = _Head(fold_batch_norm(detector)).to(device)
+    def __init__(
+        self,
+        detector: SplitDetector,
+        device: torch.device,
+        threads: int,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        head = _Head(fold_batch_norm(detector)).to(device, dtype)
         self.module = head.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.threads = threads
+        self.dtype = dtype
 
     def set_threads(self, threads: int) -> None:
         self.threads = threads  # torch's pool: the calling thread's torch.set_num_threads
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the noise is added in place outside it
     def __call__(self, x: Tensor) -> Tensor:
-        out: Tensor = self.module(x.contiguous(memory_format=torch.channels_last))
+        out: Tensor = self.module(x.to(self.dtype, memory_format=torch.channels_last))
         return out.contiguous()
 
 
@@ -147,15 +160,24 @@ def export_head_onnx(detector: SplitDetector, geometry: InputGeometry) -> bytes:
         return path.read_bytes()
 
 
-def resolve_runtime(requested: str, device: torch.device) -> str:
-    """``auto`` -> onnxruntime on a CPU where it is installed, else torch; checks the rest."""
+def resolve_runtime(requested: str, device: torch.device, precision: str = "float32") -> str:
+    """``auto`` -> onnxruntime on a CPU where it is installed (float32), else torch; checks
+    the rest."""
     if requested not in HEAD_RUNTIMES:
         raise ConfigError(
             f"model.head_runtime {requested!r} is not one of {', '.join(HEAD_RUNTIMES)}"
         )
+    if precision not in PRECISIONS:
+        raise ConfigError(f"model.precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     installed = importlib.util.find_spec("onnxruntime") is not None
     if requested == "auto":
-        return "onnxruntime" if installed and device.type == "cpu" else "torch"
+        onnx = installed and device.type == "cpu" and precision == "float32"
+        return "onnxruntime" if onnx else "torch"
+    if requested == "onnxruntime" and precision != "float32":
+        raise ConfigError(
+            f"model.head_runtime onnxruntime runs float32 only; model.precision {precision} "
+            "needs head_runtime torch (or auto)"
+        )
     if requested == "onnxruntime" and not installed:
         raise ConfigError(
             "model.head_runtime onnxruntime: onnxruntime is not installed (pip install "
@@ -175,10 +197,12 @@ def build_head(
     device: torch.device,
     runtime: str = "auto",
     threads: int = 1,
+    precision: str = "float32",
 ) -> HeadRunner:
-    """The head of ``detector`` at ``geometry`` on ``device``, run by ``runtime``."""
+    """The head of ``detector`` at ``geometry`` on ``device``, run by ``runtime`` in
+    ``precision``."""
     if threads < 1:
         raise ConfigError(f"head threads must be at least 1, got {threads}")
-    if resolve_runtime(runtime, device) == "onnxruntime":
+    if resolve_runtime(runtime, device, precision) == "onnxruntime":
         return OnnxHead(detector, geometry, threads)
-    return TorchHead(detector, device, threads)
+    return TorchHead(detector, device, threads, PRECISIONS[precision])

@@ -24,7 +24,7 @@ from torch import Tensor
 from stream.frames import Frame as StreamFrame
 from stream.wire import Envelope, EnvelopeFields, Provenance, ProvenanceFields
 from veil.detectors.base import Frame, InputGeometry, Letterbox, SplitDetector
-from veil.detectors.head_runtime import build_head
+from veil.detectors.head_runtime import PRECISIONS, build_head
 from veil.errors import ConfigError, ProfileError
 from veil.noise import noise_source
 from veil.profiles import NoiseProfile, ProfileBank, check_alpha
@@ -119,6 +119,9 @@ class Obfuscator:
     threads, set again at the start of every :meth:`run` in the thread that runs it (torch's
     OpenMP thread count is per thread), so that this role keeps its share of the host's cores
     beside others in the same process. Each lane letterboxes into an input it reuses.
+    ``precision`` (``model.precision``) is the head's and the noise's arithmetic: ``float16``
+    (torch only; the GPU's setting) casts the input where the head turns it channels_last
+    and keeps the profiles' ``mu`` and ``sigma`` in half precision beside it.
     """
 
     def __init__(
@@ -131,13 +134,17 @@ class Obfuscator:
         *,
         head_runtime: str = "auto",
         threads: int | None = None,
+        precision: str = "float32",
     ) -> None:
         detector.check_geometry(geometry)
         self.detector = detector.to(device).eval().requires_grad_(False)
         self.geometry = geometry
         self.device = device
         self.threads = threads or torch.get_num_threads()
-        self.head = build_head(self.detector, geometry, device, head_runtime, self.threads)
+        self.head = build_head(
+            self.detector, geometry, device, head_runtime, self.threads, precision
+        )
+        self.dtype = PRECISIONS[precision]
         self.noise = noise_source(device)  # never a fixed seed in serving
         self.cuda = device.type == "cuda"
         self.streams = (
@@ -157,6 +164,7 @@ class Obfuscator:
         """Serve ``table`` (a reloaded bank) from the next batch. One provenance per row, made
         once: every activation of that row carries it."""
         self.table = table
+        self._mu, self._sigma = table.mu.to(self.dtype), table.sigma.to(self.dtype)
         self._provenance = [
             Provenance(
                 self.detector.name, self.detector.weights_id, table.profile_id(r), table.alpha(r)
@@ -207,10 +215,10 @@ class Obfuscator:
         eps = self.noise.fill_(buffer[: len(a)])
         if bool((rows == rows[0]).all()):  # rows are on the CPU: no device sync
             row = int(rows[0])
-            mu, sigma = self.table.mu[row], self.table.sigma[row]
+            mu, sigma = self._mu[row], self._sigma[row]
         else:
             on_device = rows.to(self.device, non_blocking=True)
-            mu, sigma = self.table.mu[on_device], self.table.sigma[on_device]
+            mu, sigma = self._mu[on_device], self._sigma[on_device]
         return a.add_(mu).addcmul_(sigma, eps)
 
     @torch.no_grad()
