@@ -12,7 +12,6 @@ import math
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 import numpy.typing as npt
@@ -38,6 +37,8 @@ def astronaut_bgr() -> npt.NDArray[np.uint8]:
 
 
 def _encoder_name() -> str:
+    import av  # here, not at import: rendering frames needs no PyAV (scripts/gpu_check.py)
+
     # libx264 is in PyAV's wheels; builds without it still have FFmpeg's native mpeg4.
     return "libx264" if "libx264" in av.codecs_available else "mpeg4"
 
@@ -90,6 +91,8 @@ def make_demo_clip(
     frame_count = round(seconds * fps)
     if frame_count < 1:
         raise ConfigError(f"demo clip of {seconds} s at {fps} fps would have no frames")
+
+    import av
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
