@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -20,7 +21,13 @@ from veil.calibrate import video_frames
 from veil.config import ThreadsConfig, load_config
 from veil.data import data_root
 from veil.detectors import load_detector
-from veil.detectors.base import Frame, InputGeometry, SplitDetector, letterbox_scale
+from veil.detectors.base import (
+    Frame,
+    InputGeometry,
+    SplitDetector,
+    letterbox_scale,
+    resize_interpolation,
+)
 from veil.detectors.boxes import nms
 from veil.detectors.head_runtime import build_head, fold_batch_norm, resolve_runtime
 from veil.errors import ConfigError
@@ -154,6 +161,33 @@ def test_folding_removes_every_batch_norm(faceboxes: SplitDetector) -> None:
     folded = fold_batch_norm(faceboxes)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert any(isinstance(m, nn.BatchNorm2d) for m in faceboxes.modules())  # a copy
+
+
+def test_the_letterbox_shortcut_gives_bilinears_bytes_where_it_applies(
+    street: list[Frame],
+) -> None:
+    """Nearest-exact in place of bilinear only at one odd integer factor, where the two agree
+    byte for byte: a real 1080p frame into 640x640 (factor 3), random frames at 3x and 5x."""
+    rng = np.random.default_rng(0)
+    cases = [(street[0], (640, 360))] + [
+        (rng.integers(0, 256, (90 * k, 160 * k, 3), dtype=np.uint8), (160, 90)) for k in (3, 5)
+    ]
+    for pixels, size in cases:
+        h, w = pixels.shape[:2]
+        assert resize_interpolation(w, h, *size) == cv2.INTER_NEAREST_EXACT
+        exact = cv2.resize(pixels, size, interpolation=cv2.INTER_NEAREST_EXACT)
+        np.testing.assert_array_equal(
+            exact, cv2.resize(pixels, size, interpolation=cv2.INTER_LINEAR)
+        )
+    # 2x (bilinear averages two pixels), 1.5x and a factor in one direction only: bilinear.
+    for w, h, new_w, new_h in [(1280, 720, 640, 360), (960, 540, 640, 360), (1920, 1080, 640, 540)]:
+        assert resize_interpolation(w, h, new_w, new_h) == cv2.INTER_LINEAR
+    retinaface = load_detector("retinaface")
+    x, _ = retinaface.preprocess(street[:1], InputGeometry(640, 640))
+    reference = cv2.resize(street[0], (640, 360), interpolation=cv2.INTER_LINEAR)
+    mean = torch.tensor(retinaface.mean_bgr).view(3, 1, 1)
+    expected = torch.from_numpy(reference).permute(2, 0, 1).float() - mean
+    torch.testing.assert_close(x[0, :, :360], expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])

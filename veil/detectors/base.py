@@ -73,6 +73,17 @@ def letterbox_scale(frame_width: int, frame_height: int, geometry: InputGeometry
     return min(geometry.width / frame_width, geometry.height / frame_height)
 
 
+def resize_interpolation(width: int, height: int, new_width: int, new_height: int) -> int:
+    """OpenCV's interpolation for the letterbox's uint8 resize: bilinear, except where the
+    frame shrinks by one odd integer factor in both directions (1080p into 640x640: 3). There
+    every bilinear sample falls exactly on a source pixel (``k * x + (k - 1) / 2``), so
+    nearest-exact gives the same bytes in half the time (measured at 1080p -> 640x360: 0.31
+    against 0.63 ms)."""
+    k, rest = divmod(width, new_width)
+    exact = rest == 0 and k % 2 == 1 and k > 1 and height == k * new_height
+    return cv2.INTER_NEAREST_EXACT if exact else cv2.INTER_LINEAR
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -211,9 +222,10 @@ class SplitDetector(nn.Module, ABC):
     ) -> tuple[Tensor, list[Letterbox]]:
         """Letterbox BGR uint8 frames into ``geometry`` and normalise, on the model's device.
 
-        Frames may differ in size. Each is resized as uint8 on the host (cv2.INTER_LINEAR; a
-        frame that already fits, such as 1080p into 1920x1088, is not resized) and normalised
-        into the input, whose padding alone is zeroed: on a CPU plane by plane
+        Frames may differ in size. Each is resized as uint8 on the host (bilinear, or
+        :func:`resize_interpolation`'s shortcut where that gives the same bytes; a frame that
+        already fits, such as 1080p into 1920x1088, is not resized) and normalised into the
+        input, whose padding alone is zeroed: on a CPU plane by plane
         (:meth:`_normalise_planes`), on a GPU copied as uint8 and normalised there in one
         fused multiply-add. ``out`` (a float32 ``[M, 3, H, W]`` buffer on the device,
         ``M >= len(frames)``, e.g. the previous call's result) is reused instead of a new input;
@@ -238,7 +250,8 @@ class SplitDetector(nn.Module, ABC):
             new_w = min(geometry.width, max(1, round(w * scale_factor)))
             new_h = min(geometry.height, max(1, round(h * scale_factor)))
             if (new_h, new_w) != (h, w):
-                resized = cv2.resize(pixels, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+                interpolation = resize_interpolation(w, h, new_w, new_h)
+                resized = cv2.resize(pixels, (new_w, new_h), interpolation=interpolation)
                 pixels = np.asarray(resized, dtype=np.uint8)
             dst = batch[i]
             if normalisation is None:
