@@ -517,3 +517,16 @@ def test_the_in_process_wire_round_trip_is_what_the_outside_decodes() -> None:
     error = (int8 - a).abs().amax(dim=(2, 3))
     assert bool((error <= step / 2 + 1e-6).all()), (error, step)
     assert not torch.equal(int8, a)
+
+
+def test_int8_rounding_never_wraps_even_on_half_steps() -> None:
+    """No clip pass: values that sit on half steps (where rounding could reach 128 with 255
+    steps) and channels of one sign still come back within half a step."""
+    rng = np.random.default_rng(7)
+    for trial in range(300):
+        step = np.float32(rng.uniform(0.01, 2.0))
+        ties = (rng.integers(-300, 300, (4, 8, 8)) + 0.5) * step
+        values = (ties if trial % 2 else np.abs(ties) + 0.25 * step).astype(np.float32)
+        q, scale, zero = quantise_int8(values)
+        error = np.abs(dequantise_int8(q, scale, zero) - values).reshape(4, -1).max(axis=1)
+        assert (error <= scale / 2 * (1 + 1e-4)).all(), (trial, error / scale)
