@@ -37,7 +37,6 @@ from veil.errors import ConfigError
 
 HeadRuntime = Literal["auto", "torch", "onnxruntime"]
 HEAD_RUNTIMES: tuple[str, ...] = get_args(HeadRuntime)
-Precision = Literal["float32", "float16"]
 PRECISIONS: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
 _INPUT = "input"
 _OUTPUT = "activation"

@@ -571,7 +571,8 @@ class TritonPythonModel:
             pb_utils.get_input_tensor_by_name(request, self._input_name).as_numpy()
             for request in requests
         ]
-        batch = torch.from_numpy(np.concatenate(arrays)).to(self._device)
+        joined = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)  # one: no copy
+        batch = torch.from_numpy(joined).to(self._device)
         with torch.inference_mode():
             outputs = [out.cpu().numpy() for out in self._tail(batch)]
         responses = []
