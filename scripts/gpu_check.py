@@ -130,7 +130,7 @@ def agreement(
     """The device's head and noise against the CPU's eager head on two frames."""
     expected = det.head(det.preprocess(frames[:2], geometry)[0])
     out: dict[str, Any] = {"activation_std": float(expected.std())}
-    rows = {"clean": torch.zeros(2, dtype=torch.long), "noisy": torch.ones(2, dtype=torch.long)}
+    rows = {"clean": [0, 0], "noisy": [1, 1]}  # the table's rows: clean, the profile
     for precision in ("float32", "float16"):
         obf = Obfuscator(
             det,
@@ -158,7 +158,7 @@ def _time_batch(
     obf: Obfuscator, frames: list[StreamFrame], repeats: int, sync: Callable[[], None]
 ) -> dict[str, float]:
     batch = len(frames)
-    noisy = torch.ones(batch, dtype=torch.long)
+    noisy = [1] * batch  # the profile's row of the table
     x = obf.letterbox([f.pixels for f in frames])[0].clone()
     with torch.no_grad():
         run = median_ms(lambda: obf.run(frames, [ALPHA] * batch), repeats, sync)

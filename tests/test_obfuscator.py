@@ -111,3 +111,17 @@ def test_warm_up_runs_one_frame_and_a_full_batch_before_any_real_frame() -> None
     assert obf.warm_up(4) > 0
     assert calls == [1, 4]
     assert len(obf._inputs[0]) == 4 and len(obf._eps[0]) == 4  # kept for the real batches
+
+
+def test_a_batch_is_cut_into_consecutive_lanes_as_even_as_they_go() -> None:
+    from workers.trusted.obfuscator import _chunks
+
+    assert _chunks(5, 2) == [range(0, 3), range(3, 5)]
+    assert _chunks(8, 3) == [range(0, 3), range(3, 6), range(6, 8)]
+    assert _chunks(1, 4) == [range(0, 1)]  # never an empty lane
+    assert _chunks(4, 1) == [range(0, 4)]
+    for n in range(1, 40):
+        for lanes in range(1, 6):
+            parts = _chunks(n, lanes)
+            assert [i for p in parts for i in p] == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1

@@ -159,7 +159,7 @@ def zone_steps(
     """The steps timed on every frame, by name. onnxruntime alone reads frame i's letterboxed
     input from ``inputs`` (cycled), not one input again and again, which stays in the cache
     (it ran 1 ms faster than fresh ones at 640x640)."""
-    row = torch.tensor([obfuscator.table.row(alpha)])
+    row = [obfuscator.table.row(alpha)]
     return {
         "head": lambda f, i: obfuscator.head_and_noise([f], row, noise=False),
         "head_noise": lambda f, i: obfuscator.head_and_noise([f], row),
@@ -496,7 +496,7 @@ def run_bench(settings: BenchSettings, say: Any = print) -> dict[str, Any]:
         obfuscator.detector, obfuscator.geometry, threads, micro["zone_ms_median"]
     )
     batch = config.batching.max_batch
-    rows = torch.tensor([obfuscator.table.row(settings.alpha)] * batch)
+    rows = [obfuscator.table.row(settings.alpha)] * batch
     activations = obfuscator.head_and_noise(frames[:batch], rows)[0].cpu().numpy()
     served = asyncio.run(
         _served(

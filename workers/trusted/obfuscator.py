@@ -196,14 +196,15 @@ class Obfuscator:
             self._inputs[lane] = x  # the first or a larger batch: the next ones reuse it
         return x, letterboxes
 
-    def add_noise(self, a: Tensor, rows: Tensor, lane: int = 0) -> Tensor:
-        """Each frame's own profile, in place on ``a`` (the head's fresh output):
-        ``a + mu[row] + sigma[row] * eps``. Fresh ``eps`` (:func:`veil.noise.noise_source`; on
-        a CPU an AES-CTR keystream, 1.7x faster than torch's ``normal_`` here) is drawn into the
-        lane's own buffer, kept at the largest batch as the letterboxed input is (a new tensor
-        each time cost 0.14 of 0.99 ms at 128x40x40 on a CPU: its pages). A batch of one
-        profile (the common case: one stream) broadcasts its row instead of copying it per
-        frame (measured: the noise 30% cheaper)."""
+    def add_noise(self, a: Tensor, rows: Sequence[int], lane: int = 0) -> Tensor:
+        """Each frame's own profile (``rows[i]``, a row of the table), in place on ``a`` (the
+        head's fresh output): ``a + mu[row] + sigma[row] * eps``. Fresh ``eps``
+        (:func:`veil.noise.noise_source`; on a CPU an AES-CTR keystream, 1.7x faster than
+        torch's ``normal_`` here) is drawn into the lane's own buffer, kept at the largest
+        batch as the letterboxed input is (a new tensor each time cost 0.14 of 0.99 ms at
+        128x40x40 on a CPU: its pages). A batch of one profile (the common case: one stream)
+        broadcasts its row instead of copying it per frame (measured: the noise 30% cheaper);
+        the rows stay a Python list until frames of several profiles need a device index."""
         buffer = self._eps.get(lane)
         if (
             buffer is None
@@ -213,17 +214,17 @@ class Obfuscator:
         ):
             buffer = self._eps[lane] = torch.empty_like(a)
         eps = self.noise.fill_(buffer[: len(a)])
-        if bool((rows == rows[0]).all()):  # rows are on the CPU: no device sync
-            row = int(rows[0])
-            mu, sigma = self._mu[row], self._sigma[row]
+        first = rows[0]
+        if all(row == first for row in rows):
+            mu, sigma = self._mu[first], self._sigma[first]
         else:
-            on_device = rows.to(self.device, non_blocking=True)
-            mu, sigma = self._mu[on_device], self._sigma[on_device]
+            index = torch.tensor(rows).to(self.device, non_blocking=True)
+            mu, sigma = self._mu[index], self._sigma[index]
         return a.add_(mu).addcmul_(sigma, eps)
 
     @torch.no_grad()
     def head_and_noise(
-        self, pixels: Sequence[Frame], rows: Tensor, noise: bool = True, lane: int = 0
+        self, pixels: Sequence[Frame], rows: Sequence[int], noise: bool = True, lane: int = 0
     ) -> tuple[Tensor, list[Letterbox]]:
         """Device-side step on one lane: letterbox, head, per-frame noise."""
         x, letterboxes = self.letterbox(pixels, lane)
@@ -238,7 +239,7 @@ class Obfuscator:
         torch.set_num_threads(self.threads)
         blank = np.zeros((self.geometry.height, self.geometry.width, 3), np.uint8)
         full = max(1, max_batch)
-        rows = torch.zeros(full, dtype=torch.long)
+        rows = [0] * full
         for lane in range(self.lanes if self.cuda else 1):
             for n in sorted({1, full}):
                 with self._lane(lane):
@@ -256,23 +257,28 @@ class Obfuscator:
         started = time.perf_counter()
         torch.set_num_threads(self.threads)
         rows = [self.table.row(a) for a in alphas]
-        n_lanes = min(self.lanes, len(frames)) if self.cuda else 1
-        chunks = np.array_split(np.arange(len(frames)), n_lanes)
-        outputs: list[tuple[Tensor, list[Letterbox], npt.NDArray[np.int64]]] = []
-        for lane, idx in enumerate(chunks):
+        outputs: list[tuple[Tensor, list[Letterbox], range]] = []
+        for lane, idx in enumerate(_chunks(len(frames), self.lanes if self.cuda else 1)):
             with self._lane(lane):
-                pixels = [frames[int(i)].pixels for i in idx]
-                lane_rows = torch.tensor([rows[int(i)] for i in idx])
-                act, lbs = self.head_and_noise(pixels, lane_rows, lane=lane)
-                host = act.to("cpu", non_blocking=self.cuda)
-                outputs.append((host, lbs, idx))
+                pixels = [frames[i].pixels for i in idx]
+                act, lbs = self.head_and_noise(pixels, [rows[i] for i in idx], lane=lane)
+                outputs.append((act.to("cpu", non_blocking=self.cuda), lbs, idx))
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        results: list[ObfuscatedFrame | None] = [None] * len(frames)
-        for host, lbs, idx in outputs:
+        results: list[ObfuscatedFrame] = []
+        for host, lbs, idx in outputs:  # the chunks are consecutive: results stay in order
             arr = host.float().numpy()
             for j, i in enumerate(idx):
-                f, row = frames[int(i)], rows[int(i)]
-                results[int(i)] = ObfuscatedFrame(f.envelope, self._provenance[row], arr[j], lbs[j])
+                provenance = self._provenance[rows[i]]
+                results.append(ObfuscatedFrame(frames[i].envelope, provenance, arr[j], lbs[j]))
         self.last_timing = {"batch": len(frames), "seconds": time.perf_counter() - started}
-        return [r for r in results if r is not None]
+        return results
+
+
+def _chunks(n: int, lanes: int) -> list[range]:
+    """``range(n)`` cut into at most ``lanes`` consecutive parts whose sizes differ by at most
+    one, the larger first (as ``numpy.array_split``, which cost 0.1 ms a call on the edge)."""
+    lanes = max(1, min(lanes, n))
+    size, extra = divmod(n, lanes)
+    bounds = [i * size + min(i, extra) for i in range(lanes + 1)]
+    return [range(bounds[i], bounds[i + 1]) for i in range(lanes)]
