@@ -103,6 +103,23 @@ def test_the_planar_normalisation_divides_by_a_standard_deviation_other_than_one
 
 
 @torch.no_grad()
+def test_the_gpus_normalisation_is_made_once_per_device_and_matches_the_planes() -> None:
+    """The GPU letterbox's fused multiply-add, checked here on the CPU: the same values as
+    the planar path, and its tensors made once (not copied to the device every call)."""
+
+    class Scaled(TinyDetector):
+        std_bgr = (58.4, 57.1, 57.4)
+
+    det = Scaled()
+    shift, scale = det._normalisation(CPU)
+    assert det._normalisation(CPU)[0] is shift
+    pixels = np.random.default_rng(4).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    planes = np.empty((3, 48, 64), np.float32)
+    det._normalise_planes(pixels, planes)
+    fused = torch.from_numpy(pixels).permute(2, 0, 1) * scale + shift
+    torch.testing.assert_close(fused, torch.from_numpy(planes), rtol=0, atol=1e-5)
+
+
 def test_a_reused_input_is_refilled_and_its_padding_cleared(
     faceboxes: SplitDetector, street: list[Frame]
 ) -> None:

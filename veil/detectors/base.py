@@ -279,11 +279,18 @@ class SplitDetector(nn.Module, ABC):
                 np.multiply(out[c], np.float32(1.0 / self.std_bgr[c]), out=out[c])
 
     def _normalisation(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """``(-mean / std, 1 / std)`` as ``[3, 1, 1]``: ``x * scale + shift`` normalises."""
-        std = torch.tensor(self.std_bgr, dtype=torch.float64)
-        mean = torch.tensor(self.mean_bgr, dtype=torch.float64)
-        shift = (-mean / std).to(device, torch.float32).view(3, 1, 1)
-        return shift, (1.0 / std).to(device, torch.float32).view(3, 1, 1)
+        """``(-mean / std, 1 / std)`` as ``[3, 1, 1]`` on ``device``: ``x * scale + shift``
+        normalises. Made once per device: a copy from pageable host memory on every call would
+        also make the host wait for the lane's stream."""
+        cache: dict[torch.device, tuple[Tensor, Tensor]] = self.__dict__.setdefault(
+            "_normalisation_by_device", {}
+        )
+        if device not in cache:
+            std = torch.tensor(self.std_bgr, dtype=torch.float64)
+            mean = torch.tensor(self.mean_bgr, dtype=torch.float64)
+            shift = (-mean / std).to(device, torch.float32).view(3, 1, 1)
+            cache[device] = shift, (1.0 / std).to(device, torch.float32).view(3, 1, 1)
+        return cache[device]
 
     def decode(
         self,
