@@ -74,6 +74,7 @@ class HeadRunner(ABC):
 
     name: str
     threads: int
+    dtype: torch.dtype = torch.float32  # the activation's, as it comes out
 
     @abstractmethod
     def __call__(self, x: Tensor) -> Tensor: ...

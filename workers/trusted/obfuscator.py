@@ -24,7 +24,7 @@ from torch import Tensor
 from stream.frames import Frame as StreamFrame
 from stream.wire import Envelope, EnvelopeFields, Provenance, ProvenanceFields
 from veil.detectors.base import Frame, InputGeometry, Letterbox, SplitDetector
-from veil.detectors.head_runtime import PRECISIONS, build_head
+from veil.detectors.head_runtime import build_head
 from veil.errors import ConfigError, ProfileError
 from veil.noise import noise_source
 from veil.profiles import NoiseProfile, ProfileBank, check_alpha
@@ -144,7 +144,6 @@ class Obfuscator:
         self.head = build_head(
             self.detector, geometry, device, head_runtime, self.threads, precision
         )
-        self.dtype = PRECISIONS[precision]
         self.noise = noise_source(device)  # never a fixed seed in serving
         self.cuda = device.type == "cuda"
         self.streams = (
@@ -164,7 +163,7 @@ class Obfuscator:
         """Serve ``table`` (a reloaded bank) from the next batch. One provenance per row, made
         once: every activation of that row carries it."""
         self.table = table
-        self._mu, self._sigma = table.mu.to(self.dtype), table.sigma.to(self.dtype)
+        self._mu, self._sigma = table.mu.to(self.head.dtype), table.sigma.to(self.head.dtype)
         self._provenance = [
             Provenance(
                 self.detector.name, self.detector.weights_id, table.profile_id(r), table.alpha(r)
