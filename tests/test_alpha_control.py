@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from stream.wire import ControlMessage, decode_status, encode_status
-from tests.test_obfuscator import _profile
-from tests.tiny_detector import TinyDetector
+from tests.tiny_detector import TinyDetector, constant_profile
 from veil.config import StreamConfig
 from veil.errors import ConfigError, ProfileError
 from workers.trusted.control import AlphaControl
@@ -16,7 +15,7 @@ from workers.trusted.obfuscator import ProfileTable
 
 def _table(*alphas: float) -> ProfileTable:
     det = TinyDetector()
-    profiles = [_profile(det, a, 0.5, 0.0) for a in alphas]
+    profiles = [constant_profile(det, a, 0.5, 0.0) for a in alphas]
     return ProfileTable(det, det.default_geometry, profiles, torch.device("cpu"))  # type: ignore[arg-type]
 
 

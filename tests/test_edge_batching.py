@@ -13,8 +13,7 @@ from stream.frames import Frame
 from stream.kafka import KafkaLink
 from stream.runtime import Channel
 from stream.wire import Envelope
-from tests.test_obfuscator import _profile
-from tests.tiny_detector import TinyDetector
+from tests.tiny_detector import TinyDetector, constant_profile
 from veil.config import BatchingConfig, StreamConfig
 from workers.trusted.edge import EdgeWorker, _Stream
 from workers.trusted.obfuscator import Obfuscator, ProfileTable
@@ -25,7 +24,7 @@ WAIT_MS = 400.0
 def _edge(policies: dict[str, Literal["realtime", "lossless"]]) -> EdgeWorker:
     det = TinyDetector()
     device = torch.device("cpu")
-    table = ProfileTable(det, det.default_geometry, [_profile(det, 0.8, 0.5, 0.0)], device)  # type: ignore[list-item]
+    table = ProfileTable(det, det.default_geometry, [constant_profile(det, 0.8, 0.5, 0.0)], device)  # type: ignore[list-item]
     configs = [StreamConfig(i, f"{i}.mp4", policy=p) for i, p in policies.items()]
     edge = EdgeWorker(
         configs,

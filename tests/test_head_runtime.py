@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from stream.frames import Frame as StreamFrame
 from stream.wire import Envelope
-from tests.tiny_detector import TinyDetector
+from tests.tiny_detector import TinyDetector, constant_profile
 from veil.calibrate import video_frames
 from veil.config import ThreadsConfig, load_config
 from veil.data import data_root
@@ -31,8 +31,6 @@ from veil.detectors.base import (
 from veil.detectors.boxes import nms
 from veil.detectors.head_runtime import build_head, fold_batch_norm, resolve_runtime
 from veil.errors import ConfigError
-from veil.noise import NoiseLayer
-from veil.profiles import ProfileMeta, profile_from_layer
 from veil.runner import thread_group
 from workers.trusted.obfuscator import Obfuscator, ProfileTable
 
@@ -257,12 +255,7 @@ def test_every_head_runtime_and_precision_adds_the_profiles_noise(
     under inference mode until this test: the noise, added in place after it, then failed on
     the first frame."""
     det = TinyDetector()
-    shape = det.activation_shape(det.default_geometry)
-    layer = NoiseLayer(shape, 0.0, 10.0, initial_sigma=2.0)
-    with torch.no_grad():
-        layer.mu.fill_(3.0)
-    meta = ProfileMeta(det.name, det.weights_id, str(det.default_geometry), shape, 0.9, 0, 10)
-    table = ProfileTable(det, det.default_geometry, [profile_from_layer(layer, meta)], CPU)
+    table = ProfileTable(det, det.default_geometry, [constant_profile(det, 0.9, 2.0, 3.0)], CPU)
     obf = Obfuscator(
         det, det.default_geometry, table, CPU, head_runtime=runtime, precision=precision
     )

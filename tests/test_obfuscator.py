@@ -6,27 +6,18 @@ import torch
 
 from stream.frames import Frame
 from stream.wire import Envelope
-from tests.tiny_detector import TinyDetector
+from tests.tiny_detector import TinyDetector, constant_profile
 from veil.errors import ProfileError
-from veil.noise import NoiseLayer, noise_source
-from veil.profiles import NoiseProfile, ProfileMeta, profile_from_layer
+from veil.noise import noise_source
+from veil.profiles import NoiseProfile
 from workers.trusted.obfuscator import CLEAN_PROFILE_ID, Obfuscator, ProfileTable
-
-
-def _profile(det: TinyDetector, alpha: float, sigma: float, mu: float) -> NoiseProfile:
-    shape = det.activation_shape(det.default_geometry)
-    layer = NoiseLayer(shape, 0.0, 10.0, initial_sigma=sigma)
-    with torch.no_grad():
-        layer.mu.fill_(mu)
-    meta = ProfileMeta(det.name, det.weights_id, str(det.default_geometry), shape, alpha, 0, 10)
-    return profile_from_layer(layer, meta)
 
 
 def _weak_and_strong() -> tuple[TinyDetector, NoiseProfile, NoiseProfile, Obfuscator]:
     """A tiny detector's obfuscator with a weak (alpha 0.2: sigma 0.01, mu 0) and a strong
     profile (alpha 0.9: sigma 3, mu 5), its noise seeded."""
     det = TinyDetector()
-    weak, strong = _profile(det, 0.2, 0.01, 0.0), _profile(det, 0.9, 3.0, 5.0)
+    weak, strong = constant_profile(det, 0.2, 0.01, 0.0), constant_profile(det, 0.9, 3.0, 5.0)
     device = torch.device("cpu")
     table = ProfileTable(det, det.default_geometry, [strong, weak], device)  # type: ignore[list-item]
     obf = Obfuscator(det, det.default_geometry, table, device)
@@ -93,7 +84,9 @@ def test_frames_of_any_size_are_letterboxed_and_mapped_back() -> None:
 
 def test_an_uncalibrated_alpha_is_refused_with_the_available_ones() -> None:
     det = TinyDetector()
-    table = ProfileTable(det, det.default_geometry, [_profile(det, 0.5, 1, 0)], torch.device("cpu"))  # type: ignore[list-item]
+    table = ProfileTable(
+        det, det.default_geometry, [constant_profile(det, 0.5, 1, 0)], torch.device("cpu")
+    )  # type: ignore[list-item]
     with pytest.raises(ProfileError, match=r"available alphas: \[0.5\]"):
         table.row(0.6)
 

@@ -9,6 +9,8 @@ from torch import Tensor, nn
 
 from veil.detectors.base import InputGeometry, SplitDetector
 from veil.detectors.boxes import decode_ssd
+from veil.noise import NoiseLayer
+from veil.profiles import NoiseProfile, ProfileMeta, profile_from_layer
 
 
 class TinyDetector(SplitDetector):
@@ -53,3 +55,14 @@ class TinyDetector(SplitDetector):
         scale = torch.tensor([input_width, input_height] * 2, device=raw[0].device)
         boxes = decode_ssd(raw[0], priors, (0.1, 0.2)) * scale
         return boxes, torch.softmax(raw[1], -1)[..., 1], None
+
+
+def constant_profile(det: SplitDetector, alpha: float, sigma: float, mu: float) -> NoiseProfile:
+    """A profile of ``det`` at its default geometry with the same ``sigma`` and ``mu`` in every
+    element (bounds 0 and 10)."""
+    shape = det.activation_shape(det.default_geometry)
+    layer = NoiseLayer(shape, 0.0, 10.0, initial_sigma=sigma)
+    with torch.no_grad():
+        layer.mu.fill_(mu)
+    meta = ProfileMeta(det.name, det.weights_id, str(det.default_geometry), shape, alpha, 0, 10)
+    return profile_from_layer(layer, meta)
