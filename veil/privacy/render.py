@@ -20,7 +20,13 @@ from veil.privacy.attacks import AttackSet
 from veil.privacy.evaluation import Scored, to_bgr_uint8
 from veil.privacy.identity import SAME_PERSON_DISTANCE, MeanCI, Rate, shared_verifications
 from veil.privacy.metrics import BoxArray
-from veil.privacy.scores import AttackScores, attack_title, best_pixels
+from veil.privacy.scores import (
+    BOXES_ONLY,
+    AttackScores,
+    attack_title,
+    best_pixels,
+    boxes_only_floor,
+)
 from veil.privacy.verdict import deployment_note, pct
 
 if TYPE_CHECKING:
@@ -116,9 +122,9 @@ def tradeoff_plot(report: PrivacyReport, path: Path) -> None:
         ys = [r.attacks[name].rank1 if name in r.attacks else math.nan for r in report.rows]
         left.plot(xs, ys, "o-", label=attack_title(name))
     left.axhline(report.chance, color="grey", ls=":", label="chance")
-    floor = report.references.get("boxes-only")
-    if floor is not None:
-        left.axhline(floor.rank1, color="black", ls="--", lw=1, label="boxes-only")
+    floor, _ = boxes_only_floor(report.references)
+    if not math.isnan(floor):
+        left.axhline(floor, color="black", ls="--", lw=1, label="boxes-only")
     left.set_xticks(xs, labels, fontsize=7)
     left.set_xlabel("setting (alpha)")
     left.set_ylabel("rank-1 re-identification")
@@ -236,6 +242,7 @@ def _reference_rows(report: PrivacyReport) -> list[tuple[str, AttackScores]]:
     titles = {
         "originals": "originals at attack resolution (ceiling)",
         "boxes-only": "boxes-only attacker (floor)",
+        "boxes-decoder": "boxes-only decoder (floor)",
     }
     return [(titles.get(k, k), v) for k, v in report.references.items()]
 
@@ -274,17 +281,18 @@ def detail_rows(report: PrivacyReport) -> list[list[str]]:
 
 
 def floors_line(report: PrivacyReport) -> str:
-    floor = report.references.get("boxes-only")
     text = (
         f"Floors: chance 1/{report.gallery['size']} = {pct(report.chance)}% "
         f"(gallery of {report.gallery['size']} original faces, {report.gallery['mode']})"
     )
-    if floor is not None and floor.identity is not None:
-        text += (
-            f"; boxes-only attacker rank-1 {rate_cell(floor.identity.rank1)}, same person "
-            f"{rate_cell(floor.identity.same_person)}, other people's faces within "
-            f"{SAME_PERSON_DISTANCE} of its faces {share_cell(floor.identity.false_match)}"
-        )
+    for name in BOXES_ONLY:
+        floor = report.references.get(name)
+        if floor is not None and floor.identity is not None:
+            text += (
+                f"; {attack_title(name)} rank-1 {rate_cell(floor.identity.rank1)}, same "
+                f"person {rate_cell(floor.identity.same_person)}, other people's faces within "
+                f"{SAME_PERSON_DISTANCE} of its faces {share_cell(floor.identity.false_match)}"
+            )
     return text + "."
 
 

@@ -11,8 +11,10 @@ by pixels (SSIM of face crops and of the whole frame), every figure with its N a
 interval (:mod:`veil.privacy.scores`). A setting's headline is its strongest attack.
 
 References printed beside every table: the originals at the attack's resolution (the
-ceiling), chance (1 / gallery size), and the boxes-only attacker (the mean of its own
-training faces pasted into each box on its mean image: what the output boxes alone give).
+ceiling), chance (1 / gallery size), and two attackers who have only the output boxes: the
+mean of their own training faces pasted into each box on their mean image, and a decoder
+trained to draw the image from the boxes alone (:mod:`veil.privacy.boxes_decoder`). The
+better of the two per figure is what the output boxes alone give.
 Accuracy (VOC AP of each profile, with its own tail, on the eval images) is measured here
 unless given.
 
@@ -49,6 +51,7 @@ from veil.privacy.attacks import (
     rmle_attack,
     train_decoder,
 )
+from veil.privacy.boxes_decoder import boxes_decoder_reconstructions, train_boxes_decoder
 from veil.privacy.evaluation import (
     MIN_IDENTITY_FACE,
     Embeddings,
@@ -67,6 +70,7 @@ from veil.privacy.identity import EMBEDDING_DIM, FaceRecognizer
 from veil.privacy.metrics import BoxArray
 from veil.privacy.render import GridColumn, grid, html_page, markdown, tradeoff_plot
 from veil.privacy.scores import (
+    BOXES_ONLY,
     AttackScores,
     attack_title,
     best_pixels,
@@ -145,7 +149,7 @@ class PrivacyReport:
     rmle_images: int
     faces: int  # eval faces scored for identity
     gallery: dict[str, Any]  # size, mode, distractors, chance
-    references: dict[str, AttackScores]  # "originals", "boxes-only"
+    references: dict[str, AttackScores]  # "originals", "boxes-only", "boxes-decoder"
     rows: list[ReportRow]
     accuracy_source: str  # "given", "eval images" (measured here) or "none"
     deployed_alpha: float | None
@@ -216,8 +220,13 @@ class _Attacker:
     """The attacker's own material: images, their face boxes and those faces' embeddings."""
 
     data: AttackSet
-    faces: list[BoxArray]  # frame pixels
+    faces: list[BoxArray]  # frame pixels, the identity faces
     embeddings: list[Embeddings]  # per image [K, 128]
+    boxes: list[BoxArray]  # frame pixels, every face the clean detector found
+
+    def target_boxes(self) -> list[BoxArray]:
+        """Every face's box in the attack targets' pixels."""
+        return [b * s for b, s in zip(self.boxes, self.data.target_scales, strict=True)]
 
     def input_boxes(self) -> list[Tensor]:
         return [
@@ -468,7 +477,7 @@ def privacy_report(
         progress,
     )
     log(_data_summary(attacker, ctx, options))
-    references, guesses = _references(ctx, attacker)
+    references, floors = _references(ctx, attacker, options, progress)
     done = _run_settings(detector, profiles, attacker, ctx, options, progress, log)
     accuracy_source = "given" if accuracy is not None else "eval images"
     if accuracy is None:
@@ -481,7 +490,7 @@ def privacy_report(
     report.deployed_alpha = deployed_alpha
     report.data_source = data_source or eval_source
     report.settings = _settings_json(options, bank_dir, train_source, eval_source)
-    _write(report, Path(out_dir), ctx, references, done, guesses, started)
+    _write(report, Path(out_dir), ctx, references, done, floors, started)
     if record_leakage:
         record_profile_leakage(Path(bank_dir), report, profiles)
     log(f"privacy report written to {out_dir} in {report.seconds:.0f} s")
@@ -581,7 +590,7 @@ def _prepare(
     if train[1] is not None and len(train[1]) != len(train[0]):
         raise DatasetError(f"{len(train[0])} attacker images but {len(train[1])} box sets")
     own = _embedded_set(detector, *train, geometry, recognizer, options, progress, "attacker")
-    attacker = _Attacker(own[0], own[2], own[3])
+    attacker = _Attacker(own[0], own[2], own[3], own[1])
     evals, every, faces, originals = _embedded_set(
         detector, *victims, geometry, recognizer, options, progress, "eval images"
     )
@@ -611,16 +620,35 @@ def _prepare(
     return attacker, ctx
 
 
-def _references(ctx: EvalContext, attacker: _Attacker) -> tuple[dict[str, Scored], Tensor]:
-    """The ceiling (the attack's targets themselves) and the boxes-only floor, with the
-    boxes-only guesses."""
+def _references(
+    ctx: EvalContext, attacker: _Attacker, options: ReportOptions, progress: bool
+) -> tuple[dict[str, Scored], dict[str, Tensor]]:
+    """The ceiling (the attack's targets themselves) and the two boxes-only floors (the mean
+    face pasted into each box, and a decoder drawing faces from the boxes), with the floors'
+    guesses."""
     everything = range(len(ctx.evals))
     guesses = boxes_only_reconstructions(attacker.data, attacker.faces, ctx)
+    trained = train_boxes_decoder(
+        attacker.data,
+        attacker.target_boxes(),
+        epochs=options.epochs,
+        batch_size=options.batch_size,
+        width=options.decoder_width,
+        seed=options.seed,
+        progress=progress,
+    )
+    drawn = {
+        "boxes-only": guesses,
+        "boxes-decoder": boxes_decoder_reconstructions(trained, ctx.boxes, ctx.evals),
+    }
     scored = {
         "originals": score_pixels(ctx, ctx.evals.unit_targets(), everything, "originals", 0.0),
         "boxes-only": score_pixels(ctx, guesses, everything, "boxes-only", 0.0),
+        "boxes-decoder": score_pixels(
+            ctx, drawn["boxes-decoder"], everything, "boxes-decoder", trained.seconds
+        ),
     }
-    return scored, guesses
+    return scored, drawn
 
 
 def _gallery_json(gallery: Gallery) -> dict[str, Any]:
@@ -659,14 +687,17 @@ _FILES = ("report.json", "report.md", "report.html", "tradeoff.png", "grid.png")
 
 
 def _grid_rows(
-    references: dict[str, Scored], done: Sequence[_Setting], ctx: EvalContext, guesses: Tensor
+    references: dict[str, Scored],
+    done: Sequence[_Setting],
+    ctx: EvalContext,
+    floors: dict[str, Tensor],
 ) -> dict[str, list[GridColumn]]:
     everything = list(range(len(ctx.evals)))
     rows: dict[str, list[GridColumn]] = {}
-    for attack in ("decoder", "rmle"):
+    for attack, floor in (("decoder", "boxes-decoder"), ("rmle", "boxes-only")):
         if not all(attack in s.images for s in done):
             continue
-        columns = [GridColumn("boxes-only", guesses, everything, references["boxes-only"])]
+        columns = [GridColumn(floor, floors[floor], everything, references[floor])]
         for s in done:
             columns.append(
                 GridColumn(
@@ -695,11 +726,11 @@ def _write(
     ctx: EvalContext,
     references: dict[str, Scored],
     done: Sequence[_Setting],
-    guesses: Tensor,
+    floors: dict[str, Tensor],
     started: float,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    rows = _grid_rows(references, done, ctx, guesses)
+    rows = _grid_rows(references, done, ctx, floors)
     # Images every attack ran on first (rMLE attacks only some), then the others.
     attacked = done[0].indices["rmle"] if done else []
     order = attacked + [i for i in range(len(ctx.evals)) if i not in attacked]
@@ -709,10 +740,19 @@ def _write(
     _render(report, out)
 
 
+def _floor_json(report: PrivacyReport, name: str) -> dict[str, Any] | None:
+    floor = report.references.get(name)
+    if floor is None or floor.identity is None:
+        return None
+    return {
+        "rank1": rate_to_json(floor.identity.rank1),
+        "same_person": rate_to_json(floor.identity.same_person),
+    }
+
+
 def leakage_record(report: PrivacyReport, row: ReportRow) -> dict[str, Any]:
     """What a profile's ``meta.leakage`` keeps of the report (its strongest attack)."""
     head = row.headline
-    floor = report.references.get("boxes-only")
     face = best_pixels(row.attacks)
     ident = None if head is None else head.identity
     return {
@@ -726,12 +766,7 @@ def leakage_record(report: PrivacyReport, row: ReportRow) -> dict[str, Any]:
         if face is None or face.ssim_face is None
         else {"attack": face.attack, **mean_to_json(face.ssim_face)},
         "chance": report.chance,
-        "boxes_only": None
-        if floor is None or floor.identity is None
-        else {
-            "rank1": rate_to_json(floor.identity.rank1),
-            "same_person": rate_to_json(floor.identity.same_person),
-        },
+        **{key.replace("-", "_"): _floor_json(report, key) for key in BOXES_ONLY},
         "faces": None if ident is None else ident.rank1.n,
         "gallery_size": report.gallery["size"],
         "data_source": report.data_source,

@@ -17,7 +17,15 @@ from typing import Any
 from veil.privacy.identity import IdentityScores, MeanCI, Rate
 
 # The attacks a report runs, in the order its tables list them (and ties are broken).
-ATTACK_NAMES = {"decoder": "decoder", "rmle": "rMLE", "linkage": "feature linkage"}
+ATTACK_NAMES = {
+    "decoder": "decoder",
+    "rmle": "rMLE",
+    "linkage": "feature linkage",
+    "boxes-only": "boxes-only mean face",
+    "boxes-decoder": "boxes-only decoder",
+}
+# The references that know only the output boxes: their best figure is what the boxes give.
+BOXES_ONLY = ("boxes-only", "boxes-decoder")
 
 
 def finite(value: float) -> float | str:
@@ -80,7 +88,7 @@ class AttackScores:
     but is not a privacy figure: a drawn blob is found as a face without being anyone.
     """
 
-    attack: str  # "decoder", "rmle", "linkage", "originals", "boxes-only"
+    attack: str  # "decoder", "rmle", "linkage", "originals", "boxes-only", "boxes-decoder"
     images: int
     faces: int  # faces scored for identity
     identity: IdentityScores | None
@@ -161,3 +169,12 @@ def best_pixels(attacks: Mapping[str, AttackScores]) -> AttackScores | None:
     """The pixel attack with the highest mean face SSIM (the linkage attack draws none)."""
     drawn = [s for s in attacks.values() if s.ssim_face is not None and s.ssim_face.n]
     return max(drawn, key=lambda s: s.ssim_face.mean if s.ssim_face else -1.0, default=None)
+
+
+def boxes_only_floor(references: Mapping[str, AttackScores]) -> tuple[float, float]:
+    """(rank-1, same-person share) that the output boxes alone give: per figure, the best of
+    the boxes-only attackers in ``references`` (NaN where none scored a face)."""
+    floors = [references[k] for k in BOXES_ONLY if k in references]
+    rank1 = [s.rank1 for s in floors if not math.isnan(s.rank1)]
+    same = [s.same_person for s in floors if not math.isnan(s.same_person)]
+    return max(rank1, default=math.nan), max(same, default=math.nan)

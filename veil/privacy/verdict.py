@@ -6,8 +6,9 @@ distance of their original (boxes-only 3.1%; the attack's faces lie as close to 
 people's faces); accuracy kept 0.97. Identity leaks: the interval lies above both floors.``
 
 A setting leaks identity when the lower end of its strongest attack's rank-1 interval lies
-above both floors (chance and the boxes-only attacker); otherwise no leak beyond what the
-output boxes give is measurable at that sample size.
+above both floors (chance and the better of the two boxes-only attackers, the mean face pasted
+into each box and a decoder that draws faces from the boxes); otherwise no leak beyond what
+the output boxes give is measurable at that sample size.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from veil.privacy.identity import MeanCI, Rate
-from veil.privacy.scores import AttackScores, attack_title
+from veil.privacy.scores import AttackScores, attack_title, boxes_only_floor
 
 if TYPE_CHECKING:
     from veil.privacy.report import PrivacyReport, ReportRow
@@ -44,10 +45,9 @@ def _small_gallery(report: PrivacyReport) -> str:
 
 
 def _floors(report: PrivacyReport) -> tuple[float, float, float]:
-    """(chance, boxes-only rank-1, boxes-only same-person share)."""
-    floor = report.references.get("boxes-only")
-    rank1 = math.nan if floor is None else floor.rank1
-    same = math.nan if floor is None else floor.same_person
+    """(chance, boxes-only rank-1, boxes-only same-person share): the best boxes-only
+    attacker per figure."""
+    rank1, same = boxes_only_floor(report.references)
     return report.chance, rank1, same
 
 
