@@ -559,6 +559,8 @@ def test_the_report_records_leakage_in_every_profile_and_takes_given_accuracy(
         assert row.headline is not None and row.headline.identity is not None
         assert leakage["rank1"]["hits"] == row.headline.identity.rank1.hits
         assert {"same_person", "face_ssim", "chance", "boxes_only", "faces", "date"} <= set(leakage)
+        drawn = report.references["boxes-decoder"].identity
+        assert drawn is not None and leakage["boxes_decoder"]["rank1"]["hits"] == drawn.rank1.hits
         assert leakage["data_source"] == "synthetic" and leakage["gallery_size"] == 7
     copy = tmp_path / "copy"
     copy.mkdir()
@@ -683,6 +685,8 @@ def test_privacy_on_the_operators_own_footage(tmp_path: Path) -> None:
         table,
     )
     assert "measured leakage: the strongest attack" in same["message"]
+    floors = [profile.meta.leakage[k]["rank1"]["value"] for k in ("boxes_only", "boxes_decoder")]
+    assert f", boxes-only {100 * max(floors):.1f}%)" in same["message"]
     assert not same["other_footage"] and "NOTE" not in same["message"]
     assert other["other_footage"] and "calibrated on other footage" in other["message"]
 

@@ -74,10 +74,13 @@ log = structlog.get_logger(__name__)
 def _leakage_text(leakage: dict[str, Any]) -> str:
     if not leakage or not leakage.get("rank1"):
         return "leakage not measured: run veil privacy"
-    rank1, floor = leakage["rank1"], leakage.get("boxes_only") or {}
-    floor_text = ""
-    if floor.get("rank1"):
-        floor_text = f", boxes-only {100 * float(floor['rank1']['value']):.1f}%"
+    rank1 = leakage["rank1"]
+    floors = [
+        float(f["rank1"]["value"])
+        for f in (leakage.get("boxes_only"), leakage.get("boxes_decoder"))
+        if f and f.get("rank1")
+    ]
+    floor_text = f", boxes-only {100 * max(floors):.1f}%" if floors else ""
     return (
         f"measured leakage: the strongest attack ({leakage.get('strongest_attack')}) "
         f"re-identified {100 * float(rank1['value']):.1f}% [{100 * float(rank1['low']):.1f}, "
