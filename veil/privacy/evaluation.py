@@ -227,7 +227,7 @@ def score_pixels(
         psnr=float(np.mean(frame_psnr)),
         psnr_face=float(np.mean(crops_psnr)) if crops_psnr else None,
         redetection=Rate(found, total),
-        seconds=round(seconds, 1),
+        seconds=seconds,
     )
     return Scored(scores, detections, distances)
 
@@ -247,7 +247,7 @@ def score_embeddings(
         psnr=None,
         psnr_face=None,
         redetection=None,
-        seconds=round(seconds, 1),
+        seconds=seconds,
     )
     return Scored(scores, [], distances)
 
