@@ -21,13 +21,14 @@ from veil.privacy.attacks import AttackerView, NoiseModel
 from veil.privacy.identity import (
     SAME_PERSON_DISTANCE,
     FaceRecognizer,
+    IdentityScores,
     MeanCI,
     Rate,
     boxes_only_images,
     identification,
     mean_ci,
     mean_face_chip,
-    shared_verifications,
+    paired_verifications,
     wilson,
 )
 from veil.privacy.linkage import (
@@ -208,12 +209,39 @@ def test_two_attacks_say_which_faces_both_verified() -> None:
     first = identification(np.stack([near[0], near[1], far[2]]), gallery, [0, 1, 2])
     second = identification(np.stack([near[1], far[2], near[3]]), gallery, [1, 2, 3])
     assert first.own_rows == (0, 1, 2) and first.own_distances[0] < 0.6 < first.own_distances[2]
-    assert shared_verifications(first, second) == 1  # face 1 alone is verified by both
-    assert shared_verifications(first, first) == first.same_person.hits == 2
+    paired = paired_verifications(first, second)  # faces 1 and 2 were scored by both
+    assert paired is not None and paired.faces == 2
+    assert (paired.both, paired.only_first, paired.only_second) == (1, 0, 0)
+    itself = paired_verifications(first, first)
+    assert itself is not None and itself.both == first.same_person.hits == 2
+    assert itself.only_first == itself.only_second == 0 and itself.p_value == 1.0
     written = identity_from_json(identity_to_json(first))
     assert written.own_rows == first.own_rows
     assert written.own_distances == pytest.approx(first.own_distances, abs=1e-4)
-    assert shared_verifications(first, replace(second, own_rows=(), own_distances=())) is None
+    assert paired_verifications(first, replace(second, own_rows=(), own_distances=())) is None
+
+
+def test_paired_verifications_test_only_the_faces_the_attacks_disagree_on() -> None:
+    # Ten faces the first attack verified alone, two the second did, five both, the rest none:
+    # two-sided exact McNemar p = 2 * (C(12,0) + C(12,1) + C(12,2)) / 2^12 = 158 / 4096.
+    first = _verdicts([True] * 15 + [False] * 2 + [False] * 13)
+    second = _verdicts([False] * 10 + [True] * 7 + [False] * 13)
+    paired = paired_verifications(first, second)
+    assert paired is not None and paired.faces == 30
+    assert (paired.both, paired.only_first, paired.only_second) == (5, 10, 2)
+    assert paired.p_value == pytest.approx(158 / 4096)
+    swapped = paired_verifications(second, first)
+    assert swapped is not None and (swapped.only_first, swapped.only_second) == (2, 10)
+    assert swapped.p_value == pytest.approx(paired.p_value)
+    # A gallery row shared by two probes (identities) pairs by position only: reordered, the
+    # faces of that row are left out rather than guessed.
+    shared = replace(first, own_rows=(0, 0, *first.own_rows[2:]))
+    shuffled = replace(
+        shared, own_rows=shared.own_rows[::-1], own_distances=shared.own_distances[::-1]
+    )
+    subset = paired_verifications(shared, shuffled)
+    assert subset is not None and subset.faces == 28  # rows 2..29 once each; row 0 twice
+    assert (subset.both, subset.only_first, subset.only_second) == (13, 0, 0)
 
 
 def test_boxes_only_images_paint_the_mean_face_inside_the_boxes_only() -> None:
@@ -314,3 +342,17 @@ def test_linkage_learns_the_embeddings_of_its_training_faces(faces: Faces) -> No
     assert predicted.shape == (FACES, 128)
     scores = identification(predicted, faces.gallery, range(FACES))
     assert scores.rank1.value >= 0.5, str(scores.rank1)  # it memorised its own faces
+
+
+def _verdicts(verified: list[bool]) -> IdentityScores:
+    """Identity scores whose face i lies within (or beyond) the same-person distance."""
+    distances = tuple(0.3 if v else 0.9 for v in verified)
+    return IdentityScores(
+        rank1=Rate(0, len(verified)),
+        same_person=Rate(sum(verified), len(verified)),
+        gallery_size=len(verified),
+        chance=1 / len(verified),
+        distances=mean_ci(distances),
+        own_rows=tuple(range(len(verified))),
+        own_distances=distances,
+    )

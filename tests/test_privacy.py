@@ -544,6 +544,39 @@ def test_the_verdict_says_what_report_json_says(
         assert float(match["kept"]) == pytest.approx(row["ap_kept"], abs=0.005)
         leaks = head["rank1"]["low"] > max(data["gallery"]["chance"], floor["value"])
         assert (match["leak"] == "Identity leaks") == leaks == entry["leaks"]
+        _check_paired(entry, row, data["references"])
+
+
+def _verified(identity: dict[str, Any]) -> dict[int, bool]:
+    return {
+        r: d < 0.6 for r, d in zip(identity["own_rows"], identity["own_distances"], strict=True)
+    }
+
+
+def _check_paired(entry: dict[str, Any], row: dict[str, Any], refs: dict[str, Any]) -> None:
+    """Every pixel attack against every boxes-only attacker, face by face (the tiny report's
+    gallery holds each face once, so its row names it); the text quotes the surest one."""
+    paired = entry["paired_with_floors"]
+    assert {(p["attack"], p["floor"]) for p in paired} == {
+        (a, f) for a in ("decoder", "rmle") for f in BOXES_ONLY
+    }
+    for p in paired:
+        mine = _verified(row["attacks"][p["attack"]]["identity"])
+        theirs = _verified(refs[p["floor"]]["identity"])
+        assert p["faces"] == len(mine) and mine.keys() <= theirs.keys()
+        assert p["both"] == sum(v and theirs[r] for r, v in mine.items())
+        assert p["only_first"] == sum(v and not theirs[r] for r, v in mine.items())
+        assert p["only_second"] == sum(theirs[r] and not v for r, v in mine.items())
+        assert 0.0 < p["p_value"] <= 1.0
+    surest = min(
+        ("decoder", "rmle"),
+        key=lambda a: max(p["p_value"] for p in paired if p["attack"] == a),
+    )
+    quoted = [p for p in paired if p["attack"] == surest]
+    title = "decoder" if surest == "decoder" else "rMLE"
+    said = f"Face by face (exact McNemar), the {title} verified {quoted[0]['only_first']} faces"
+    assert said in entry["text"]
+    assert f"(p = {quoted[1]['p_value']:.3f}, {quoted[1]['faces']} faces)." in entry["text"]
 
 
 def test_the_report_records_leakage_in_every_profile_and_takes_given_accuracy(

@@ -291,17 +291,68 @@ def identification(
     )
 
 
-def shared_verifications(scores: IdentityScores, other: IdentityScores) -> int | None:
-    """How many of the faces ``scores`` verified (within the same-person distance of their
-    own original) ``other`` verified too; None when either kept no per-face distances."""
-    if not scores.own_rows or not other.own_rows:
+@dataclass(frozen=True)
+class PairedVerifications:
+    """Two attacks' same-person verdicts on the faces both scored: how many both verified and
+    how many each verified alone. The exact McNemar test reads only the faces they disagree on,
+    so it resolves a difference between two attacks on the same faces that their two intervals,
+    each holding the spread of the faces, cannot."""
+
+    both: int
+    only_first: int
+    only_second: int
+    faces: int  # faces both attacks scored
+
+    @property
+    def p_value(self) -> float:
+        """Two-sided exact McNemar p: the discordant faces against a fair coin."""
+        discordant = self.only_first + self.only_second
+        fewer = min(self.only_first, self.only_second)
+        tail = sum(math.comb(discordant, k) for k in range(fewer + 1)) / (1 << discordant)
+        return min(1.0, 2 * tail)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "both": self.both,
+            "only_first": self.only_first,
+            "only_second": self.only_second,
+            "faces": self.faces,
+            "p_value": self.p_value,
+        }
+
+
+def _face_pairs(first: IdentityScores, second: IdentityScores) -> list[tuple[bool, bool]]:
+    """Per face both scored, whether each verified it: by position where both scored the same
+    faces in the same order, else by gallery row where a row names one face in each."""
+
+    def verified(s: IdentityScores) -> list[bool]:
+        return [d < SAME_PERSON_DISTANCE for d in s.own_distances]
+
+    if first.own_rows == second.own_rows:
+        return list(zip(verified(first), verified(second), strict=True))
+
+    def single(s: IdentityScores) -> dict[int, bool]:
+        counts = Counter(s.own_rows)
+        return {r: v for r, v in zip(s.own_rows, verified(s), strict=True) if counts[r] == 1}
+
+    a, b = single(first), single(second)
+    return [(a[row], b[row]) for row in sorted(a.keys() & b.keys())]
+
+
+def paired_verifications(
+    first: IdentityScores, second: IdentityScores
+) -> PairedVerifications | None:
+    """The two attacks' verifications face by face; None when either kept no per-face
+    distances (reports written before veil kept them)."""
+    if not first.own_rows or not second.own_rows:
         return None
-
-    def verified(s: IdentityScores) -> Counter[int]:
-        pairs = zip(s.own_rows, s.own_distances, strict=True)
-        return Counter(row for row, d in pairs if d < SAME_PERSON_DISTANCE)
-
-    return sum((verified(scores) & verified(other)).values())
+    pairs = _face_pairs(first, second)
+    return PairedVerifications(
+        both=sum(a and b for a, b in pairs),
+        only_first=sum(a and not b for a, b in pairs),
+        only_second=sum(b and not a for a, b in pairs),
+        faces=len(pairs),
+    )
 
 
 def _false_matches(

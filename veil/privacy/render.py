@@ -18,7 +18,7 @@ from veil.detections import Detections
 from veil.detectors.base import Frame
 from veil.privacy.attacks import AttackSet
 from veil.privacy.evaluation import Scored, to_bgr_uint8
-from veil.privacy.identity import SAME_PERSON_DISTANCE, MeanCI, Rate, shared_verifications
+from veil.privacy.identity import SAME_PERSON_DISTANCE, MeanCI, Rate, paired_verifications
 from veil.privacy.metrics import BoxArray
 from veil.privacy.scores import (
     BOXES_ONLY,
@@ -250,8 +250,8 @@ def _reference_rows(report: PrivacyReport) -> list[tuple[str, AttackScores]]:
 def _shared_cell(s: AttackScores, floor: AttackScores | None) -> str:
     if s.identity is None or floor is None or floor.identity is None:
         return "n/a"
-    shared = shared_verifications(s.identity, floor.identity)
-    return "n/a" if shared is None else f"{shared} of {s.identity.same_person.hits}"
+    paired = paired_verifications(s.identity, floor.identity)
+    return "n/a" if paired is None else f"{paired.both} of {s.identity.same_person.hits}"
 
 
 def _detail_cells(label: str, s: AttackScores, floor: AttackScores | None) -> list[str]:

@@ -8,7 +8,10 @@ people's faces); accuracy kept 0.97. Identity leaks: the interval lies above bot
 A setting leaks identity when the lower end of its strongest attack's rank-1 interval lies
 above both floors (chance and the better of the two boxes-only attackers, the mean face pasted
 into each box and a decoder that draws faces from the boxes); otherwise no leak beyond what
-the output boxes give is measurable at that sample size.
+the output boxes give is measurable at that sample size. Beside it, each attack that draws
+pictures is compared face by face with each boxes-only attacker on the same faces (exact
+McNemar): how many faces each verified alone, and the p value; the sentence names the attack
+whose excess is surest.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from veil.privacy.identity import MeanCI, Rate
-from veil.privacy.scores import AttackScores, attack_title, boxes_only_floor
+from veil.privacy.identity import MeanCI, PairedVerifications, Rate, paired_verifications
+from veil.privacy.scores import BOXES_ONLY, AttackScores, attack_title, boxes_only_floor
 
 if TYPE_CHECKING:
     from veil.privacy.report import PrivacyReport, ReportRow
@@ -65,6 +68,48 @@ def _false_match(value: MeanCI | None) -> str:
     return f"; the attack's faces lie as close to {pct(value.mean)}% of other people's faces"
 
 
+def paired_with_floors(
+    row: ReportRow, report: PrivacyReport
+) -> list[tuple[str, str, PairedVerifications]]:
+    """(attack, boxes-only attacker, their verifications face by face) for every attack of
+    the row that draws pictures, against every boxes-only attacker of the report."""
+    pairs = []
+    for attack in row.attacks.values():
+        for name in BOXES_ONLY:
+            floor = report.references.get(name)
+            if attack.ssim_face is None or attack.identity is None:
+                continue
+            if floor is None or floor.identity is None:
+                continue
+            paired = paired_verifications(attack.identity, floor.identity)
+            if paired is not None and paired.faces:
+                pairs.append((attack.attack, name, paired))
+    return pairs
+
+
+def _paired_text(row: ReportRow, report: PrivacyReport) -> str:
+    """The pixel attack whose excess over the boxes-only attackers is the surest (the smallest
+    p against the floor that explains it best), compared with each of them face by face."""
+    pairs = paired_with_floors(row, report)
+    worst: dict[str, float] = {}
+    for attack, _, p in pairs:
+        worst[attack] = max(worst.get(attack, 0.0), p.p_value)
+    if not worst:
+        return ""
+    surest = min(worst, key=lambda name: worst[name])
+    parts = [
+        f"{p.only_first} faces the {attack_title(floor)} did not and missed {p.only_second} "
+        f"it verified (p = {p.p_value:.3f}, {p.faces} faces)"
+        for attack, floor, p in pairs
+        if attack == surest
+    ]
+    return (
+        f" Face by face (exact McNemar), the {attack_title(surest)} verified "
+        + "; ".join(parts)
+        + "."
+    )
+
+
 def _setting_name(row: ReportRow) -> str:
     name = "no noise (clean)" if row.alpha is None else f"alpha {row.alpha:.2f}"
     return name + (" (deployed)" if row.deployed else "")
@@ -95,7 +140,7 @@ def verdict_line(row: ReportRow, report: PrivacyReport) -> str:
             "No identity leak beyond what the boxes give is measurable at this sample size: "
             "the interval reaches the floors."
         )
-    return text + _small_gallery(report)
+    return text + _paired_text(row, report) + _small_gallery(report)
 
 
 def verdict(report: PrivacyReport) -> list[dict[str, Any]]:
@@ -111,6 +156,10 @@ def verdict(report: PrivacyReport) -> list[dict[str, Any]]:
                 "deployed": row.deployed,
                 "strongest": row.strongest,
                 "leaks": head is not None and leaks(head, chance, floor_rank1),
+                "paired_with_floors": [
+                    {"attack": attack, "floor": floor} | p.to_json()
+                    for attack, floor, p in paired_with_floors(row, report)
+                ],
                 "text": verdict_line(row, report),
             }
         )
