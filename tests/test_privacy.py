@@ -48,6 +48,7 @@ from veil.privacy.identity import IdentityScores, MeanCI, Rate
 from veil.privacy.metrics import BoxArray
 from veil.privacy.report import PrivacyReport, attach_accuracy, load_report
 from veil.privacy.scores import BOXES_ONLY
+from veil.privacy.verdict import surest_excess
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -594,6 +595,10 @@ def test_the_report_records_leakage_in_every_profile_and_takes_given_accuracy(
         assert {"same_person", "face_ssim", "chance", "boxes_only", "faces", "date"} <= set(leakage)
         drawn = report.references["boxes-decoder"].identity
         assert drawn is not None and leakage["boxes_decoder"]["rank1"]["hits"] == drawn.rank1.hits
+        excess = surest_excess(row, report)
+        assert excess is not None and leakage["beyond_boxes_only"]["attack"] == excess[0]
+        assert leakage["beyond_boxes_only"]["p_value"] == max(p.p_value for _, p in excess[2])
+        assert [p["floor"] for p in leakage["beyond_boxes_only"]["pairs"]] == list(BOXES_ONLY)
         assert leakage["data_source"] == "synthetic" and leakage["gallery_size"] == 7
     copy = tmp_path / "copy"
     copy.mkdir()
@@ -719,7 +724,12 @@ def test_privacy_on_the_operators_own_footage(tmp_path: Path) -> None:
     )
     assert "measured leakage: the strongest attack" in same["message"]
     floors = [profile.meta.leakage[k]["rank1"]["value"] for k in ("boxes_only", "boxes_decoder")]
-    assert f", boxes-only {100 * max(floors):.1f}%)" in same["message"]
+    excess = profile.meta.leakage["beyond_boxes_only"]
+    beyond = f"face by face: p = {excess['p_value']:.3f} ({excess['attack']}))"
+    assert (
+        f", boxes-only {100 * max(floors):.1f}%; same person beyond the boxes, {beyond}"
+        in (same["message"])
+    )
     assert not same["other_footage"] and "NOTE" not in same["message"]
     assert other["other_footage"] and "calibrated on other footage" in other["message"]
 

@@ -78,7 +78,7 @@ from veil.privacy.scores import (
     rate_to_json,
     strongest,
 )
-from veil.privacy.verdict import verdict
+from veil.privacy.verdict import surest_excess, verdict
 from veil.profiles import NoiseProfile, ProfileBank
 
 Log = Callable[[str], None]
@@ -750,6 +750,19 @@ def _floor_json(report: PrivacyReport, name: str) -> dict[str, Any] | None:
     }
 
 
+def _excess_json(report: PrivacyReport, row: ReportRow) -> dict[str, Any] | None:
+    """The pixel attack surest to verify more faces than the boxes give, face by face."""
+    excess = surest_excess(row, report)
+    if excess is None:
+        return None
+    attack, p_value, pairs = excess
+    return {
+        "attack": attack,
+        "p_value": p_value,
+        "pairs": [{"floor": floor} | p.to_json() for floor, p in pairs],
+    }
+
+
 def leakage_record(report: PrivacyReport, row: ReportRow) -> dict[str, Any]:
     """What a profile's ``meta.leakage`` keeps of the report (its strongest attack)."""
     head = row.headline
@@ -767,6 +780,7 @@ def leakage_record(report: PrivacyReport, row: ReportRow) -> dict[str, Any]:
         else {"attack": face.attack, **mean_to_json(face.ssim_face)},
         "chance": report.chance,
         **{key.replace("-", "_"): _floor_json(report, key) for key in BOXES_ONLY},
+        "beyond_boxes_only": _excess_json(report, row),
         "faces": None if ident is None else ident.rank1.n,
         "gallery_size": report.gallery["size"],
         "data_source": report.data_source,

@@ -87,24 +87,32 @@ def paired_with_floors(
     return pairs
 
 
-def _paired_text(row: ReportRow, report: PrivacyReport) -> str:
-    """The pixel attack whose excess over the boxes-only attackers is the surest (the smallest
-    p against the floor that explains it best), compared with each of them face by face."""
-    pairs = paired_with_floors(row, report)
+def surest_excess(
+    row: ReportRow, report: PrivacyReport
+) -> tuple[str, float, list[tuple[str, PairedVerifications]]] | None:
+    """The pixel attack whose excess over the boxes-only attackers is surest: (attack, its
+    largest p over the boxes-only attackers, its comparison with each); None without any."""
     worst: dict[str, float] = {}
-    for attack, _, p in pairs:
+    for attack, _, p in (pairs := paired_with_floors(row, report)):
         worst[attack] = max(worst.get(attack, 0.0), p.p_value)
     if not worst:
-        return ""
+        return None
     surest = min(worst, key=lambda name: worst[name])
+    return surest, worst[surest], [(f, p) for a, f, p in pairs if a == surest]
+
+
+def _paired_text(row: ReportRow, report: PrivacyReport) -> str:
+    excess = surest_excess(row, report)
+    if excess is None:
+        return ""
+    attack, _, pairs = excess
     parts = [
         f"{p.only_first} faces the {attack_title(floor)} did not and missed {p.only_second} "
         f"it verified (p = {p.p_value:.3f}, {p.faces} faces)"
-        for attack, floor, p in pairs
-        if attack == surest
+        for floor, p in pairs
     ]
     return (
-        f" Face by face (exact McNemar), the {attack_title(surest)} verified "
+        f" Face by face (exact McNemar), the {attack_title(attack)} verified "
         + "; ".join(parts)
         + "."
     )

@@ -81,6 +81,12 @@ def _leakage_text(leakage: dict[str, Any]) -> str:
         if f and f.get("rank1")
     ]
     floor_text = f", boxes-only {100 * max(floors):.1f}%" if floors else ""
+    excess = leakage.get("beyond_boxes_only")
+    if excess:
+        floor_text += (
+            f"; same person beyond the boxes, face by face: p = {float(excess['p_value']):.3f}"
+            f" ({excess['attack']})"
+        )
     return (
         f"measured leakage: the strongest attack ({leakage.get('strongest_attack')}) "
         f"re-identified {100 * float(rank1['value']):.1f}% [{100 * float(rank1['low']):.1f}, "
