@@ -7,7 +7,7 @@ import math
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -48,7 +48,11 @@ from veil.privacy.identity import IdentityScores, MeanCI, Rate
 from veil.privacy.metrics import BoxArray
 from veil.privacy.report import PrivacyReport, attach_accuracy, load_report
 from veil.privacy.scores import BOXES_ONLY
-from veil.privacy.verdict import surest_excess
+from veil.privacy.verdict import paired_with_floors, surest_excess
+
+if TYPE_CHECKING:
+    from veil.profiles import NoiseProfile
+    from workers.trusted.obfuscator import ProfileTable
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -595,7 +599,7 @@ def test_the_report_records_leakage_in_every_profile_and_takes_given_accuracy(
         assert {"same_person", "face_ssim", "chance", "boxes_only", "faces", "date"} <= set(leakage)
         drawn = report.references["boxes-decoder"].identity
         assert drawn is not None and leakage["boxes_decoder"]["rank1"]["hits"] == drawn.rank1.hits
-        excess = surest_excess(row, report)
+        excess = surest_excess(paired_with_floors(row, report))
         assert excess is not None and leakage["beyond_boxes_only"]["attack"] == excess[0]
         assert leakage["beyond_boxes_only"]["p_value"] == max(p.p_value for _, p in excess[2])
         assert [p["floor"] for p in leakage["beyond_boxes_only"]["pairs"]] == list(BOXES_ONLY)
@@ -674,7 +678,6 @@ def test_privacy_on_the_operators_own_footage(tmp_path: Path) -> None:
     from veil.cli import main
     from veil.detectors import load_detector
     from veil.profiles import ProfileBank
-    from workers.trusted.edge import profile_notes
     from workers.trusted.obfuscator import ProfileTable
 
     root = data_root(required=False)
@@ -713,7 +716,14 @@ def test_privacy_on_the_operators_own_footage(tmp_path: Path) -> None:
     assert profile.meta.leakage["data_source"] == f"footage:{video}"
 
     table = ProfileTable.from_bank(detector, geometry, ProfileBank(bank), torch.device("cpu"))
+    _check_profile_notes(table, video, profile)
+
+
+def _check_profile_notes(table: ProfileTable, video: Path, profile: NoiseProfile) -> None:
+    """The edge's per-stream note: the profile's measured leakage, and whether it was
+    calibrated on that stream's footage."""
     from veil.config import StreamConfig
+    from workers.trusted.edge import profile_notes
 
     same, other = profile_notes(
         [
@@ -726,10 +736,8 @@ def test_privacy_on_the_operators_own_footage(tmp_path: Path) -> None:
     floors = [profile.meta.leakage[k]["rank1"]["value"] for k in ("boxes_only", "boxes_decoder")]
     excess = profile.meta.leakage["beyond_boxes_only"]
     beyond = f"face by face: p = {excess['p_value']:.3f} ({excess['attack']}))"
-    assert (
-        f", boxes-only {100 * max(floors):.1f}%; same person beyond the boxes, {beyond}"
-        in (same["message"])
-    )
+    said = f", boxes-only {100 * max(floors):.1f}%; same person beyond the boxes, {beyond}"
+    assert said in same["message"]
     assert not same["other_footage"] and "NOTE" not in same["message"]
     assert other["other_footage"] and "calibrated on other footage" in other["message"]
 

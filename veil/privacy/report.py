@@ -78,7 +78,7 @@ from veil.privacy.scores import (
     rate_to_json,
     strongest,
 )
-from veil.privacy.verdict import surest_excess, verdict
+from veil.privacy.verdict import paired_with_floors, surest_excess, verdict
 from veil.profiles import NoiseProfile, ProfileBank
 
 Log = Callable[[str], None]
@@ -752,7 +752,7 @@ def _floor_json(report: PrivacyReport, name: str) -> dict[str, Any] | None:
 
 def _excess_json(report: PrivacyReport, row: ReportRow) -> dict[str, Any] | None:
     """The pixel attack surest to verify more faces than the boxes give, face by face."""
-    excess = surest_excess(row, report)
+    excess = surest_excess(paired_with_floors(row, report))
     if excess is None:
         return None
     attack, p_value, pairs = excess

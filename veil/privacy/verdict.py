@@ -68,18 +68,19 @@ def _false_match(value: MeanCI | None) -> str:
     return f"; the attack's faces lie as close to {pct(value.mean)}% of other people's faces"
 
 
-def paired_with_floors(
-    row: ReportRow, report: PrivacyReport
-) -> list[tuple[str, str, PairedVerifications]]:
+Paired = list[tuple[str, str, PairedVerifications]]  # (attack, boxes-only attacker, faces)
+
+
+def paired_with_floors(row: ReportRow, report: PrivacyReport) -> Paired:
     """(attack, boxes-only attacker, their verifications face by face) for every attack of
     the row that draws pictures, against every boxes-only attacker of the report."""
+    floors = [(k, report.references[k]) for k in BOXES_ONLY if k in report.references]
     pairs = []
     for attack in row.attacks.values():
-        for name in BOXES_ONLY:
-            floor = report.references.get(name)
-            if attack.ssim_face is None or attack.identity is None:
-                continue
-            if floor is None or floor.identity is None:
+        if attack.ssim_face is None or attack.identity is None:
+            continue
+        for name, floor in floors:
+            if floor.identity is None:
                 continue
             paired = paired_verifications(attack.identity, floor.identity)
             if paired is not None and paired.faces:
@@ -88,12 +89,13 @@ def paired_with_floors(
 
 
 def surest_excess(
-    row: ReportRow, report: PrivacyReport
+    pairs: Paired,
 ) -> tuple[str, float, list[tuple[str, PairedVerifications]]] | None:
-    """The pixel attack whose excess over the boxes-only attackers is surest: (attack, its
-    largest p over the boxes-only attackers, its comparison with each); None without any."""
+    """Of ``pairs`` (``paired_with_floors``), the pixel attack whose excess over the boxes-only
+    attackers is surest: (attack, its largest p over the boxes-only attackers, its comparison
+    with each); None without any."""
     worst: dict[str, float] = {}
-    for attack, _, p in (pairs := paired_with_floors(row, report)):
+    for attack, _, p in pairs:
         worst[attack] = max(worst.get(attack, 0.0), p.p_value)
     if not worst:
         return None
@@ -101,15 +103,15 @@ def surest_excess(
     return surest, worst[surest], [(f, p) for a, f, p in pairs if a == surest]
 
 
-def _paired_text(row: ReportRow, report: PrivacyReport) -> str:
-    excess = surest_excess(row, report)
+def _paired_text(pairs: Paired) -> str:
+    excess = surest_excess(pairs)
     if excess is None:
         return ""
-    attack, _, pairs = excess
+    attack, _, chosen = excess
     parts = [
         f"{p.only_first} faces the {attack_title(floor)} did not and missed {p.only_second} "
         f"it verified (p = {p.p_value:.3f}, {p.faces} faces)"
-        for floor, p in pairs
+        for floor, p in chosen
     ]
     return (
         f" Face by face (exact McNemar), the {attack_title(attack)} verified "
@@ -123,7 +125,8 @@ def _setting_name(row: ReportRow) -> str:
     return name + (" (deployed)" if row.deployed else "")
 
 
-def verdict_line(row: ReportRow, report: PrivacyReport) -> str:
+def verdict_line(row: ReportRow, report: PrivacyReport, pairs: Paired) -> str:
+    """The setting's sentence; ``pairs`` is its ``paired_with_floors``."""
     chance, floor_rank1, floor_same = _floors(report)
     head = row.headline
     name = _setting_name(row)
@@ -148,7 +151,7 @@ def verdict_line(row: ReportRow, report: PrivacyReport) -> str:
             "No identity leak beyond what the boxes give is measurable at this sample size: "
             "the interval reaches the floors."
         )
-    return text + _paired_text(row, report) + _small_gallery(report)
+    return text + _paired_text(pairs) + _small_gallery(report)
 
 
 def verdict(report: PrivacyReport) -> list[dict[str, Any]]:
@@ -157,6 +160,7 @@ def verdict(report: PrivacyReport) -> list[dict[str, Any]]:
     entries = []
     for row in report.rows:
         head = row.headline
+        pairs = paired_with_floors(row, report)
         entries.append(
             {
                 "label": row.label,
@@ -165,10 +169,9 @@ def verdict(report: PrivacyReport) -> list[dict[str, Any]]:
                 "strongest": row.strongest,
                 "leaks": head is not None and leaks(head, chance, floor_rank1),
                 "paired_with_floors": [
-                    {"attack": attack, "floor": floor} | p.to_json()
-                    for attack, floor, p in paired_with_floors(row, report)
+                    {"attack": attack, "floor": floor} | p.to_json() for attack, floor, p in pairs
                 ],
-                "text": verdict_line(row, report),
+                "text": verdict_line(row, report, pairs),
             }
         )
     return entries
