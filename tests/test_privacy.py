@@ -171,6 +171,37 @@ class BrightSquareFinder:
         return out
 
 
+def test_flat_tone_gives_every_face_the_average_tone_and_leaves_the_rest() -> None:
+    from veil.privacy.retouch import flat_tone, gray
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 40, 60, generator=gen)
+    images[0, :, 5:25, 5:25] *= 0.3  # a dark face
+    images[1, :, 10:30, 30:50] = 0.6 + 0.4 * images[1, :, 10:30, 30:50]  # a bright one
+    boxes = [np.array([[7.0, 7.0, 23.0, 23.0]]), np.array([[32.0, 12.0, 48.0, 28.0]])]
+    out = flat_tone(images, boxes)
+    # Each box grown by 15% of its 16 px side (2.4 px), outwards to whole pixels.
+    windows = [(0, slice(4, 26)), (1, slice(9, 31))]
+    xs = [slice(4, 26), slice(29, 51)]
+    tones = []
+    for (i, ys), x in zip(windows, xs, strict=True):
+        patch = out[i, :, ys, x].reshape(3, -1)
+        tones.append((patch.mean(1), patch.std(1)))
+        mask = torch.ones(40, 60, dtype=torch.bool)
+        mask[ys, x] = False
+        assert torch.equal(out[i][:, mask], images[i][:, mask])  # outside the face: untouched
+    assert torch.allclose(tones[0][0], tones[1][0], atol=0.02)
+    assert torch.allclose(tones[0][1], tones[1][1], atol=0.02)
+    before = [images[0, :, 5:25, 5:25].mean(), images[1, :, 10:30, 30:50].mean()]
+    assert before[1] - before[0] > 0.4  # they differed
+    luma = gray(images, boxes)
+    assert torch.equal(luma[:, 0], luma[:, 2])
+    expected = 0.114 * images[:, 0] + 0.587 * images[:, 1] + 0.299 * images[:, 2]
+    assert torch.allclose(luma[:, 1], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="2 images but 1 box sets"):
+        flat_tone(images, boxes[:1])
+
+
 def test_redetection_rate_counts_faces_found_with_enough_overlap_and_score() -> None:
     gt = [
         np.array([[10, 10, 30, 30], [40, 10, 60, 30]], np.float32),
@@ -461,10 +492,13 @@ def test_report_on_a_tiny_bank_writes_every_file_with_identity_and_floors(
     assert report.image_size == "64x48" and report.rmle_images == 2
     assert report.gallery == {"size": 7, "mode": "instances", "distractors": 3, "chance": 1 / 7}
     for row in report.rows:
-        assert set(row.attacks) == {"decoder", "rmle", "linkage"}
+        assert set(row.attacks) == {"linkage", *_PIXEL_ATTACKS}
         assert row.strongest == strongest(row.attacks)
         decoder, rmle, linkage = row.attacks["decoder"], row.attacks["rmle"], row.attacks["linkage"]
         assert decoder.faces == 4 and rmle.faces == 2 and rmle.images == 2
+        # Retouched pictures are scored on the same faces as the attack's own.
+        assert {row.attacks[f"decoder+{r}"].faces for r in ("tone", "gray")} == {4}
+        assert {row.attacks[f"rmle+{r}"].images for r in ("tone", "gray")} == {2}
         assert decoder.identity is not None and decoder.identity.rank1.n == 4
         assert decoder.ssim is not None and decoder.ssim.n == 4 and -1 <= decoder.ssim.mean <= 1
         assert linkage.identity is not None and linkage.ssim is None and linkage.redetection is None
@@ -473,6 +507,8 @@ def test_report_on_a_tiny_bank_writes_every_file_with_identity_and_floors(
     assert report.references["boxes-only"].identity is not None
     drawn = report.references["boxes-decoder"]
     assert drawn.identity is not None and drawn.identity.rank1.n == 4 and drawn.seconds > 0
+    assert set(report.references) == {"originals", *BOXES_ONLY}
+    assert all(report.references[k].faces == 4 for k in BOXES_ONLY)
 
     data = json.loads((out / "report.json").read_text())
     assert set(data) >= {"verdict", "rows", "references", "gallery", "faces", "data_source"}
@@ -486,6 +522,8 @@ def test_report_on_a_tiny_bank_writes_every_file_with_identity_and_floors(
         "Floors: chance 1/7 = 14.3%",
         "boxes-only attacker (floor)",
         "boxes-only decoder (floor)",
+        "boxes-only decoder, tone flattened (floor)",
+        "boxes-only mean face, in gray (floor)",
         "; boxes-only decoder rank-1",
         "originals at attack resolution (ceiling)",
         "re-detection (not a privacy figure)",
@@ -519,7 +557,6 @@ def test_the_verdict_says_what_report_json_says(
 ) -> None:
     _, out, _ = tiny_report
     data = json.loads((out / "report.json").read_text())
-    titles = {"decoder": "decoder", "rmle": "rMLE", "linkage": "feature linkage"}
     floor = {  # the better of the two boxes-only attackers
         "value": max(data["references"][k]["identity"]["rank1"]["value"] for k in BOXES_ONLY)
     }
@@ -530,7 +567,7 @@ def test_the_verdict_says_what_report_json_says(
         head = row["attacks"][row["strongest"]]["identity"]
         best = max(a["identity"]["rank1"]["value"] for a in row["attacks"].values())
         assert head["rank1"]["value"] == best
-        assert match["attack"] == titles[row["strongest"]]
+        assert match["attack"] == _title(row["strongest"])
         assert (match["alpha"] is None) == (row["alpha"] is None)
         if row["alpha"] is not None:
             assert float(match["alpha"]) == pytest.approx(row["alpha"])
@@ -552,6 +589,15 @@ def test_the_verdict_says_what_report_json_says(
         _check_paired(entry, row, data["references"])
 
 
+_PIXEL_ATTACKS = [f"{a}{r}" for a in ("decoder", "rmle") for r in ("", "+tone", "+gray")]
+
+
+def _title(attack: str) -> str:
+    name, _, retouch = attack.partition("+")
+    title = {"decoder": "decoder", "rmle": "rMLE", "linkage": "feature linkage"}[name]
+    return title + {"": "", "tone": ", tone flattened", "gray": ", in gray"}[retouch]
+
+
 def _verified(identity: dict[str, Any]) -> dict[int, bool]:
     return {
         r: d < 0.6 for r, d in zip(identity["own_rows"], identity["own_distances"], strict=True)
@@ -563,7 +609,7 @@ def _check_paired(entry: dict[str, Any], row: dict[str, Any], refs: dict[str, An
     gallery holds each face once, so its row names it); the text quotes the surest one."""
     paired = entry["paired_with_floors"]
     assert {(p["attack"], p["floor"]) for p in paired} == {
-        (a, f) for a in ("decoder", "rmle") for f in BOXES_ONLY
+        (a, f) for a in _PIXEL_ATTACKS for f in BOXES_ONLY
     }
     for p in paired:
         mine = _verified(row["attacks"][p["attack"]]["identity"])
@@ -574,12 +620,14 @@ def _check_paired(entry: dict[str, Any], row: dict[str, Any], refs: dict[str, An
         assert p["only_second"] == sum(theirs[r] and not v for r, v in mine.items())
         assert 0.0 < p["p_value"] <= 1.0
     surest = min(
-        ("decoder", "rmle"),
+        _PIXEL_ATTACKS,
         key=lambda a: max(p["p_value"] for p in paired if p["attack"] == a),
     )
     quoted = [p for p in paired if p["attack"] == surest]
-    title = "decoder" if surest == "decoder" else "rMLE"
-    said = f"Face by face (exact McNemar), the {title} verified {quoted[0]['only_first']} faces"
+    said = (
+        f"Face by face (exact McNemar), the {_title(surest)} verified "
+        f"{quoted[0]['only_first']} faces"
+    )
     assert said in entry["text"]
     assert f"(p = {quoted[1]['p_value']:.3f}, {quoted[1]['faces']} faces)." in entry["text"]
 

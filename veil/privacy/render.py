@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -107,6 +107,12 @@ def grid(
 # --- the trade-off plot ----------------------------------------------------------------------
 
 
+def _best_rank1(attacks: Mapping[str, AttackScores], name: str) -> float:
+    """The best rank-1 of attack ``name`` and its retouches (NaN where none ran)."""
+    values = [s.rank1 for k, s in attacks.items() if k.partition("+")[0] == name]
+    return max((v for v in values if not math.isnan(v)), default=math.nan)
+
+
 def tradeoff_plot(report: PrivacyReport, path: Path) -> None:
     """Left: rank-1 of each attack per setting with the floors; right: AP kept vs rank-1."""
     import matplotlib
@@ -117,9 +123,10 @@ def tradeoff_plot(report: PrivacyReport, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     xs = list(range(len(report.rows)))
     labels = ["clean" if r.alpha is None else f"{r.alpha:.2f}" for r in report.rows]
-    names = sorted({a for r in report.rows for a in r.attacks})
+    # One line per attack, at its best rank-1 as drawn or retouched.
+    names = sorted({a.partition("+")[0] for r in report.rows for a in r.attacks})
     for name in names:
-        ys = [r.attacks[name].rank1 if name in r.attacks else math.nan for r in report.rows]
+        ys = [_best_rank1(r.attacks, name) for r in report.rows]
         left.plot(xs, ys, "o-", label=attack_title(name))
     left.axhline(report.chance, color="grey", ls=":", label="chance")
     floor, _ = boxes_only_floor(report.references)
@@ -244,7 +251,7 @@ def _reference_rows(report: PrivacyReport) -> list[tuple[str, AttackScores]]:
         "boxes-only": "boxes-only attacker (floor)",
         "boxes-decoder": "boxes-only decoder (floor)",
     }
-    return [(titles.get(k, k), v) for k, v in report.references.items()]
+    return [(titles.get(k, f"{attack_title(k)} (floor)"), v) for k, v in report.references.items()]
 
 
 def _shared_cell(s: AttackScores, floor: AttackScores | None) -> str:

@@ -69,6 +69,7 @@ from veil.privacy.evaluation import (
 from veil.privacy.identity import EMBEDDING_DIM, FaceRecognizer
 from veil.privacy.metrics import BoxArray
 from veil.privacy.render import GridColumn, grid, html_page, markdown, tradeoff_plot
+from veil.privacy.retouch import RETOUCHES, retouched
 from veil.privacy.scores import (
     BOXES_ONLY,
     AttackScores,
@@ -110,7 +111,7 @@ class ReportRow:
     sigma_ratio: float  # mean noise sigma in units of the clean activations' std
     mean_ap: float | None
     ap_kept: float | None  # mean AP / clean AP
-    attacks: dict[str, AttackScores]  # "decoder", "rmle", "linkage"
+    attacks: dict[str, AttackScores]  # "decoder", "rmle", "linkage", and "decoder+tone"...
     strongest: str | None  # the attack with the highest rank-1 (ties: same-person share)
     deployed: bool = False
 
@@ -149,7 +150,7 @@ class PrivacyReport:
     rmle_images: int
     faces: int  # eval faces scored for identity
     gallery: dict[str, Any]  # size, mode, distractors, chance
-    references: dict[str, AttackScores]  # "originals", "boxes-only", "boxes-decoder"
+    references: dict[str, AttackScores]  # "originals", BOXES_ONLY
     rows: list[ReportRow]
     accuracy_source: str  # "given", "eval images" (measured here) or "none"
     deployed_alpha: float | None
@@ -338,6 +339,7 @@ def _attack_setting(
     everything = range(len(evals))
     decoded = score_pixels(ctx, images["decoder"], everything, "decoder", trained.seconds)
     scored = {"decoder": decoded}
+    scored |= _retouches(ctx, "decoder", images["decoder"], everything, decoded)
     if rmle_index:
         result = rmle_attack(
             detector,
@@ -351,6 +353,7 @@ def _attack_setting(
         )
         images["rmle"] = result.images
         scored["rmle"] = score_pixels(ctx, result.images, rmle_index, "rmle", result.seconds)
+        scored |= _retouches(ctx, "rmle", result.images, rmle_index, scored["rmle"])
     linkage = _linkage(noise, attacker, ctx, observed, options, progress)
     if linkage is not None:
         scored["linkage"] = linkage
@@ -648,7 +651,22 @@ def _references(
             ctx, drawn["boxes-decoder"], everything, "boxes-decoder", trained.seconds
         ),
     }
+    for name in ("boxes-only", "boxes-decoder"):
+        scored |= _retouches(ctx, name, drawn[name], everything, scored[name])
     return scored, drawn
+
+
+def _retouches(
+    ctx: EvalContext, attack: str, images: Tensor, indices: Sequence[int], drawn: Scored
+) -> dict[str, Scored]:
+    """``attack``'s pictures (one per index) scored again after each retouch (see
+    :mod:`veil.privacy.retouch`), under names such as ``decoder+tone``."""
+    boxes = [ctx.boxes[i] for i in indices]
+    out = {}
+    for retouch, apply in RETOUCHES.items():
+        name = retouched(attack, retouch)
+        out[name] = score_pixels(ctx, apply(images, boxes), indices, name, drawn.scores.seconds)
+    return out
 
 
 def _gallery_json(gallery: Gallery) -> dict[str, Any]:

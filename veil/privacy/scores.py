@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from veil.privacy.identity import IdentityScores, MeanCI, Rate
+from veil.privacy.retouch import RETOUCHES, retouched
 
 # The attacks a report runs, in the order its tables list them (and ties are broken).
 ATTACK_NAMES = {
@@ -24,8 +25,14 @@ ATTACK_NAMES = {
     "boxes-only": "boxes-only mean face",
     "boxes-decoder": "boxes-only decoder",
 }
-# The references that know only the output boxes: their best figure is what the boxes give.
-BOXES_ONLY = ("boxes-only", "boxes-decoder")
+RETOUCH_NAMES = {"tone": "tone flattened", "gray": "in gray"}
+# The references that know only the output boxes, as drawn and retouched: their best figure is
+# what the boxes give.
+BOXES_ONLY = tuple(
+    name
+    for floor in ("boxes-only", "boxes-decoder")
+    for name in (floor, *(retouched(floor, r) for r in RETOUCHES))
+)
 
 
 def finite(value: float) -> float | str:
@@ -162,7 +169,10 @@ def strongest(attacks: Mapping[str, AttackScores]) -> str | None:
 
 
 def attack_title(name: str) -> str:
-    return ATTACK_NAMES.get(name, name)
+    """``decoder`` -> ``decoder``, ``boxes-only+gray`` -> ``boxes-only mean face, in gray``."""
+    attack, _, retouch = name.partition("+")
+    title = ATTACK_NAMES.get(attack, attack)
+    return f"{title}, {RETOUCH_NAMES.get(retouch, retouch)}" if retouch else title
 
 
 def best_pixels(attacks: Mapping[str, AttackScores]) -> AttackScores | None:
