@@ -34,22 +34,19 @@ from veil.cli import main
 from veil.detectors import load_detector
 from veil.privacy.evaluation import EvalContext, score_pixels
 from veil.privacy.identity import FaceRecognizer, IdentityScores, paired_verifications
-from veil.privacy.retouch import face_tone, face_windows, flat_tone, gray
+from veil.privacy.retouch import face_tone, flat_tone, gray, retone
 
 _original_write = report_module._write
 
 
 def _own_tone(recon: Tensor, ctx: EvalContext) -> Tensor:
     """The oracle: each face's tone set to its original's (what no attacker has)."""
-    out = recon.clone()
-    height, width = int(out.shape[2]), int(out.shape[3])
-    for i in range(len(out)):
-        for a, b, c, d in face_windows(ctx.boxes[i], height, width):
-            patch = out[i, :, b:d, a:c]
-            mean, std = face_tone(patch)
-            new_mean, new_std = face_tone(ctx.evals.unit_targets(i)[:, b:d, a:c])
-            out[i, :, b:d, a:c] = ((patch - mean) / std * new_std + new_mean).clamp(0, 1)
-    return out
+
+    def original(i: int, window: tuple[int, int, int, int]) -> tuple[Tensor, Tensor]:
+        x1, y1, x2, y2 = window
+        return face_tone(ctx.evals.unit_targets(i)[:, y1:y2, x1:x2])
+
+    return retone(recon, ctx.boxes, original)
 
 
 def _variants(recon: Tensor, ctx: EvalContext) -> dict[str, Tensor]:

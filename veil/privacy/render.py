@@ -20,6 +20,7 @@ from veil.privacy.attacks import AttackSet
 from veil.privacy.evaluation import Scored, to_bgr_uint8
 from veil.privacy.identity import SAME_PERSON_DISTANCE, MeanCI, Rate, paired_verifications
 from veil.privacy.metrics import BoxArray
+from veil.privacy.retouch import split_name
 from veil.privacy.scores import (
     BOXES_ONLY,
     AttackScores,
@@ -109,7 +110,7 @@ def grid(
 
 def _best_rank1(attacks: Mapping[str, AttackScores], name: str) -> float:
     """The best rank-1 of attack ``name`` and its retouches (NaN where none ran)."""
-    values = [s.rank1 for k, s in attacks.items() if k.partition("+")[0] == name]
+    values = [s.rank1 for k, s in attacks.items() if split_name(k)[0] == name]
     return max((v for v in values if not math.isnan(v)), default=math.nan)
 
 
@@ -124,7 +125,7 @@ def tradeoff_plot(report: PrivacyReport, path: Path) -> None:
     xs = list(range(len(report.rows)))
     labels = ["clean" if r.alpha is None else f"{r.alpha:.2f}" for r in report.rows]
     # One line per attack, at its best rank-1 as drawn or retouched.
-    names = sorted({a.partition("+")[0] for r in report.rows for a in r.attacks})
+    names = sorted({split_name(a)[0] for r in report.rows for a in r.attacks})
     for name in names:
         ys = [_best_rank1(r.attacks, name) for r in report.rows]
         left.plot(xs, ys, "o-", label=attack_title(name))

@@ -72,6 +72,7 @@ from veil.privacy.render import GridColumn, grid, html_page, markdown, tradeoff_
 from veil.privacy.retouch import RETOUCHES, retouched
 from veil.privacy.scores import (
     BOXES_ONLY,
+    DRAWN_FLOORS,
     AttackScores,
     attack_title,
     best_pixels,
@@ -651,7 +652,7 @@ def _references(
             ctx, drawn["boxes-decoder"], everything, "boxes-decoder", trained.seconds
         ),
     }
-    for name in ("boxes-only", "boxes-decoder"):
+    for name in DRAWN_FLOORS:
         scored |= _retouches(ctx, name, drawn[name], everything, scored[name])
     return scored, drawn
 

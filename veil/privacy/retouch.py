@@ -49,25 +49,46 @@ def face_tone(patch: Tensor) -> tuple[Tensor, Tensor]:
     return flat.mean(1).view(-1, 1, 1), flat.std(1).clamp_min(_SPREAD_FLOOR).view(-1, 1, 1)
 
 
-def flat_tone(images: Tensor, boxes: Sequence[BoxArray]) -> Tensor:
-    """``images`` (``[N, 3, H, W]`` in [0, 1]) with every face's tone set to the set's
-    average face tone; ``boxes`` holds each image's faces in its pixels."""
+def _size(images: Tensor, boxes: Sequence[BoxArray]) -> tuple[int, int]:
+    """(height, width) of ``images``, checked to have one box set each."""
     if len(boxes) != len(images):
-        raise ValueError(f"flat_tone: {len(images)} images but {len(boxes)} box sets")
-    height, width = int(images.shape[2]), int(images.shape[3])
-    windows = [face_windows(b, height, width) for b in boxes]
-    tones = [face_tone(images[i, :, b:d, a:c]) for i, w in enumerate(windows) for a, b, c, d in w]
+        raise ValueError(f"retouch: {len(images)} images but {len(boxes)} box sets")
+    return int(images.shape[2]), int(images.shape[3])
+
+
+ToneOf = Callable[[int, Window], tuple[Tensor, Tensor]]  # (image, window) -> mean, spread
+
+
+def retone(images: Tensor, boxes: Sequence[BoxArray], tone_of: ToneOf) -> Tensor:
+    """``images`` (``[N, 3, H, W]`` in [0, 1]) with each face window's per-channel mean and
+    spread replaced by ``tone_of(image index, window)``; ``boxes`` holds each image's faces in
+    its pixels. Every window is read from ``images``, so overlapping faces do not compound."""
+    height, width = _size(images, boxes)
     out = images.clone()
-    if not tones:
-        return out
-    mean = torch.stack([m for m, _ in tones]).mean(0)
-    spread = torch.stack([s for _, s in tones]).mean(0)
-    for i, image_windows in enumerate(windows):
-        for x1, y1, x2, y2 in image_windows:
+    for i, image_boxes in enumerate(boxes):
+        for window in face_windows(image_boxes, height, width):
+            x1, y1, x2, y2 = window
             patch = images[i, :, y1:y2, x1:x2]
             own_mean, own_spread = face_tone(patch)
+            mean, spread = tone_of(i, window)
             out[i, :, y1:y2, x1:x2] = ((patch - own_mean) / own_spread * spread + mean).clamp(0, 1)
     return out
+
+
+def flat_tone(images: Tensor, boxes: Sequence[BoxArray]) -> Tensor:
+    """``images`` with every face's tone set to the set's average face tone (see
+    :func:`retone`)."""
+    height, width = _size(images, boxes)
+    tones = [
+        face_tone(images[i, :, y1:y2, x1:x2])
+        for i, image_boxes in enumerate(boxes)
+        for x1, y1, x2, y2 in face_windows(image_boxes, height, width)
+    ]
+    if not tones:
+        return images.clone()
+    mean = torch.stack([m for m, _ in tones]).mean(0)
+    spread = torch.stack([s for _, s in tones]).mean(0)
+    return retone(images, boxes, lambda i, window: (mean, spread))
 
 
 def gray(images: Tensor, boxes: Sequence[BoxArray]) -> Tensor:
@@ -86,3 +107,9 @@ RETOUCHES: dict[str, Callable[[Tensor, Sequence[BoxArray]], Tensor]] = {
 def retouched(attack: str, retouch: str) -> str:
     """The name a retouched attack is scored under, e.g. ``decoder+tone``."""
     return f"{attack}+{retouch}"
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``decoder+tone`` -> ``("decoder", "tone")``; ``decoder`` -> ``("decoder", "")``."""
+    attack, _, retouch = name.partition("+")
+    return attack, retouch

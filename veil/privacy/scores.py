@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from veil.privacy.identity import IdentityScores, MeanCI, Rate
-from veil.privacy.retouch import RETOUCHES, retouched
+from veil.privacy.retouch import RETOUCHES, retouched, split_name
 
 # The attacks a report runs, in the order its tables list them (and ties are broken).
 ATTACK_NAMES = {
@@ -26,12 +26,11 @@ ATTACK_NAMES = {
     "boxes-decoder": "boxes-only decoder",
 }
 RETOUCH_NAMES = {"tone": "tone flattened", "gray": "in gray"}
-# The references that know only the output boxes, as drawn and retouched: their best figure is
-# what the boxes give.
+# The boxes-only attackers a report draws, and the references that know only the output boxes,
+# as drawn and retouched: their best figure is what the boxes give.
+DRAWN_FLOORS = ("boxes-only", "boxes-decoder")
 BOXES_ONLY = tuple(
-    name
-    for floor in ("boxes-only", "boxes-decoder")
-    for name in (floor, *(retouched(floor, r) for r in RETOUCHES))
+    name for floor in DRAWN_FLOORS for name in (floor, *(retouched(floor, r) for r in RETOUCHES))
 )
 
 
@@ -170,7 +169,7 @@ def strongest(attacks: Mapping[str, AttackScores]) -> str | None:
 
 def attack_title(name: str) -> str:
     """``decoder`` -> ``decoder``, ``boxes-only+gray`` -> ``boxes-only mean face, in gray``."""
-    attack, _, retouch = name.partition("+")
+    attack, retouch = split_name(name)
     title = ATTACK_NAMES.get(attack, attack)
     return f"{title}, {RETOUCH_NAMES.get(retouch, retouch)}" if retouch else title
 
